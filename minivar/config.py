@@ -1,0 +1,144 @@
+"""Configs, presets and scale schedules.
+
+A *scale schedule* is the list of token grids (h, w) that next-scale prediction walks through, from
+1x1 up to the final latent grid. Infinity trains on a fixed table of aspect-ratio templates
+(height / width) and pixel budgets; every budget of a template is a prefix of that template's
+13-scale '1M' list. minivar reproduces that table and extends it past 1M for zero-shot high
+resolution (FastVAR's recipe: one more scale on top of the 1M list).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+# Token grids (h, w) per aspect-ratio template h/w, as trained by Infinity (patch 16: a 64x64 grid is
+# 1024x1024 pixels). Templates below 1 are these with h and w swapped.
+_TALL_GRIDS: dict[float, list[tuple[int, int]]] = {
+    1.000: [(1, 1), (2, 2), (4, 4), (6, 6), (8, 8), (12, 12), (16, 16), (20, 20), (24, 24), (32, 32), (40, 40), (48, 48), (64, 64)],
+    1.250: [(1, 1), (2, 2), (3, 3), (5, 4), (10, 8), (15, 12), (20, 16), (25, 20), (30, 24), (35, 28), (45, 36), (55, 44), (70, 56)],
+    1.333: [(1, 1), (2, 2), (4, 3), (8, 6), (12, 9), (16, 12), (20, 15), (24, 18), (28, 21), (36, 27), (48, 36), (60, 45), (72, 54)],
+    1.500: [(1, 1), (2, 2), (3, 2), (6, 4), (9, 6), (15, 10), (21, 14), (27, 18), (33, 22), (39, 26), (48, 32), (63, 42), (78, 52)],
+    1.750: [(1, 1), (2, 2), (3, 3), (7, 4), (11, 6), (14, 8), (21, 12), (28, 16), (35, 20), (42, 24), (56, 32), (70, 40), (84, 48)],
+    2.000: [(1, 1), (2, 2), (4, 2), (6, 3), (10, 5), (16, 8), (22, 11), (30, 15), (38, 19), (46, 23), (60, 30), (74, 37), (90, 45)],
+    2.500: [(1, 1), (2, 2), (5, 2), (10, 4), (15, 6), (20, 8), (25, 10), (30, 12), (40, 16), (50, 20), (65, 26), (80, 32), (100, 40)],
+    3.000: [(1, 1), (2, 2), (6, 2), (9, 3), (15, 5), (21, 7), (27, 9), (36, 12), (45, 15), (54, 18), (72, 24), (90, 30), (111, 37)],
+}
+
+
+def _all_templates() -> dict[float, list[tuple[int, int]]]:
+    out = dict(_TALL_GRIDS)
+    for ratio, grids in _TALL_GRIDS.items():
+        if ratio != 1.0:
+            # Upstream names the wide templates by truncating 1/ratio to three decimals (0.666, 0.571...).
+            out[int(1 / ratio * 1000) / 1000] = [(w, h) for h, w in grids]
+    return dict(sorted(out.items()))
+
+
+TEMPLATES = _all_templates()
+# Pixel budget -> number of scales of the template list it uses.
+BUDGETS = {"0.06M": 7, "0.25M": 10, "0.60M": 12, "1M": 13}
+# Zero-shot high resolution (FastVAR's recipe): the 1M list plus one larger final grid whose area
+# matches the pixel budget (84x84 for 1344^2; FastVAR shows 84x84 for 1:1 and 120x60 for 2:1), with
+# the long side capped at 128 cells, the size of the RoPE table upstream precomputes (2048 / 16).
+HIGH_RES = {"1.8M": 1344, "4M": 2048}
+RES_TO_BUDGET = {256: "0.06M", 512: "0.25M", 768: "0.60M", 1024: "1M", 1344: "1.8M", 2048: "4M"}
+MAX_GRID = 128
+
+
+def nearest_template(h_div_w: float) -> float:
+    """Snap an aspect ratio (height / width) to the nearest trained template, as upstream does."""
+    lo, hi = min(TEMPLATES), max(TEMPLATES)
+    if isinstance(h_div_w, bool) or not isinstance(h_div_w, (int, float)) or not lo * 0.9 <= h_div_w <= hi * 1.1:
+        raise ValueError(f"unsupported h_div_w={h_div_w!r}: choose a height/width ratio between "
+                         f"{lo} and {hi}; the trained templates are {sorted(TEMPLATES)}")
+    return min(TEMPLATES, key=lambda t: abs(t - h_div_w))
+
+
+def budget_for_res(res: int | str) -> str:
+    """Map a resolution (256/512/768/1024, or 1344/2048 zero-shot) or a budget name to a budget."""
+    if res in BUDGETS or res in HIGH_RES:
+        return res
+    if res not in RES_TO_BUDGET:
+        raise ValueError(f"unsupported res={res!r}: choose one of {sorted(RES_TO_BUDGET)} "
+                         f"(or a pixel budget {list(BUDGETS) + list(HIGH_RES)})")
+    return RES_TO_BUDGET[res]
+
+
+def _high_res_grid(h: int, w: int, side_px: int) -> tuple[int, int]:
+    s = (side_px / 16) / (h * w) ** 0.5
+    s = min(s, MAX_GRID / max(h, w))
+    return round(h * s), round(w * s)
+
+
+def scale_schedule(res: int | str = 1024, h_div_w: float = 1.0) -> list[tuple[int, int]]:
+    """The (h, w) token grids for a resolution and aspect ratio (snapped to the nearest template)."""
+    grids = TEMPLATES[nearest_template(h_div_w)]
+    budget = budget_for_res(res)
+    if budget in BUDGETS:
+        return list(grids[: BUDGETS[budget]])
+    return list(grids) + [_high_res_grid(*grids[-1], HIGH_RES[budget])]
+
+
+def rope_grid_for(h_div_w_template: float) -> tuple[int, int]:
+    """The grid RoPE positions are normalised to: the template's final 1M grid, whatever the budget."""
+    return TEMPLATES[h_div_w_template][-1]
+
+
+@dataclass
+class InfinityConfig:
+    depth: int = 32
+    embed_dim: int = 2048
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    text_channels: int = 2048   # width of the T5 features
+    text_maxlen: int = 512      # rows of the learned unconditional text
+    d_vae: int = 32             # bits per transformer token (56 for 8B: 14 bits x 2x2 patchify)
+    spatial_patchify: bool = False  # 8B: the transformer sees 2x2 VAE cells per token
+    norm_eps: float = 1e-6
+    num_levels: int = 15        # rows of the scale (level) embedding
+    block_chunks: int = 8       # how upstream grouped blocks in its checkpoint; only used to save
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        return round(self.embed_dim * self.mlp_ratio / 256) * 256
+
+    @property
+    def pool_heads(self) -> int:
+        # Text pooling heads: 128-wide over T5 channels (64-wide for very wide models), as upstream.
+        return self.text_channels // (64 if self.embed_dim > 4096 else 128)
+
+    @classmethod
+    def from_upstream(cls, args: dict | str | Path, d_vae: int | None = None) -> InfinityConfig:
+        """Build from upstream Infinity constructor arguments (a dict or a JSON file of them).
+
+        Accepts the plain kwargs or a JSON holding them under `all_constructor_arguments` or
+        `constructor_kwargs` (like the golden fixture's infinity_config.json).
+        """
+        if not isinstance(args, dict):
+            args = json.loads(Path(args).read_text())
+        for key in ("all_constructor_arguments", "constructor_kwargs"):
+            if key in args:
+                args = {**args, **args[key]}
+        if "model_type" in args and args["model_type"] in PRESETS:
+            return PRESETS[args["model_type"]]
+        patchify = bool(args.get("apply_spatial_patchify", 0))
+        d = d_vae or args.get("d_vae") or (args.get("derived") or {}).get("d_vae") or (56 if patchify else 32)
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in args.items() if k in known}
+        return cls(**{**kw, "d_vae": d, "spatial_patchify": patchify})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS: dict[str, InfinityConfig] = {
+    # 2,204,564,032 parameters (bf16 checkpoint ~4.4 GB)
+    "infinity-2b": InfinityConfig(depth=32, embed_dim=2048, num_heads=16),
+    # 8,375,791,824 parameters (bf16 shards ~16.8 GB)
+    "infinity-8b": InfinityConfig(depth=40, embed_dim=3584, num_heads=28, d_vae=56, spatial_patchify=True),
+}

@@ -1,0 +1,149 @@
+"""FastVAR's cached token pruning, as a step of the scale loop.
+
+Three observations make the large scales of a VAR model cheap to approximate (FastVAR, arXiv 2503.23367):
+the large scales dominate the cost, they mostly add high-frequency detail, and a token's sub-layer
+output at a large scale is close to the output at the same place of an earlier scale. So at a pruned
+scale, inside a window of layers, each sub-layer (self-attention, cross-attention, FFN):
+
+1. scores every token by its squared distance to the scale's mean token (a cheap high-frequency
+   detector) and keeps the top K ("pivotal tokens"); the choice is made again before every sub-layer;
+2. computes the sub-layer on the kept tokens only (their keys alone enter the KV cache);
+3. fills the other positions with the same sub-layer's output at the *cache scale*, area-resized to
+   the current grid ("cached token restoration").
+
+The last scales can also be skipped outright: their residual is simply missing from the latent.
+
+`PruneSchedule` says where each of these happens, in scale indices of a concrete schedule. The scale
+loop asks a `Pruner` for one `runner` per (scale, layer); `PruneSchedule.none()` gives the dense
+runner everywhere, so the unpruned model is the same loop with an empty schedule.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .transformer import dense
+
+
+@dataclass
+class PruneSchedule:
+    """Where to prune, for one concrete scale schedule.
+
+    drop:        scale index -> fraction of tokens dropped (K = L - int(drop * L) are computed)
+    skip:        scale indices that are not run at all (100 % pruning)
+    layers:      inclusive (first, last) window of global layer indices where `drop` applies
+    cache_scale: scale index whose sub-layer outputs restore the dropped tokens
+    selector:    "pivotal" (FastVAR's distance from the mean token) or "random" (ablation)
+    """
+    drop: dict[int, float] = field(default_factory=dict)
+    skip: frozenset[int] = frozenset()
+    layers: tuple[int, int] = (0, -1)
+    cache_scale: int | None = None
+    selector: str = "pivotal"
+
+    @classmethod
+    def none(cls) -> PruneSchedule:
+        return cls()
+
+    @property
+    def prunes(self) -> bool:
+        return any(f > 0 for f in self.drop.values())
+
+    def in_window(self, layer: int) -> bool:
+        return self.layers[0] <= layer <= self.layers[1]
+
+    def kept(self, si: int, layer: int, L: int) -> int:
+        """Tokens computed at scale si in `layer` out of L."""
+        f = self.drop.get(si, 0.0)
+        return L - int(f * L) if f > 0 and self.in_window(layer) else L
+
+    def validate(self, n_scales: int, depth: int) -> None:
+        pruned = [si for si, f in self.drop.items() if f > 0]
+        bad = [si for si in [*self.drop, *self.skip] if not 0 <= si < n_scales]
+        if bad:
+            raise ValueError(f"prune schedule names scales {bad}, but the schedule has {n_scales}")
+        if pruned and (self.cache_scale is None or self.cache_scale >= min(pruned)):
+            raise ValueError(f"pruned scales {pruned} need a cache scale before them (got {self.cache_scale})")
+        if pruned and not (0 <= self.layers[0] <= self.layers[1]):
+            raise ValueError(f"invalid layer window {self.layers} for depth {depth}")
+        if self.selector not in ("pivotal", "random"):
+            raise ValueError(f"unknown selector {self.selector!r}: use 'pivotal' or 'random'")
+        if len(self.skip) >= n_scales:
+            raise ValueError("the prune schedule skips every scale")
+
+
+def pivotal_scores(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Squared L2 distance of every token of x (B, h*w, C) to the scale's mean token -> (B, h*w)."""
+    B, L, C = x.shape
+    grid = x.view(B, h, w, C).permute(0, 3, 1, 2)                       # (B, C, h, w)
+    mean = F.adaptive_avg_pool2d(grid, (1, 1)).permute(0, 2, 3, 1).view(B, 1, C)
+    return torch.sum((x - mean) ** 2, dim=-1)
+
+
+def select(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (B, k) of the k highest scores per row, highest first."""
+    return scores.topk(k, dim=1, largest=True, sorted=True).indices
+
+
+def restore(out_kept: torch.Tensor, keep: torch.Tensor, cached: torch.Tensor, cache_hw: tuple[int, int],
+            hw: tuple[int, int]) -> torch.Tensor:
+    """Full-length output: the cached output area-resized to (h, w), with the computed rows scattered in.
+
+    out_kept (B, K, C), keep (B, K), cached (B, hc*wc, C) -> (B, h*w, C).
+    """
+    B, K, C = out_kept.shape
+    (hc, wc), (h, w) = cache_hw, hw
+    base = cached.view(B, hc, wc, C).permute(0, 3, 1, 2)                 # (B, C, hc, wc)
+    base = F.interpolate(base, size=(h, w), mode="area").permute(0, 2, 3, 1).reshape(B, h * w, C)
+    return base.scatter_(1, keep[..., None].expand(B, K, C), out_kept)
+
+
+@dataclass
+class ScaleRecord:
+    """What pruning did at one scale: kept indices and scores per (layer, sub-layer)."""
+    keep: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    scores: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+
+
+class Pruner:
+    """Holds the restoration cache of one generation and hands out a runner per (scale, layer)."""
+
+    def __init__(self, schedule: PruneSchedule, scales: list[tuple[int, int]], seed: int = 0,
+                 record: bool = False):
+        self.s, self.scales, self.record = schedule, scales, record
+        self.cache: dict[tuple[int, str], torch.Tensor] = {}
+        self.records: dict[int, ScaleRecord] = {}
+        self.rng = torch.Generator().manual_seed(seed) if schedule.selector == "random" else None
+
+    def runs(self, si: int) -> bool:
+        return si not in self.s.skip
+
+    def runner(self, si: int, layer: int):
+        if not self.s.in_window(layer):
+            return dense
+        if si == self.s.cache_scale:
+            return lambda name, x, fn: self._store(layer, name, fn(x, None))
+        k = self.s.kept(si, layer, x_len := self.scales[si][0] * self.scales[si][1])
+        if k == x_len:
+            return dense
+        return lambda name, x, fn: self._pruned(si, layer, name, x, fn, k)
+
+    def _store(self, layer: int, name: str, out: torch.Tensor) -> torch.Tensor:
+        self.cache[layer, name] = out
+        return out
+
+    def _pruned(self, si, layer, name, x, fn, k):
+        h, w = self.scales[si]
+        if self.s.selector == "random":
+            scores = torch.rand(x.shape[:2], generator=self.rng).to(x.device)
+        else:
+            scores = pivotal_scores(x, h, w)
+        keep = select(scores, k)                                          # (B, K)
+        if self.record:
+            rec = self.records.setdefault(si, ScaleRecord())
+            rec.keep[layer, name], rec.scores[layer, name] = keep.cpu(), scores.float().cpu()
+        kept = torch.gather(x, 1, keep[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, C)
+        out = fn(kept, keep)
+        return restore(out, keep, self.cache[layer, name], self.scales[self.s.cache_scale], (h, w))

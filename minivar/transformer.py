@@ -1,0 +1,441 @@
+"""The Infinity transformer: text conditioning, blocks with self- and cross-attention, and the bit head.
+
+Reading order: `attend` (the one attention kernel choice), `Rope2D`, `KVCache`, the three sub-layers
+(`SelfAttention`, `CrossAttention`, `FFN`), `Block`, then `Infinity`. The scale loop that drives the
+model lives in sampling.py; this file only knows how to run one scale through the blocks.
+
+Every Infinity block runs three sub-layers on the residual stream x (B, L, C):
+    x = x + SA(AdaLN(x)) * gamma1          self-attention over all tokens of earlier scales (KV cache)
+    x = x + CA(LN(x))                      cross-attention to the T5 text tokens
+    x = x + FFN(AdaLN(x)) * gamma2
+The AdaLN modulation comes from the pooled text: one shared Linear gives 6 vectors per image and each
+block adds its own learned offset `ada_gss`. Each sub-layer is called through a `runner`, which is
+the seam where token pruning (pruning.py) chooses the tokens a sub-layer actually computes.
+
+Parameter names follow the public checkpoints so that they load without a translation table, apart
+from the grouping of blocks (`block_chunks.{c}.module.{i}` upstream, `blocks.{n}` here).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pathlib import Path
+
+from .config import InfinityConfig, rope_grid_for
+from .weights import assign_state_dict, read_state_dict
+
+try:  # optional CUDA kernel; never required
+    from flash_attn import flash_attn_func as _flash_attn_func
+except ImportError:
+    _flash_attn_func = None
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Softmax attention, q (B, H, Lq, hd), k and v (B, H, Lk, hd) -> (B, H, Lq, hd) in q's dtype.
+
+    flash-attn is used only when it is installed and the tensors are half precision on CUDA.
+    Otherwise torch SDPA runs in float32 (half inputs are upcast, the output cast back), which is
+    also what upstream's numbers were recorded with on CPU.
+    """
+    if _flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        out = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale)
+        return out.transpose(1, 2)  # (B, Lq, H, hd) -> (B, H, Lq, hd)
+    out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=scale)
+    return out.to(q.dtype)
+
+
+def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg_k: list[tuple[int, int]],
+                      scale: float) -> torch.Tensor:
+    """Each image attends only to its own text segment.
+
+    q (B, Lq, H, hd); k, v (N, H, hd) packed over all images; seg_k[b] = (start, end) rows of image b.
+    Returns (B, Lq, H, hd). One attention call per image keeps the arithmetic identical whether or not
+    the segments have equal lengths.
+    """
+    outs = []
+    for b, (s, e) in enumerate(seg_k):
+        qb = q[b].transpose(0, 1)[None]           # (1, H, Lq, hd)
+        kb = k[s:e].transpose(0, 1)[None]         # (1, H, n_b, hd)
+        vb = v[s:e].transpose(0, 1)[None]
+        outs.append(attend(qb, kb, vb, scale)[0].transpose(0, 1))  # (Lq, H, hd)
+    return torch.stack(outs)
+
+
+def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """CPUs run half-precision matmuls far slower than fp32, so they compute in the input's dtype
+    (fp32); accelerators compute in the weights' storage dtype."""
+    return x.dtype if x.device.type == "cpu" else weight.dtype
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose math runs in `compute_dtype`: bf16-stored weights give fp32 math on CPU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dt = compute_dtype(x, self.weight)
+        return F.linear(x.to(dt), self.weight.to(dt), None if self.bias is None else self.bias.to(dt))
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the storage dtype of its parameters."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
+
+
+def ada_layer_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm without affine, then the AdaLN modulation x * (1 + scale) + shift, in float32."""
+    x = F.layer_norm(x.float(), (x.shape[-1],), None, None, eps)
+    return x.mul(scale.add(1)).add_(shift)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(self.eps))) * self.weight
+
+
+# --------------------------------------------------------------------------------------------------
+# 2D rotary position embedding
+# --------------------------------------------------------------------------------------------------
+class Rope2D:
+    """2D RoPE with positions normalised to the template's 1M grid (upstream `rope2d_normalized_by_hw=2`).
+
+    The first half of each head's rotation pairs encodes the row, the second half the column. A token
+    (i, j) of an h x w scale gets row position round(i * H1M / h) and column round(j * W1M / w), so every
+    scale of a template samples the same underlying 128 x 128 angle grid.
+    """
+
+    def __init__(self, head_dim: int, max_grid: int = 128, base: float = 10000.0):
+        half, cpu = head_dim // 2, torch.device("cpu")  # explicit device: models are built under "meta"
+        inv_freq = 1.0 / (base ** (torch.arange(0, half, 2, dtype=torch.int64, device=cpu).float() / half))
+        t = torch.arange(max_grid, dtype=torch.int64, device=cpu).float()
+        f_row, f_col = torch.outer(t, inv_freq), torch.outer(t, inv_freq)  # (G, hd/4) each
+        grid = torch.cat([f_row[:, None, :].expand(-1, max_grid, -1),
+                          f_col[None, :, :].expand(max_grid, -1, -1)], dim=-1)  # (G, G, hd/2)
+        self.cos_sin = torch.stack([grid.cos(), grid.sin()])  # (2, G, G, hd/2)
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def table(self, template: float, h: int, w: int, device: torch.device) -> torch.Tensor:
+        """(2, h*w, hd/2) cos and sin for every token of an h x w scale, row-major."""
+        key = (template, h, w, str(device))
+        if key not in self._cache:
+            H, W = rope_grid_for(template)
+            rows = (torch.arange(h, device="cpu") * (H / h)).round().int()
+            cols = (torch.arange(w, device="cpu") * (W / w)).round().int()
+            ii, jj = rows[:, None].expand(h, w).reshape(-1), cols[None, :].expand(h, w).reshape(-1)
+            self._cache[key] = self.cos_sin[:, ii, jj, :].to(device)
+        return self._cache[key]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (2m, 2m+1) of x (B, H, L, hd) by angles given as cos, sin broadcastable to (B, H, L, hd/2)."""
+    x = x.reshape(*x.shape[:-1], -1, 2)  # (B, H, L, hd/2, 2)
+    x0, x1 = x[..., 0], x[..., 1]
+    out = torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1)
+    return out.reshape(*out.shape[:-2], -1)  # (B, H, L, hd)
+
+
+# --------------------------------------------------------------------------------------------------
+# KV cache
+# --------------------------------------------------------------------------------------------------
+class KVCache:
+    """Preallocated keys and values of one layer, written in place at a position pointer.
+
+    Its capacity is the number of tokens that later scales attend to (the final scale is never
+    stored). The scale that is not stored still needs the cached keys and its own in one attention
+    call; `extend(..., store=False)` joins them in a temporary that is freed after the layer.
+    """
+
+    def __init__(self, batch: int, heads: int, capacity: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str):
+        shape = (batch, heads, capacity, head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.pos = 0
+
+    def rows(self, n: int) -> KVCache:
+        """A view of the first n batch rows (stage-aware CFG keeps only the conditional rows)."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v, view.pos = self.k[:n], self.v[:n], self.pos
+        return view
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor, store: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append k, v (B, H, L, hd); return all keys and values so far, (B, H, pos + L, hd)."""
+        n = k.shape[2]
+        if not store:
+            return (torch.cat([self.k[:, :, : self.pos], k], dim=2),
+                    torch.cat([self.v[:, :, : self.pos], v], dim=2))
+        if self.pos + n > self.k.shape[2]:
+            raise RuntimeError(f"KV cache overflow: {self.pos} + {n} > capacity {self.k.shape[2]}")
+        self.k[:, :, self.pos : self.pos + n] = k
+        self.v[:, :, self.pos : self.pos + n] = v
+        self.pos += n
+        return self.k[:, :, : self.pos], self.v[:, :, : self.pos]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+# --------------------------------------------------------------------------------------------------
+# Sub-layers
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Text:
+    """Projected text tokens packed over the batch: kv (N, C), and each image's (start, end) rows."""
+    kv: torch.Tensor
+    segments: list[tuple[int, int]]
+
+
+@dataclass
+class Attn:
+    """What self-attention needs at one scale in one layer: the layer's cache and the RoPE angles."""
+    cache: KVCache | None
+    rope: torch.Tensor      # (2, L, hd/2) for the scale's tokens in grid order
+    store: bool = True      # False at the last scale: nothing attends to its keys later
+
+
+MAX_LOG_SCALE = torch.log(torch.tensor(100.0)).item()  # log(100) rounded to float32, as upstream clamps
+
+
+class SelfAttention(nn.Module):
+    """Cosine self-attention: q and k are L2-normalised per head; q carries a learned, clamped scale."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.mat_qkv = Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("zero_k_bias", torch.zeros(dim))  # keys have no bias; kept for the checkpoint
+        self.scale_mul_1H11 = nn.Parameter(torch.full((1, heads, 1, 1), 4.0).log())
+        self.max_log_scale = MAX_LOG_SCALE
+        self.proj = Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, attn: Attn, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, L, C) -> (B, L, C). `keep` (B, L) holds the grid index of each row when x is a pruned subset."""
+        B, L, C = x.shape
+        dt = compute_dtype(x, self.mat_qkv.weight)
+        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)).to(dt)
+        qkv = F.linear(x.to(dt), self.mat_qkv.weight.to(dt), bias).view(B, L, 3, self.heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, L, hd)
+        # Bound the learned temperature at 100 (the last head of real checkpoints sits above it).
+        scale = self.scale_mul_1H11.clamp_max(self.max_log_scale).exp()
+        q = F.normalize(q, dim=-1, eps=1e-12).mul(scale).contiguous()
+        k = F.normalize(k, dim=-1, eps=1e-12).contiguous()
+        v = v.contiguous()
+        q, k = self._rotate(q, k, attn.rope, keep)
+        if attn.cache is not None:
+            k, v = attn.cache.extend(k, v, attn.store)
+        out = attend(q, k, v, scale=1.0)  # the cosine scale is already folded into q
+        return self.proj(out.transpose(1, 2).reshape(B, L, C))
+
+    @staticmethod
+    def _rotate(q, k, rope, keep):
+        cos, sin = rope[0], rope[1]  # (L, hd/2) each
+        if keep is not None:  # each kept token keeps the angles of its own grid position
+            cos, sin = cos[keep][:, None], sin[keep][:, None]  # (B, 1, K, hd/2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
+class CrossAttention(nn.Module):
+    """Attention from queries to text tokens. q, k, v go through bfloat16, as in upstream's kernel.
+
+    With `pool=True` the query is a learned parameter (one query per image), which turns this into
+    attention pooling of the text into a single vector.
+    """
+
+    def __init__(self, dim: int, kv_dim: int, heads: int, pool: bool = False):
+        super().__init__()
+        self.heads, self.head_dim, self.pool = heads, dim // heads, pool
+        if pool:
+            self.mat_q = nn.Parameter(torch.randn(1, heads, self.head_dim) * math.sqrt(1 / dim / 3))
+        else:
+            self.mat_q = Linear(dim, dim)
+        self.mat_kv = Linear(kv_dim, 2 * dim, bias=False)
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("zero_k_bias", torch.zeros(dim))
+        self.proj = Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor | None, text: Text) -> torch.Tensor:
+        """x (B, L, C) -> (B, L, C); in pool mode x is ignored and the result is (B, 1, C)."""
+        N = text.kv.shape[0]
+        dt = compute_dtype(text.kv, self.mat_kv.weight)
+        bias = torch.cat((self.zero_k_bias, self.v_bias)).to(dt)
+        kv = F.linear(text.kv.to(dt), self.mat_kv.weight.to(dt), bias).view(N, 2, self.heads, self.head_dim)
+        if self.pool:
+            B, L = len(text.segments), 1
+            q = self.mat_q.to(kv.dtype).repeat(B, 1, 1)[:, None]  # (B, 1, H, hd)
+        else:
+            B, L = x.shape[:2]
+            q = self.mat_q(x).view(B, L, self.heads, self.head_dim)
+        # Upstream always runs this attention in bfloat16 (its flash kernel); the rounding of q, k, v
+        # and of the output is part of the model's numbers, so we keep it on every device.
+        k, v = kv.to(torch.bfloat16).unbind(1)  # (N, H, hd) each
+        out = segment_attention(q.to(torch.bfloat16), k, v, text.segments, 1 / math.sqrt(self.head_dim))
+        return self.proj(out.reshape(B, L, -1).float())
+
+
+class FFN(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1, self.fc2 = Linear(dim, hidden), Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Block
+# --------------------------------------------------------------------------------------------------
+class SubLayerRunner(Protocol):
+    """Runs one sub-layer. `fn(x_subset, keep)` computes the sub-layer's residual for the rows of
+    x it is given; `keep` (B, K) are their grid indices, or None when all tokens are given.
+    The dense runner passes everything; pruning.py's runner passes a pruned subset and restores the rest.
+    """
+
+    def __call__(self, name: str, x: torch.Tensor, fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]) -> torch.Tensor: ...
+
+
+def dense(name: str, x: torch.Tensor, fn) -> torch.Tensor:
+    return fn(x, None)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: InfinityConfig):
+        super().__init__()
+        C = cfg.embed_dim
+        self.eps = cfg.norm_eps
+        self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, C) / C**0.5)  # per-block offset of the shared AdaLN
+        self.sa = SelfAttention(C, cfg.num_heads)
+        self.ca = CrossAttention(C, C, cfg.num_heads)
+        self.ca_norm = LayerNorm(C, eps=cfg.norm_eps)
+        self.ffn = FFN(C, cfg.ffn_hidden)
+
+    def forward(self, x: torch.Tensor, gss: torch.Tensor, text: Text, attn: Attn,
+                run: SubLayerRunner = dense) -> torch.Tensor:
+        """x (B, L, C), gss (B, 1, 6, C) -> (B, L, C)."""
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss + gss).unbind(2)  # 6 x (B, 1, C)
+        x = x + run("sa", x, lambda t, keep: self.sa(ada_layer_norm(t, scale1, shift1, self.eps), attn, keep).mul_(gamma1))
+        x = x + run("ca", x, lambda t, keep: self.ca(self.ca_norm(t), text).float())
+        x = x + run("ffn", x, lambda t, keep: self.ffn(ada_layer_norm(t, scale2, shift2, self.eps)).mul(gamma2))
+        return x
+
+
+# --------------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------------
+class TextPool(nn.Module):
+    def __init__(self, cfg: InfinityConfig):
+        super().__init__()
+        self.ca = CrossAttention(cfg.embed_dim, cfg.text_channels, cfg.pool_heads, pool=True)
+
+    def forward(self, text: Text) -> torch.Tensor:
+        return self.ca(None, text).squeeze(1)  # (B, C)
+
+
+class AdaLNHead(nn.Module):
+    def __init__(self, C: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.ada_lin = nn.Sequential(nn.SiLU(), Linear(C, 2 * C))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.ada_lin(cond).view(-1, 1, 2, x.shape[-1]).unbind(2)  # 2 x (B, 1, C)
+        return ada_layer_norm(x, scale, shift, self.eps)
+
+
+@dataclass
+class Conditioning:
+    """Everything derived from the text once per generation."""
+    text: Text               # projected text tokens for cross-attention
+    cond: torch.Tensor       # (B, C) pooled text: the start token and the head's AdaLN input
+    gss: torch.Tensor        # (B, 1, 6, C) shared AdaLN modulation
+
+
+class Infinity(nn.Module):
+    def __init__(self, cfg: InfinityConfig):
+        super().__init__()
+        self.cfg = cfg
+        C, Ct = cfg.embed_dim, cfg.text_channels
+        self.cfg_uncond = nn.Parameter(torch.randn(cfg.text_maxlen, Ct) * 1.2 / Ct**0.5)
+        self.pos_start = nn.Parameter(torch.randn(1, 1, C) * math.sqrt(1 / C / 3))
+        self.text_norm = RMSNorm(Ct, cfg.norm_eps)
+        self.text_proj_for_sos = TextPool(cfg)
+        self.text_proj_for_ca = nn.Sequential(Linear(Ct, C), nn.GELU(approximate="tanh"), Linear(C, C))
+        self.lvl_embed = nn.Embedding(cfg.num_levels, C)
+        self.word_embed = Linear(cfg.d_vae, C)
+        self.shared_ada_lin = nn.Sequential(nn.SiLU(), Linear(C, 6 * C))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.head_nm = AdaLNHead(C, cfg.norm_eps)
+        self.head = Linear(C, 2 * cfg.d_vae)
+        self.rope = Rope2D(cfg.head_dim)
+
+    def condition(self, kv: torch.Tensor, segments: list[tuple[int, int]]) -> Conditioning:
+        """kv (N, Ct): T5 rows of every image (conditional rows first, then unconditional), packed."""
+        kv = self.text_norm(kv)
+        cond = self.text_proj_for_sos(Text(kv, segments))                 # (B, C)
+        text = Text(self.text_proj_for_ca(kv), segments)                  # (N, C)
+        gss = self.shared_ada_lin(cond.float()).float().view(-1, 1, 6, self.cfg.embed_dim)
+        return Conditioning(text, cond, gss)
+
+    def first_tokens(self, c: Conditioning) -> torch.Tensor:
+        """The 1x1 scale's input: pooled text plus a learned start embedding, (B, 1, C)."""
+        B = c.cond.shape[0]
+        return c.cond.unsqueeze(1).expand(B, 1, -1) + self.pos_start.expand(B, 1, -1)
+
+    def embed_scale(self, x: torch.Tensor, si: int) -> torch.Tensor:
+        """Add the level embedding of scale si to its tokens x (B, L, C), in place."""
+        x += self.lvl_embed.weight[si].to(x.dtype)
+        return x
+
+    def logits(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """x (B, L, C) -> (B, L, 2d): channel 2j + c is the logit of bit j taking value c."""
+        return self.head(self.head_nm(x.float(), cond.float()))
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading public checkpoints
+# --------------------------------------------------------------------------------------------------
+# Upstream groups blocks as block_chunks.{c}.module.{i} (c * blocks_per_chunk + i is the layer);
+# training wrappers may prefix every key. Buffers that older checkpoints carry but no model uses are dropped.
+CHECKPOINT_PREFIXES = ("module.", "_orig_mod.")
+UNUSED_KEYS = ("lvl_1L", "attn_bias_for_masking", "Infinity_visible_kvlen", "Infinity_invisible_qlen")
+
+
+def flatten_block_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map upstream checkpoint keys onto minivar's flat `blocks.{n}` list (chunk size inferred from keys)."""
+    pat = re.compile(r"^block_chunks\.(\d+)\.module\.(\d+)\.(.*)$")
+    matches = {k: pat.match(k) for k in sd}
+    per_chunk = 1 + max((int(m.group(2)) for m in matches.values() if m), default=-1)
+    out = {}
+    for k, v in sd.items():
+        for p in CHECKPOINT_PREFIXES:
+            k = k.removeprefix(p)
+        if k in UNUSED_KEYS:
+            continue
+        m = pat.match(k)
+        out[f"blocks.{int(m.group(1)) * per_chunk + int(m.group(2))}.{m.group(3)}" if m else k] = v
+    return out
+
+
+def load_infinity(path: str | Path, cfg: InfinityConfig, device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32, strict: bool = True) -> Infinity:
+    """Build on the meta device and assign the checkpoint's tensors (.pth, .safetensors or shard index)."""
+    sd = flatten_block_keys(read_state_dict(path, what="Infinity checkpoint"))
+    with torch.device("meta"):
+        model = Infinity(cfg)
+    assign_state_dict(model, sd, f"Infinity checkpoint {path}", dtype=dtype, device=device, strict=strict)
+    return model.eval().requires_grad_(False)
