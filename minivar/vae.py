@@ -1,0 +1,344 @@
+"""Infinity's BSQ VAE: a flux-style convolutional encoder and decoder around a multi-scale bit quantiser.
+
+The encoder maps an image (B, 3, H, W) in [-1, 1] to a latent h (B, d, H/p, W/p), p = patch_size; the
+quantiser (bsq.py) turns h into d bits per position at every scale of a schedule; the decoder maps a
+latent (B, d, h, w) back to pixels. Only the decoder runs during generation; the encoder serves the
+round trip (image -> bits -> image) and teacher forcing.
+
+Module and parameter names follow upstream's `AutoEncoder`, including its wrapper modules (`*.conv.` around
+each nn.Conv2d, `*.norm.` around each nn.GroupNorm), so upstream checkpoints load strictly. Checkpoints
+saved without those wrapper segments are renamed by `FLAT_KEY_RULES`.
+
+The forward code mirrors upstream's op order exactly (x * sigmoid(x) rather than F.silu, explicit
+right/bottom padding before strided convolutions, nearest upsampling), because the golden fixtures
+are matched bit for bit.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .bsq import MultiScaleBSQ, Scale, make_mask
+from .weights import assign_state_dict, read_state_dict, remap_keys
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    codebook_dim: int = 32  # d: bits per latent position (= latent channels)
+    base_ch: int = 128
+    num_res_blocks: int = 2  # per encoder level; decoder levels have one more
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4, 4)  # channel multiplier per level, encoder and decoder
+    patch_size: int = 16  # pixels per latent position along each side
+
+    @property
+    def n_resample(self) -> int:
+        """Number of 2x down- (encoder) and up-sampling (decoder) steps."""
+        return int(math.log2(self.patch_size))
+
+    @classmethod
+    def from_upstream_json(cls, src: str | Path | dict[str, Any]) -> VAEConfig:
+        """Read upstream's VAE arguments: a `vae_config.json` (fields `autoencoder_args` and/or
+        `vae_model_call`, as in the fixtures), or a dict with the same fields or the bare namespace."""
+        raw = src if isinstance(src, dict) else json.loads(Path(src).read_text())
+        args: dict[str, Any] = {"base_ch": 128, "num_res_blocks": 2}  # hard-coded in upstream's vae_model()
+        args.update({k: v for k, v in raw.items() if not isinstance(v, dict)})
+        args.update(raw.get("vae_model_call", {}))
+        args.update(raw.get("autoencoder_args", {}))
+        if "codebook_dim" not in args and "vae_type" in args:
+            args["codebook_dim"] = args["vae_type"]  # Infinity's name for the bit count
+        _check_supported(args)
+        return cls(codebook_dim=int(args["codebook_dim"]), base_ch=int(args["base_ch"]),
+                   num_res_blocks=int(args["num_res_blocks"]), ch_mult=tuple(args["encoder_ch_mult"]),
+                   patch_size=int(args["patch_size"]))
+
+
+VAE_PRESETS: dict[str, VAEConfig] = {
+    # Infinity-2B's VAE (infinity_vae_d32reg.pth): 110,118,051 parameters
+    "d32": VAEConfig(codebook_dim=32, base_ch=128, num_res_blocks=2, ch_mult=(1, 2, 4, 4, 4), patch_size=16),
+    # Infinity-8B's VAE (infinity_vae_d56_f8_14_patchify.pth; 14 bits x 2x2 patchify = 56): 81,624,209
+    "d56": VAEConfig(codebook_dim=14, base_ch=128, num_res_blocks=2, ch_mult=(1, 2, 4, 4), patch_size=8),
+}
+
+# Upstream arguments that would change the inference path, and the only value minivar implements.
+_SUPPORTED_UPSTREAM = {
+    "quantizer_type": "MultiScaleBSQ", "use_vae": False, "cnn_type": "2d", "cnn_attention": "no",
+    "cnn_norm_axis": "spatial", "norm_type": "group", "use_pxsf": False, "use_freq_dec": False,
+    "new_quant": True, "ln_before_quant": False, "use_decay_factor": False, "random_flip": False,
+    "random_flip_1lvl": False, "drop_when_test": False,
+}
+
+
+def _check_supported(args: dict[str, Any]) -> None:
+    missing = [k for k in ("codebook_dim", "encoder_ch_mult", "patch_size") if k not in args]
+    bad = [f"{k}={args[k]!r} (need {v!r})" for k, v in _SUPPORTED_UPSTREAM.items() if k in args and args[k] != v]
+    enc_mult = list(args.get("encoder_ch_mult", []))
+    if list(args.get("decoder_ch_mult", enc_mult)) != enc_mult:
+        bad.append("decoder_ch_mult != encoder_ch_mult")
+    if "codebook_size" in args and args["codebook_size"] != 2 ** int(args.get("codebook_dim", 0)):
+        bad.append(f"codebook_size={args['codebook_size']} != 2**codebook_dim (needs a projection)")
+    if missing or bad:
+        raise ValueError(f"unsupported upstream VAE config: missing {missing}, unsupported {bad}")
+
+
+# ---------------------------------------------------------------------------------------------
+# building blocks
+
+
+def swish(x: Tensor) -> Tensor:
+    return x * torch.sigmoid(x)  # upstream's form; F.silu rounds differently
+
+
+def _groups(ch: int) -> int:
+    # Upstream's rule: 32 groups when possible, else 24 (the tiny test VAE has 24/48-channel levels).
+    if ch % 32 == 0:
+        return 32
+    if ch % 24 == 0:
+        return 24
+    raise ValueError(f"GroupNorm over {ch} channels: not divisible by 32 or 24")
+
+
+class Norm(nn.Module):
+    """GroupNorm (eps 1e-6) kept under the attribute `norm`, so keys read `*.norm.weight` as upstream's."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(_groups(ch), ch, eps=1e-6)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(x)
+
+
+class Conv(nn.Module):
+    """nn.Conv2d kept under the attribute `conv`, so keys read `*.conv.weight` as upstream's."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int = 1, padding: int = 0):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.norm1 = Norm(c_in)
+        self.conv1 = Conv(c_in, c_out, 3, padding=1)
+        self.norm2 = Norm(c_out)
+        self.conv2 = Conv(c_out, c_out, 3, padding=1)
+        if c_in != c_out:
+            self.nin_shortcut = Conv(c_in, c_out, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(swish(self.norm1(x)))
+        h = self.conv2(swish(self.norm2(h)))
+        if hasattr(self, "nin_shortcut"):
+            x = self.nin_shortcut(x)
+        return x + h
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = Conv(ch, ch, 3, stride=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Pad right and bottom only: torch convs pad symmetrically, the stride-2 window wants (0, 1).
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = Conv(ch, ch, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution: `n_blocks` residual blocks, then optionally a 2x down- or up-sampling."""
+
+    def __init__(self, c_in: int, c_out: int, n_blocks: int, resample: str | None = None):
+        super().__init__()
+        self.block = nn.ModuleList(ResnetBlock(c_in if i == 0 else c_out, c_out) for i in range(n_blocks))
+        if resample == "down":
+            self.downsample = Downsample(c_out)
+        elif resample == "up":
+            self.upsample = Upsample(c_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.block:
+            x = block(x)
+        resample = getattr(self, "downsample", None) or getattr(self, "upsample", None)
+        return resample(x) if resample is not None else x
+
+
+class Mid(nn.Module):
+    """Two residual blocks at the lowest resolution (upstream's optional attention is off)."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.block_1 = ResnetBlock(ch, ch)
+        self.block_2 = ResnetBlock(ch, ch)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.block_2(self.block_1(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# encoder, decoder, autoencoder
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch, mult = cfg.base_ch, cfg.ch_mult
+        widths_in = [ch * m for m in (1, *mult[:-1])]
+        self.conv_in = Conv(3, ch, 3, padding=1)
+        # The first n_resample levels end with a stride-2 conv: 2^n_resample = patch_size.
+        self.down = nn.ModuleList(
+            Level(widths_in[i], ch * mult[i], cfg.num_res_blocks, "down" if i < cfg.n_resample else None)
+            for i in range(len(mult)))
+        self.mid = Mid(ch * mult[-1])
+        self.norm_out = Norm(ch * mult[-1])
+        self.conv_out = Conv(ch * mult[-1], cfg.codebook_dim, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (B, 3, H, W) -> h (B, d, H/p, W/p)."""
+        h = self.conv_in(x)
+        for level in self.down:
+            h = level(h)
+        h = self.mid(h)
+        return self.conv_out(swish(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch, mult = cfg.base_ch, cfg.ch_mult
+        widths_in = [ch * m for m in (*mult[1:], mult[-1])]  # level i is fed by level i+1
+        self.conv_in = Conv(cfg.codebook_dim, ch * mult[-1], 3, padding=1)
+        self.mid = Mid(ch * mult[-1])
+        # up[i] runs from the last index down to 0; levels 1..n_resample end with a 2x upsampling.
+        self.up = nn.ModuleList(
+            Level(widths_in[i], ch * mult[i], cfg.num_res_blocks + 1,
+                  "up" if 1 <= i <= cfg.n_resample else None)
+            for i in range(len(mult)))
+        self.norm_out = Norm(ch * mult[0])
+        self.conv_out = Conv(ch * mult[0], 3, 3, padding=1)
+
+    def forward(self, z: Tensor) -> Tensor:
+        """z (B, d, h, w) -> x (B, 3, p*h, p*w), not clamped."""
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            h = level(h)
+        return self.conv_out(swish(self.norm_out(h)))
+
+
+class BSQVAE(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.d = cfg.codebook_dim
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.quantizer = MultiScaleBSQ(cfg.codebook_dim)
+        self.quantize = self.quantizer  # upstream's alias: checkpoints store the buffer under both names
+
+    def encode(self, img: Tensor) -> Tensor:
+        """img (B, 3, H, W) in [-1, 1], H and W multiples of patch_size -> h (B, d, H/p, W/p) float32."""
+        p = self.cfg.patch_size
+        if img.ndim != 4 or img.shape[1] != 3 or img.shape[2] % p or img.shape[3] % p:
+            raise ValueError(f"expected images (B, 3, H, W) with H, W multiples of {p}, got {tuple(img.shape)}")
+        return self.encoder(img.to(self.encoder.conv_in.conv.weight.dtype)).float()
+
+    def decode(self, z: Tensor) -> Tensor:
+        """z (B, d, h, w) -> image (B, 3, p*h, p*w) clamped to [-1, 1].
+
+        The memory layout of z is kept: upstream decodes the generated latent channels-last.
+        """
+        if z.ndim != 4 or z.shape[1] != self.d:
+            raise ValueError(f"expected a latent (B, {self.d}, h, w), got {tuple(z.shape)}")
+        x = self.decoder(z.to(self.decoder.conv_in.conv.weight.dtype))
+        return torch.clamp(x, min=-1, max=1)
+
+    def encode_to_bits(self, img: Tensor, scales: list[Scale]) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
+        """Round trip's first half: (h (B, d, H/p, W/p), z (B, d, H/p, W/p), bits per scale
+        (B, 1, h, w, d) int64, next-scale inputs (B, d, 1, h', w') for every scale but the last)."""
+        h = self.encode(img)
+        z, bits, next_inputs = self.quantizer(h, scales)
+        return h, z, bits, next_inputs
+
+
+# ---------------------------------------------------------------------------------------------
+# images <-> pixels, as upstream converts them
+
+
+def image_to_pixels(rgb: Tensor) -> Tensor:
+    """uint8 RGB (H, W, 3) or (B, H, W, 3) -> (B, 3, H, W) float32 in [-1, 1].
+
+    Upstream's `to_tensor(x) * 2 - 1`, written as x/255 + x/255 - 1 in its op order. The result is
+    contiguous NCHW as upstream's: a channels-last input changes the encoder's convolutions enough to
+    flip bits of the round trip.
+    """
+    x = (rgb.unsqueeze(0) if rgb.ndim == 3 else rgb).permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
+    x = x.to(torch.float32).div(255)
+    return x.add(x).add_(-1)
+
+
+def pixels_to_image(x: Tensor) -> Tensor:
+    """(B, 3, H, W) in [-1, 1] -> uint8 RGB (B, H, W, 3), truncating ((x + 1) / 2 * 255) like upstream."""
+    return ((x + 1) / 2).permute(0, 2, 3, 1).mul(255).to(torch.uint8)  # (B, H, W, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+# Checkpoints saved without upstream's wrapper modules ("flat" keys, e.g. `encoder.conv_in.weight`)
+# get the `.conv.` / `.norm.` segments back. Keys that already have them match none of the patterns.
+FLAT_KEY_RULES: list[tuple[str, str]] = [
+    (r"\.(conv_in|conv_out|conv1|conv2|nin_shortcut)\.(weight|bias)$", r".\1.conv.\2"),
+    (r"\.(downsample|upsample)\.conv\.(weight|bias)$", r".\1.conv.conv.\2"),
+    (r"\.(norm1|norm2|norm_out)\.(weight|bias)$", r".\1.norm.\2"),
+]
+
+
+def _resolve_config(config: VAEConfig | str | Path | dict[str, Any]) -> VAEConfig:
+    if isinstance(config, VAEConfig):
+        return config
+    if isinstance(config, str) and config in VAE_PRESETS:
+        return VAE_PRESETS[config]
+    if isinstance(config, (str, Path)) and not Path(config).is_file():
+        raise ValueError(f"VAE config {config!r} is neither a preset {sorted(VAE_PRESETS)} nor a JSON file")
+    return VAEConfig.from_upstream_json(config)
+
+
+def _vae_state_dict(path: str | Path, d: int) -> dict[str, Tensor]:
+    """Read a checkpoint ({'vae': sd} or a bare state dict), rename flat keys, add derived buffers."""
+    sd = read_state_dict(path, what="VAE checkpoint")
+    if isinstance(sd.get("vae"), dict):
+        sd = sd["vae"]
+    sd = remap_keys(sd, FLAT_KEY_RULES)
+    for name in ("quantizer.lfq.mask", "quantize.lfq.mask"):
+        sd.setdefault(name, make_mask(d))  # a constant the model can rebuild; some exports drop it
+    return sd
+
+
+def load_vae(path: str | Path, config: VAEConfig | str | Path | dict[str, Any], device: str | torch.device = "cpu",
+             dtype: torch.dtype = torch.float32) -> BSQVAE:
+    """Build the VAE of `config` (a VAEConfig, a preset name, an upstream JSON path or dict) on the meta
+    device and assign the checkpoint's tensors to it (strict: raises CheckpointError on any mismatch)."""
+    cfg = _resolve_config(config)
+    sd = _vae_state_dict(path, cfg.codebook_dim)
+    with torch.device("meta"):
+        model = BSQVAE(cfg)
+    assign_state_dict(model, sd, source=f"VAE checkpoint {path}", dtype=dtype, device=device)
+    return model.eval().requires_grad_(False)
