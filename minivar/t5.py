@@ -1,0 +1,297 @@
+"""The T5 encoder that turns Infinity's prompt tokens into text features (google/flan-t5-xl for Infinity).
+
+A stack of pre-norm transformer blocks, each self-attention then a feed-forward layer, with T5's quirks:
+
+* RMS layer norm: no mean subtraction and no bias, the statistic taken in fp32.
+* No position embeddings. Layer 0 owns a learned bias per (relative-distance bucket, head) that is added to
+  the attention scores of every layer.
+* Scores are not scaled by 1/sqrt(d_kv): T5 folded that factor into the initialisation of `q`.
+* flan-t5 uses a gated FFN, wo(gelu_tanh(wi_0 x) * wi_1 x); the original T5 a plain wo(relu(wi x)).
+
+Module and parameter names follow the Hugging Face checkpoints (`encoder.block.{i}.layer.0.SelfAttention.q`,
+...), so their tensors load without renaming; only the tied token embedding needs care (see `load_t5`).
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .weights import CheckpointError, assign_state_dict, read_pth, read_state_dict, shard_files
+
+
+@dataclass
+class T5Config:
+    vocab_size: int = 32128
+    d_model: int = 512
+    d_kv: int = 64
+    d_ff: int = 2048
+    num_layers: int = 6
+    num_heads: int = 8
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "relu"
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "T5Config":
+        """Read a Hugging Face `config.json`; fields it lacks keep T5's defaults, fields we don't use are ignored."""
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise CheckpointError(f"T5 config not found: {path} (a T5 model directory needs its config.json)")
+        try:
+            raw = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"T5 config {path} is not valid JSON ({e})") from None
+        config = cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
+        if config.feed_forward_proj not in FEED_FORWARD:
+            raise CheckpointError(f"T5 config {path}: feed_forward_proj {config.feed_forward_proj!r} is not "
+                                  f"supported (only {', '.join(FEED_FORWARD)})")
+        return config
+
+
+PRESETS = {
+    # the text encoder of Infinity-2B and -8B: 1,223,527,424 parameters (embedding 65.8M, 24 blocks of 48.2M)
+    "flan-t5-xl": T5Config(vocab_size=32128, d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32,
+                           feed_forward_proj="gated-gelu"),
+}
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation ("gelu_new"), written out op by op like the reference implementation:
+    F.gelu(approximate="tanh") is the same function but rounds differently in the last bit."""
+    return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+# feed_forward_proj -> (gated?, activation)
+FEED_FORWARD: dict[str, tuple[bool, Callable[[torch.Tensor], torch.Tensor]]] = {
+    "gated-gelu": (True, gelu_tanh),
+    "relu": (False, F.relu),
+}
+
+
+class RMSNorm(nn.Module):
+    """T5's layer norm: scale by the root mean square, statistic in fp32, cast back before the weight."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(self.weight.dtype)
+
+
+def relative_position_bucket(rel: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
+    """Map key-minus-query offsets to bucket ids, both directions (an encoder attends both ways).
+
+    Half of the buckets are for keys after the query, half for keys at or before it. Within a half, small
+    distances get a bucket each; larger ones share buckets whose width grows logarithmically, and every
+    distance beyond max_distance falls in the last bucket.
+    """
+    half = num_buckets // 2
+    side = (rel > 0).long() * half
+    dist = rel.abs()
+    exact = half // 2
+    # clamp only keeps log() finite for the small distances, which take the other branch of the where()
+    log_ratio = torch.log(dist.clamp(min=1).float() / exact) / math.log(max_distance / exact)
+    far = (exact + (log_ratio * (half - exact)).long()).clamp(max=half - 1)
+    return side + torch.where(dist < exact, dist, far)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: T5Config, has_relative_bias: bool):
+        super().__init__()
+        inner = cfg.num_heads * cfg.d_kv
+        self.n_heads, self.d_kv = cfg.num_heads, cfg.d_kv
+        self.q = nn.Linear(cfg.d_model, inner, bias=False)
+        self.k = nn.Linear(cfg.d_model, inner, bias=False)
+        self.v = nn.Linear(cfg.d_model, inner, bias=False)
+        self.o = nn.Linear(inner, cfg.d_model, bias=False)
+        if has_relative_bias:
+            self.relative_attention_bias = nn.Embedding(cfg.relative_attention_num_buckets, cfg.num_heads)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """x (B, L, d_model), bias (B, H, L, L) added to the scores -> (B, L, d_model)"""
+        B, L, _ = x.shape
+        q, k, v = (proj(x).view(B, L, self.n_heads, self.d_kv).transpose(1, 2)  # (B, H, L, d_kv)
+                   for proj in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)  # (B, H, L, d_kv)
+        return self.o(y.transpose(1, 2).reshape(B, L, self.n_heads * self.d_kv))  # (B, L, H * d_kv)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        self.gated, self.act = FEED_FORWARD[cfg.feed_forward_proj]
+        if self.gated:
+            self.wi_0 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+            self.wi_1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        else:
+            self.wi = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.wi_0(x)) * self.wi_1(x) if self.gated else self.act(self.wi(x))
+        return self.wo(h.to(self.wo.weight.dtype))  # wo may be kept in fp32, see `set_dtype`
+
+
+class SelfAttentionLayer(nn.Module):
+    def __init__(self, cfg: T5Config, has_relative_bias: bool):
+        super().__init__()
+        self.SelfAttention = Attention(cfg, has_relative_bias)
+        self.layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return x + self.SelfAttention(self.layer_norm(x), bias)
+
+
+class FeedForwardLayer(nn.Module):
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        self.DenseReluDense = FeedForward(cfg)
+        self.layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.DenseReluDense(self.layer_norm(x))
+
+
+def clamp_fp16(x: torch.Tensor) -> torch.Tensor:
+    """Pull a float16 residual stream back inside the representable range, as the reference T5 does.
+
+    Without it one overflowing activation turns into inf and then NaN in the next layer norm. (In float16 the
+    stream becomes float32 after the first FFN, see `set_dtype`, so this matters mostly in the first block.)
+    """
+    if x.dtype != torch.float16:
+        return x
+    big = torch.finfo(x.dtype).max
+    limit = torch.where(torch.isinf(x).any(), big - 1000, big)
+    return x.clamp(-limit, limit)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: T5Config, has_relative_bias: bool):
+        super().__init__()
+        self.layer = nn.ModuleList([SelfAttentionLayer(cfg, has_relative_bias), FeedForwardLayer(cfg)])
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        x = clamp_fp16(self.layer[0](x, bias))
+        return clamp_fp16(self.layer[1](x))
+
+
+class Stack(nn.Module):
+    def __init__(self, cfg: T5Config, embed_tokens: nn.Embedding):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = embed_tokens
+        self.block = nn.ModuleList([Block(cfg, has_relative_bias=i == 0) for i in range(cfg.num_layers)])
+        self.final_layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+
+    def attention_bias(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """attention_mask (B, L), 1 = real token -> additive score bias (B, H, L, L), shared by every layer"""
+        L = attention_mask.shape[1]
+        pos = torch.arange(L, device=attention_mask.device)
+        buckets = relative_position_bucket(pos[None, :] - pos[:, None], self.cfg.relative_attention_num_buckets,
+                                           self.cfg.relative_attention_max_distance)  # (L, L), [query, key]
+        table = self.block[0].layer[0].SelfAttention.relative_attention_bias
+        bias = table(buckets).permute(2, 0, 1)[None]  # (1, H, L, L)
+        # padded keys get the most negative value, so softmax gives them exactly zero weight
+        keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L)
+        return torch.where(keep, bias, torch.finfo(bias.dtype).min)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)  # (B, L, d_model)
+        bias = self.attention_bias(attention_mask)
+        for block in self.block:
+            x = block(x, bias)
+        return self.final_layer_norm(x)
+
+
+class T5Encoder(nn.Module):
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        self.cfg = cfg
+        # one embedding under two names, as in the checkpoints: `shared.weight` and `encoder.embed_tokens.weight`
+        self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.encoder = Stack(cfg, self.shared)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, L) long, attention_mask (B, L) 1 = real token -> last_hidden_state (B, L, d_model)
+
+        Rows of padded positions are computed too but mean nothing; Infinity keeps only the real ones.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return self.encoder(input_ids, attention_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading a Hugging Face T5 directory (T5EncoderModel or the full T5ForConditionalGeneration checkpoint)
+
+# The token embedding is one tensor with two names; a file may store either name, or both.
+TIED_EMBEDDING = ("shared.weight", "encoder.embed_tokens.weight")
+
+
+def is_encoder_key(key: str) -> bool:
+    """Keep the encoder and the embedding; decoder.* and lm_head.* of full checkpoints are never read."""
+    return key.startswith("encoder.") or key in TIED_EMBEDDING
+
+
+def read_encoder_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The encoder tensors of a model directory: safetensors (single or sharded) or pytorch_model*.bin."""
+    if any(path.glob("*.safetensors.index.json")) or any(path.glob("*.safetensors")):
+        return read_state_dict(path, is_encoder_key, what="T5 weights")
+    if (path / "pytorch_model.bin.index.json").is_file():
+        shards = shard_files(path / "pytorch_model.bin.index.json", is_encoder_key)
+    elif (path / "pytorch_model.bin").is_file():
+        shards = [path / "pytorch_model.bin"]
+    else:
+        raise CheckpointError(f"T5 directory {path} holds no model*.safetensors or pytorch_model*.bin weights")
+    sd = {}
+    for shard in shards:
+        sd |= {k: v for k, v in read_pth(shard, "T5 weights").items() if is_encoder_key(k)}
+    return sd
+
+
+def tie_embedding(sd: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """Give both names of the token embedding the one stored tensor (`shared.weight` if the file has both)."""
+    stored = [sd[k] for k in TIED_EMBEDDING if k in sd]
+    if not stored:
+        raise CheckpointError(f"{source} has no token embedding (neither {' nor '.join(TIED_EMBEDDING)})")
+    return sd | dict.fromkeys(TIED_EMBEDDING, stored[0])
+
+
+def set_dtype(model: T5Encoder, dtype: torch.dtype) -> T5Encoder:
+    """Cast to `dtype`, except that in float16 the FFN output projections stay float32.
+
+    flan-t5's FFN outputs overflow float16. The reference implementation keeps `wo` in float32 then, which also
+    turns the residual stream into float32 from the first FFN on; we reproduce that, numerics included.
+    """
+    model.to(dtype)
+    if dtype == torch.float16:
+        for block in model.encoder.block:
+            block.layer[1].DenseReluDense.wo.float()
+    return model
+
+
+def load_t5(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> T5Encoder:
+    """Build the encoder on the meta device and assign the directory's tensors to it (strictly)."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise CheckpointError(f"T5 model directory not found: {path} "
+                              "(check the path, or run `minivar download MODEL`)")
+    cfg = T5Config.from_json(path / "config.json")
+    sd = tie_embedding(read_encoder_tensors(path), str(path))
+    with torch.device("meta"):
+        model = set_dtype(T5Encoder(cfg), dtype)
+    # without a dtype argument, every tensor is cast to the dtype of the parameter it is assigned to
+    assign_state_dict(model, sd, f"T5 weights in {path}", device=device, strict=True)
+    return model.eval()
