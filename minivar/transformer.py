@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import math
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pathlib import Path
 
@@ -57,14 +59,17 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg_k: 
 
     q (B, Lq, H, hd); k, v (N, H, hd) packed over all images; seg_k[b] = (start, end) rows of image b.
     Returns (B, Lq, H, hd). One attention call per image keeps the arithmetic identical whether or not
-    the segments have equal lengths.
+    the segments have equal lengths. Off CUDA this uses SDPA's plain (math) kernel: upstream's text
+    attention is a varlen flash kernel, and its CPU reference numbers were recorded with the math
+    formulation.
     """
     outs = []
-    for b, (s, e) in enumerate(seg_k):
-        qb = q[b].transpose(0, 1)[None]           # (1, H, Lq, hd)
-        kb = k[s:e].transpose(0, 1)[None]         # (1, H, n_b, hd)
-        vb = v[s:e].transpose(0, 1)[None]
-        outs.append(attend(qb, kb, vb, scale)[0].transpose(0, 1))  # (Lq, H, hd)
+    with sdpa_kernel(SDPBackend.MATH) if not q.is_cuda else nullcontext():
+        for b, (s, e) in enumerate(seg_k):
+            qb = q[b].transpose(0, 1)[None]           # (1, H, Lq, hd)
+            kb = k[s:e].transpose(0, 1)[None]         # (1, H, n_b, hd)
+            vb = v[s:e].transpose(0, 1)[None]
+            outs.append(attend(qb, kb, vb, scale)[0].transpose(0, 1))  # (Lq, H, hd)
     return torch.stack(outs)
 
 

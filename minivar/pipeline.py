@@ -1,0 +1,215 @@
+"""Text -> image: tokenizer and T5, the scale loop, the VAE decoder, behind one `Pipeline`.
+
+    pipe = minivar.load("infinity-2b")                       # or paths to your own files
+    out = pipe.generate("a red fox in snow", res=1024, prune=True, seed=1)
+    out.image.save("fox.png")
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .config import InfinityConfig, nearest_template, scale_schedule
+from .presets import resolve_prune
+from .pruning import PruneSchedule
+from .sampling import Settings, Trace, run_scale_loop
+from .t5 import T5Encoder, load_t5
+from .tokenizer import Tokenizer
+from .transformer import Infinity, load_infinity
+from .vae import BSQVAE, VAEConfig, load_vae, pixels_to_image
+
+MAX_PROMPT_CHARS = 20_000  # far beyond T5's 512 tokens; longer input is almost surely a mistake
+
+
+@dataclass
+class Output:
+    images: list[Image.Image]
+    summed_codes: torch.Tensor            # (B, d, H, W) float32: the latent fed to the VAE decoder
+    trace: Trace | None
+    scales: list[tuple[int, int]]
+    prune: PruneSchedule
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def image(self) -> Image.Image:
+        return self.images[0]
+
+
+def _check_prompts(prompt: str | list[str]) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompt must be a string or a non-empty list of strings")
+    for p in prompts:
+        if len(p) > MAX_PROMPT_CHARS:
+            raise ValueError(f"prompt of {len(p)} characters is too long (max {MAX_PROMPT_CHARS}); "
+                             "T5 reads only the first 512 tokens anyway")
+    return prompts
+
+
+class Pipeline:
+    def __init__(self, transformer: Infinity, vae: BSQVAE, text_encoder: T5Encoder, tokenizer: Tokenizer,
+                 name: str = "custom", device: str | torch.device = "cpu"):
+        self.transformer, self.vae, self.text_encoder, self.tokenizer = transformer, vae, text_encoder, tokenizer
+        self.name, self.device = name, torch.device(device)
+
+    # ---- text ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> tuple[list[torch.Tensor], list[int]]:
+        """T5 features of each prompt's real tokens (EOS included): list of (n_i, Ct), and the n_i."""
+        ids, mask = self.tokenizer(prompts)
+        hidden = self.text_encoder(ids.to(self.device), mask.to(self.device)).float()  # (B, 512, Ct)
+        lens = mask.sum(-1).tolist()
+        return [h[:n] for h, n in zip(hidden, lens)], lens
+
+    def text_rows(self, prompts: list[str], negative: str | None, cfg_on: bool):
+        """Packed text rows for the transformer: conditional images first, then unconditional ones."""
+        feats, lens = self.encode_text(prompts)
+        if cfg_on:
+            if negative:
+                neg, _ = self.encode_text([negative] * len(prompts))
+            else:  # the learned unconditional rows, as many as the prompt has tokens
+                neg = [self.transformer.cfg_uncond[:n].float() for n in lens]
+            feats = feats + neg
+        bounds = np.cumsum([0] + [f.shape[0] for f in feats]).tolist()
+        return torch.cat(feats), list(zip(bounds[:-1], bounds[1:]))
+
+    # ---- generation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompt: str | list[str], res: int | str = 1024, h_div_w: float = 1.0, cfg=3.0, tau=0.5,
+                 top_k: int = 900, top_p: float = 0.97, seed: int | None = 1, negative_prompt: str | None = None,
+                 cfg_insertion_layer: int = 0, force_bits: list[torch.Tensor] | None = None, trace: bool = False,
+                 prune=False, cfg_stop_scale: int | None = None) -> Output:
+        """Generate one image per prompt. See README for every argument; shapes are in `Output`."""
+        prompts = _check_prompts(prompt)
+        scales, template = scale_schedule(res, h_div_w), nearest_template(h_div_w)
+        check_insertion(cfg_insertion_layer, self.transformer.cfg.depth)
+        schedule = resolve_prune(prune, self.name, self.transformer.cfg, scales)
+        settings = Settings(cfg, tau, top_k, top_p, seed, cfg_insertion_layer, cfg_stop_scale, force_bits)
+        cfg_on = any(c != 1 for c in settings.per_scale(cfg, len(scales)))
+        times, t0 = {}, time.perf_counter()
+        kv, segments = self.text_rows(prompts, negative_prompt, cfg_on)
+        cond = self.transformer.condition(kv, segments)
+        times["text"] = time.perf_counter() - t0
+        rec = Trace() if trace else None
+        summed = run_scale_loop(self.transformer, cond, len(prompts), scales, template, settings, schedule, rec)
+        times["transformer"] = time.perf_counter() - t0 - times["text"]
+        t1 = time.perf_counter()
+        images = self.decode(summed)
+        times["vae"] = time.perf_counter() - t1
+        return Output(images, summed.squeeze(2).float().contiguous(), rec, scales, schedule, times)
+
+    @torch.no_grad()
+    def decode(self, summed_Bd1HW: torch.Tensor) -> list[Image.Image]:
+        """Latent (B, d, 1, H, W) -> RGB images. The latent keeps its (channels-last) memory layout."""
+        rgb = pixels_to_image(self.vae.decode(summed_Bd1HW.squeeze(-3)).float()).cpu().numpy()
+        return [Image.fromarray(np.ascontiguousarray(x)) for x in rgb]
+
+    # ---- images -> bits --------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_image(self, image, res: int | str = 1024, h_div_w: float | None = None) -> list[torch.Tensor]:
+        """VAE-encode an image into per-scale bits (B, h, w, d) int64, the layout of `trace.bits`.
+
+        `image` is a PIL image, a path, a uint8 (H, W, 3) array/tensor, or a float tensor (B, 3, H, W)
+        in [-1, 1]. It is resized and centre-cropped to the schedule's final size.
+        """
+        pixels = to_pixels(image)
+        if h_div_w is None:
+            h_div_w = pixels.shape[2] / pixels.shape[3]
+        scales = scale_schedule(res, h_div_w)
+        patchify = self.transformer.cfg.spatial_patchify
+        vae_scales = [(1, 2 * h, 2 * w) if patchify else (1, h, w) for h, w in scales]
+        p = self.vae.cfg.patch_size
+        pixels = resize_crop(pixels, vae_scales[-1][1] * p, vae_scales[-1][2] * p).to(self.device)
+        _, _, bits, _ = self.vae.encode_to_bits(pixels, vae_scales)
+        return [vae_bits_to_tokens(b, patchify) for b in bits]
+
+
+def vae_bits_to_tokens(bits_B1hwd: torch.Tensor, patchify: bool) -> torch.Tensor:
+    """VAE bits (B, 1, h, w, d) -> transformer bits (B, h', w', d'); 2x2 patchify for Infinity-8B."""
+    bits = bits_B1hwd.squeeze(1)
+    if patchify:
+        bits = F.pixel_unshuffle(bits.permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)  # (B, h/2, w/2, 4d)
+    return bits.long()
+
+
+def check_insertion(layer: int, depth: int) -> None:
+    if not (layer in (0, 1) or -depth < layer < 0):
+        raise ValueError(f"cfg_insertion_layer={layer} is invalid: use 0 (guide logits), 1 (no guidance "
+                         f"mixing) or a negative layer offset in -{depth - 1}..-1")
+
+
+def to_pixels(image) -> torch.Tensor:
+    """Any supported image form -> float (B, 3, H, W) in [-1, 1], contiguous NCHW."""
+    if isinstance(image, (str, Path)):
+        image = Image.open(image)
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        image = torch.from_numpy(np.ascontiguousarray(image))
+    if image.dtype == torch.uint8:
+        from .vae import image_to_pixels
+        return image_to_pixels(image)
+    if image.ndim != 4 or image.shape[1] != 3:
+        raise ValueError(f"expected a float image (B, 3, H, W) in [-1, 1], got shape {tuple(image.shape)}")
+    return image.float().contiguous()
+
+
+def resize_crop(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """Resize (keeping aspect) so the image covers H x W, then centre-crop; identity at the right size."""
+    if x.shape[2:] == (H, W):
+        return x
+    s = max(H / x.shape[2], W / x.shape[3])
+    size = (max(H, round(x.shape[2] * s)), max(W, round(x.shape[3] * s)))
+    x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
+    top, left = (size[0] - H) // 2, (size[1] - W) // 2
+    return x[:, :, top : top + H, left : left + W].contiguous()
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+def load(name: str | None = None, *, transformer: str | Path | None = None, vae: str | Path | None = None,
+         text_encoder: str | Path | None = None, config=None, vae_config=None, device: str = "cpu",
+         dtype: torch.dtype = torch.float32) -> Pipeline:
+    """Load a pipeline from a preset name ("infinity-2b", "infinity-8b", "toy") or from explicit files.
+
+    Files given explicitly win over the preset's; missing preset files are downloaded (see hub.py).
+    """
+    from .hub import resolve_files
+
+    files = resolve_files(name, transformer=transformer, vae=vae, text_encoder=text_encoder,
+                          config=config, vae_config=vae_config)
+    vae_model = load_vae(files.vae, files.vae_config, device=device, dtype=dtype)
+    cfg = files.config
+    if not isinstance(cfg, InfinityConfig):
+        cfg = InfinityConfig.from_upstream(cfg, d_vae=None)
+    cfg = fit_bits_to_vae(cfg, vae_model.cfg)
+    model = load_infinity(files.transformer, cfg, device=device, dtype=dtype)
+    t5 = load_t5(files.text_encoder, device=device, dtype=dtype if dtype != torch.bfloat16 or device != "cpu" else torch.float32)
+    return Pipeline(model, vae_model, t5, Tokenizer.from_dir(files.text_encoder), files.name, device)
+
+
+def fit_bits_to_vae(cfg: InfinityConfig, vae_cfg: VAEConfig) -> InfinityConfig:
+    """The transformer's bits per token follow from the VAE (x4 with 2x2 patchify)."""
+    from dataclasses import replace
+
+    return replace(cfg, d_vae=vae_cfg.codebook_dim * (4 if cfg.spatial_patchify else 1))
+
+
+def sample(prompt: str, res: int = 1024, prune=True, model: str = "infinity-2b", **kwargs) -> Image.Image:
+    """One call from a prompt to a PIL image: loads (and caches) the model, then generates."""
+    device = kwargs.pop("device", "cpu")
+    key = (model, device)
+    if key not in _PIPELINES:
+        _PIPELINES.clear()  # keep at most one model in memory
+        _PIPELINES[key] = load(model, device=device)
+    return _PIPELINES[key].generate(prompt, res=res, prune=prune, **kwargs).image
+
+
+_PIPELINES: dict[tuple[str, str], Pipeline] = {}
