@@ -39,17 +39,19 @@ except ImportError:
     _flash_attn_func = None
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+           mask: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention, q (B, H, Lq, hd), k and v (B, H, Lk, hd) -> (B, H, Lq, hd) in q's dtype.
 
-    flash-attn is used only when it is installed and the tensors are half precision on CUDA.
-    Otherwise torch SDPA runs in float32 (half inputs are upcast, the output cast back), which is
-    also what upstream's numbers were recorded with on CPU.
+    `mask` (Lq, Lk) is boolean, True where attention is allowed (used for uncached, whole-sequence
+    forwards). flash-attn is used only when it is installed, the tensors are half precision on CUDA
+    and there is no mask. Otherwise torch SDPA runs in float32 (half inputs are upcast, the output
+    cast back), which is also what upstream's numbers were recorded with on CPU.
     """
-    if _flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+    if _flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and mask is None:
         out = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale)
         return out.transpose(1, 2)  # (B, Lq, H, hd) -> (B, H, Lq, hd)
-    out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=scale)
+    out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=scale)
     return out.to(q.dtype)
 
 
@@ -210,6 +212,7 @@ class Attn:
     cache: KVCache | None
     rope: torch.Tensor      # (2, L, hd/2) for the scale's tokens in grid order
     store: bool = True      # False at the last scale: nothing attends to its keys later
+    mask: torch.Tensor | None = None  # (L, L) bool, for whole-sequence forwards without a cache
 
 
 MAX_LOG_SCALE = torch.log(torch.tensor(100.0)).item()  # log(100) rounded to float32, as upstream clamps
@@ -244,7 +247,7 @@ class SelfAttention(nn.Module):
         q, k = self._rotate(q, k, attn.rope, keep)
         if attn.cache is not None:
             k, v = attn.cache.extend(k, v, attn.store)
-        out = attend(q, k, v, scale=1.0)  # the cosine scale is already folded into q
+        out = attend(q, k, v, scale=1.0, mask=attn.mask)  # the cosine scale is already folded into q
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
 
     @staticmethod
