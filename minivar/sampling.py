@@ -104,28 +104,36 @@ def latent_to_tokens(summed_Bd1HW: torch.Tensor, hw: tuple[int, int], patchify: 
 # --------------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------------
-def make_caches(model: Infinity, batch: int, scales, prune: PruneSchedule, device, dtype) -> list[KVCache]:
-    """One preallocated cache per layer, sized for the tokens later scales attend to."""
+def make_caches(model: Infinity, batch: int, scales, prune: PruneSchedule, device) -> list[KVCache]:
+    """One preallocated float32 cache per layer, sized for the tokens that later scales attend to."""
     ran = [si for si in range(len(scales)) if si not in prune.skip]
     stored = ran[:-1]  # nothing attends to the last scale that runs
-    cfg = model.cfg
-    return [KVCache(batch, cfg.num_heads, sum(prune.kept(si, li, h * w) for si in stored for h, w in [scales[si]]),
-                    cfg.head_dim, dtype, device) for li in range(cfg.depth)]
+    sizes = [sum(prune.kept(si, li, scales[si][0] * scales[si][1]) for si in stored) for li in range(model.cfg.depth)]
+    return [KVCache(batch, model.cfg.num_heads, n, model.cfg.head_dim, torch.float32, device) for n in sizes]
 
 
 def run_blocks(model: Infinity, x: torch.Tensor, c: Conditioning, caches, rope, si: int, store: bool,
                pruner: Pruner, cfg: float, B: int, insert_at: int | None) -> torch.Tensor:
+    """One scale through every block; x (rows, h*w, C). Guidance may mix the hidden state mid-way."""
     x = model.embed_scale(x, si)  # level embedding, before the first block only
     for li, block in enumerate(model.blocks):
         x = block(x, c.gss, c.text, Attn(caches[li], rope, store), pruner.runner(si, li))
-        if li == insert_at and cfg != 1:
-            x = guide(x, cfg, B).repeat(2, 1, 1)
+        if li == insert_at and cfg != 1 and x.shape[0] > B:
+            x = guide(x, cfg, B).repeat(2, 1, 1)  # both halves continue from the guided state
     return x
 
 
-def conditional_only(c: Conditioning, B: int) -> Conditioning:
+def conditional_only(c: Conditioning, caches: list[KVCache], B: int) -> tuple[Conditioning, list[KVCache]]:
     """The conditional rows of a CFG batch (stage-aware CFG drops the unconditional half)."""
-    return Conditioning(Text(c.text.kv, c.text.segments[:B]), c.cond[:B], c.gss[:B])
+    text = Text(c.text.kv, c.text.segments[:B])
+    return Conditioning(text, c.cond[:B], c.gss[:B]), [cache.rows(B) for cache in caches]
+
+
+def accumulate(summed: torch.Tensor | None, codes: torch.Tensor, final_hw, is_last: bool) -> torch.Tensor:
+    """Add a scale's codes (B, d, 1, h, w) to the running latent at the final grid (B, d, 1, H, W)."""
+    if not is_last:
+        codes = F.interpolate(codes, size=(1, *final_hw), mode="trilinear")
+    return codes if summed is None else summed.add_(codes)
 
 
 def run_scale_loop(model: Infinity, c: Conditioning, B: int, scales: list[tuple[int, int]], template: float,
@@ -134,44 +142,39 @@ def run_scale_loop(model: Infinity, c: Conditioning, B: int, scales: list[tuple[
 
     Returns summed codes (B, d_vae, 1, H, W) in the VAE's layout, ready for decoding.
     """
-    n, patchify = len(scales), model.cfg.spatial_patchify
+    n, patchify, device = len(scales), model.cfg.spatial_patchify, c.cond.device
     cfgs, taus = s.per_scale(s.cfg, n), s.per_scale(s.tau, n)
-    device, rows = c.cond.device, c.cond.shape[0]
     gen = torch.Generator(device=device).manual_seed(s.seed) if s.seed is not None else None
     prune.validate(n, model.cfg.depth)
     pruner = Pruner(prune, scales, seed=s.seed or 0, record=trace is not None)
-    caches = make_caches(model, rows, scales, prune, device, torch.float32)
+    ran = [si for si in range(n) if pruner.runs(si)]
+    caches = make_caches(model, c.cond.shape[0], scales, prune, device)
     insert_at = model.cfg.depth + s.cfg_insertion_layer if s.cfg_insertion_layer < 0 else None
     final_hw = tuple(2 * v for v in scales[-1]) if patchify else scales[-1]
-    ran = [si for si in range(n) if pruner.runs(si)]
     x, summed = model.first_tokens(c), None
-    for si in ran:
+    for step, si in enumerate(ran):
         t0 = time.perf_counter()
-        if s.cfg_stop_scale is not None and si == s.cfg_stop_scale and rows > B:
-            c, x, rows = conditional_only(c, B), x[:B], B
-            caches = [cache.rows(B) for cache in caches]
+        if si == s.cfg_stop_scale and x.shape[0] > B:  # stage-aware CFG: conditional rows only from here
+            (c, caches), x = conditional_only(c, caches, B), x[:B]
         rope = model.rope.table(template, *scales[si], device)
         x = run_blocks(model, x, c, caches, rope, si, si != ran[-1], pruner, cfgs[si], B, insert_at)
-        logits = step_logits(model, x, c, cfgs[si], taus[si], B, rows, s.cfg_insertion_layer)
-        bits = sample_step(logits, s, si, gen, scales[si], trace)
+        logits = step_logits(model, x, c, cfgs[si], taus[si], B, s.cfg_insertion_layer)
+        bits = sample_step(logits, s, step, gen, scales[si], trace)
         codes = bits_to_codes(bits_to_vae_layout(bits, patchify))  # (B, d, 1, h, w)
-        if si != n - 1:
-            up = F.interpolate(codes, size=(1, *final_hw), mode="trilinear")
-            summed = up if summed is None else summed.add_(up)
-            x = model.word_embed(latent_to_tokens(summed, scales[si + 1], patchify))
-            x = x.repeat(rows // B, 1, 1)
-        else:
-            summed = codes if summed is None else summed.add_(codes)
+        summed = accumulate(summed, codes, final_hw, is_last=si == n - 1)
+        if si != ran[-1]:  # the next scale's input: the running latent at its grid, embedded
+            nxt = ran[step + 1]
+            x = model.word_embed(latent_to_tokens(summed, scales[nxt], patchify)).repeat(x.shape[0] // B, 1, 1)
         if trace is not None:
-            record(trace, si, scales[si], codes, summed, rows, time.perf_counter() - t0)
+            record(trace, si, scales[si], codes, summed, x.shape[0], time.perf_counter() - t0)
     if trace is not None:
         trace.pruning = pruner.records
     return summed
 
 
-def step_logits(model, x, c: Conditioning, cfg: float, tau: float, B: int, rows: int, insertion: int):
-    """Bit logits (B, h*w*d, 2) after temperature and guidance."""
-    if rows > B and cfg != 1 and insertion == 0:
+def step_logits(model, x, c: Conditioning, cfg: float, tau: float, B: int, insertion: int):
+    """Bit logits (B, h*w*d, 2): temperature first, then guidance (upstream's order)."""
+    if x.shape[0] > B and cfg != 1 and insertion == 0:
         logits = model.logits(x, c.cond).mul(1 / tau)
         logits = guide(logits, cfg, B)
     else:
@@ -179,15 +182,20 @@ def step_logits(model, x, c: Conditioning, cfg: float, tau: float, B: int, rows:
     return logits.reshape(B, -1, 2)
 
 
-def sample_step(logits, s: Settings, si: int, gen, hw, trace: Trace | None) -> torch.Tensor:
-    """Sample (or take the forced) bits of one scale -> (B, h, w, d) int64."""
+def sample_step(logits, s: Settings, step: int, gen, hw, trace: Trace | None) -> torch.Tensor:
+    """Sample (or take the forced) bits of the step-th scale that runs -> (B, h, w, d) int64.
+
+    Forced scales are sampled too, so teacher forcing consumes the generator exactly as sampling does.
+    """
     B = logits.shape[0]
     if trace is not None:
         trace.logits.append(logits.detach().float().reshape(B, hw[0] * hw[1], -1, 2).cpu().clone())
     bits = sample_bits(logits, s.top_k, s.top_p, gen).reshape(B, hw[0], hw[1], -1)
     forced = s.force_bits
-    if forced is not None and si < len(forced) and forced[si] is not None:
-        bits = forced[si].to(bits.device, torch.int64).reshape(bits.shape)
+    if forced is not None and step < len(forced) and forced[step] is not None:
+        if tuple(forced[step].shape) != tuple(bits.shape):
+            raise ValueError(f"force_bits[{step}] has shape {tuple(forced[step].shape)}, expected {tuple(bits.shape)}")
+        bits = forced[step].to(bits.device, torch.int64)
     if trace is not None:
         trace.bits.append(bits.cpu())
     return bits
