@@ -21,7 +21,7 @@ from .pruning import PruneSchedule
 from .sampling import Settings, Trace, run_scale_loop
 from .t5 import T5Encoder, load_t5
 from .tokenizer import Tokenizer
-from .transformer import Infinity, load_infinity
+from .transformer import Infinity, image_batch, load_infinity
 from .vae import BSQVAE, VAEConfig, load_vae, pixels_to_image
 
 MAX_PROMPT_CHARS = 20_000  # far beyond T5's 512 tokens; longer input is almost surely a mistake
@@ -84,7 +84,7 @@ class Pipeline:
     def generate(self, prompt: str | list[str], res: int | str = 1024, h_div_w: float = 1.0, cfg=3.0, tau=0.5,
                  top_k: int = 900, top_p: float = 0.97, seed: int | None = 1, negative_prompt: str | None = None,
                  cfg_insertion_layer: int = 0, force_bits: list[torch.Tensor] | None = None, trace: bool = False,
-                 prune=False, cfg_stop_scale: int | None = None) -> Output:
+                 prune=False, cfg_stop_scale: int | None = None, progress=False) -> Output:
         """Generate one image per prompt. See README for every argument; shapes are in `Output`."""
         prompts = _check_prompts(prompt)
         scales, template = scale_schedule(res, h_div_w), nearest_template(h_div_w)
@@ -94,10 +94,12 @@ class Pipeline:
         cfg_on = any(c != 1 for c in settings.per_scale(cfg, len(scales)))
         times, t0 = {}, time.perf_counter()
         kv, segments = self.text_rows(prompts, negative_prompt, cfg_on)
-        cond = self.transformer.condition(kv, segments)
-        times["text"] = time.perf_counter() - t0
         rec = Trace() if trace else None
-        summed = run_scale_loop(self.transformer, cond, len(prompts), scales, template, settings, schedule, rec)
+        with image_batch(len(prompts)):  # compute small ops image by image: results don't depend on the batch
+            cond = self.transformer.condition(kv, segments)
+            times["text"] = time.perf_counter() - t0
+            summed = run_scale_loop(self.transformer, cond, len(prompts), scales, template, settings, schedule,
+                                    rec, progress=scale_progress(progress))
         times["transformer"] = time.perf_counter() - t0 - times["text"]
         t1 = time.perf_counter()
         images = self.decode(summed)
@@ -174,17 +176,28 @@ def resize_crop(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------
-def load(name: str | None = None, *, transformer: str | Path | None = None, vae: str | Path | None = None,
-         text_encoder: str | Path | None = None, config=None, vae_config=None, device: str = "cpu",
-         dtype: torch.dtype = torch.float32) -> Pipeline:
-    """Load a pipeline from a preset name ("infinity-2b", "infinity-8b", "toy") or from explicit files.
+def scale_progress(progress):
+    """`progress=True`: a tqdm bar over the scales; a callable wrapping the list of scales is used as is."""
+    if progress is True:
+        from tqdm.auto import tqdm
 
-    Files given explicitly win over the preset's; missing preset files are downloaded (see hub.py).
+        return lambda scales: tqdm(scales, desc="scales", unit="scale", leave=False)
+    return progress or None
+
+
+def load(name: str | Path | None = None, *, transformer: str | Path | None = None, vae: str | Path | None = None,
+         text_encoder: str | Path | None = None, config=None, vae_config=None, device: str = "cpu",
+         dtype: torch.dtype = torch.float32, revision: str | None = None) -> Pipeline:
+    """Load a pipeline from a preset name ("infinity-2b", "infinity-8b", "toy"), a model directory, or
+    explicit files.
+
+    Files given explicitly win over the preset's; missing preset files are downloaded (see hub.py),
+    from `revision` of the model repo if given.
     """
     from .hub import resolve_files
 
     files = resolve_files(name, transformer=transformer, vae=vae, text_encoder=text_encoder,
-                          config=config, vae_config=vae_config)
+                          config=config, vae_config=vae_config, revision=revision)
     vae_model = load_vae(files.vae, files.vae_config, device=device, dtype=dtype)
     cfg = files.config
     if not isinstance(cfg, InfinityConfig):
@@ -202,14 +215,15 @@ def fit_bits_to_vae(cfg: InfinityConfig, vae_cfg: VAEConfig) -> InfinityConfig:
     return replace(cfg, d_vae=vae_cfg.codebook_dim * (4 if cfg.spatial_patchify else 1))
 
 
-def sample(prompt: str, res: int = 1024, prune=True, model: str = "infinity-2b", **kwargs) -> Image.Image:
-    """One call from a prompt to a PIL image: loads (and caches) the model, then generates."""
-    device = kwargs.pop("device", "cpu")
-    key = (model, device)
+def sample(prompt: str, res: int = 1024, prune=True, model: str = "infinity-2b", device: str = "cpu",
+           dtype: torch.dtype = torch.float32, progress=True, **kwargs) -> Image.Image:
+    """One call from a prompt to a PIL image: loads (downloading if needed, then caching) the model,
+    then generates with a progress bar over the scales. `model="toy"` runs offline."""
+    key = (str(model), device, dtype)
     if key not in _PIPELINES:
         _PIPELINES.clear()  # keep at most one model in memory
-        _PIPELINES[key] = load(model, device=device)
-    return _PIPELINES[key].generate(prompt, res=res, prune=prune, **kwargs).image
+        _PIPELINES[key] = load(model, device=device, dtype=dtype)
+    return _PIPELINES[key].generate(prompt, res=res, prune=prune, progress=progress, **kwargs).image
 
 
-_PIPELINES: dict[tuple[str, str], Pipeline] = {}
+_PIPELINES: dict[tuple[str, str, torch.dtype], Pipeline] = {}

@@ -12,6 +12,7 @@ The sum after the last scale is the latent the VAE decodes.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 from .bsq import bits_to_codes
 from .pruning import Pruner, PruneSchedule, ScaleRecord
-from .transformer import Attn, Conditioning, Infinity, KVCache, Text
+from .transformer import Attn, Conditioning, Infinity, KVCache
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Trace:
     summed: list[torch.Tensor] = field(default_factory=list)  # (B, d, H, W): running sum after this scale
     seconds: list[float] = field(default_factory=list)
     cfg_rows: list[int] = field(default_factory=list)         # batch rows the transformer ran at this scale
+    kv_len: list[list[int]] = field(default_factory=list)     # per layer: cached tokens after this scale
     pruning: dict[int, ScaleRecord] = field(default_factory=dict)
 
 
@@ -125,8 +127,7 @@ def run_blocks(model: Infinity, x: torch.Tensor, c: Conditioning, caches, rope, 
 
 def conditional_only(c: Conditioning, caches: list[KVCache], B: int) -> tuple[Conditioning, list[KVCache]]:
     """The conditional rows of a CFG batch (stage-aware CFG drops the unconditional half)."""
-    text = Text(c.text.kv, c.text.segments[:B])
-    return Conditioning(text, c.cond[:B], c.gss[:B]), [cache.rows(B) for cache in caches]
+    return Conditioning(c.text, c.cond[:B], c.gss[:B]), [cache.rows(B) for cache in caches]
 
 
 def accumulate(summed: torch.Tensor | None, codes: torch.Tensor, final_hw, is_last: bool) -> torch.Tensor:
@@ -137,8 +138,11 @@ def accumulate(summed: torch.Tensor | None, codes: torch.Tensor, final_hw, is_la
 
 
 def run_scale_loop(model: Infinity, c: Conditioning, B: int, scales: list[tuple[int, int]], template: float,
-                   s: Settings, prune: PruneSchedule, trace: Trace | None = None) -> torch.Tensor:
+                   s: Settings, prune: PruneSchedule, trace: Trace | None = None,
+                   progress: Callable[[list[int]], Iterable[int]] | None = None) -> torch.Tensor:
     """Generate the latent for B images. `c` holds 2B rows (cond, then uncond) when CFG is on.
+
+    `progress`, if given, wraps the list of scales that run (e.g. `tqdm`) and must yield them in order.
 
     Returns summed codes (B, d_vae, 1, H, W) in the VAE's layout, ready for decoding.
     """
@@ -152,7 +156,7 @@ def run_scale_loop(model: Infinity, c: Conditioning, B: int, scales: list[tuple[
     insert_at = model.cfg.depth + s.cfg_insertion_layer if s.cfg_insertion_layer < 0 else None
     final_hw = tuple(2 * v for v in scales[-1]) if patchify else scales[-1]
     x, summed = model.first_tokens(c), None
-    for step, si in enumerate(ran):
+    for step, si in enumerate(progress(ran) if progress else ran):
         t0 = time.perf_counter()
         if si == s.cfg_stop_scale and x.shape[0] > B:  # stage-aware CFG: conditional rows only from here
             (c, caches), x = conditional_only(c, caches, B), x[:B]
@@ -167,6 +171,7 @@ def run_scale_loop(model: Infinity, c: Conditioning, B: int, scales: list[tuple[
             x = model.word_embed(latent_to_tokens(summed, scales[nxt], patchify)).repeat(x.shape[0] // B, 1, 1)
         if trace is not None:
             record(trace, si, scales[si], codes, summed, x.shape[0], time.perf_counter() - t0)
+            trace.kv_len.append([cache.pos for cache in caches])
     if trace is not None:
         trace.pruning = pruner.records
     return summed

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import math
 import re
-from contextlib import nullcontext
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import torch
@@ -55,23 +56,22 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     return out.to(q.dtype)
 
 
-def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg_k: list[tuple[int, int]],
+def segment_attention(q: torch.Tensor, kv: list[torch.Tensor], segments: list[tuple[int, int, int]],
                       scale: float) -> torch.Tensor:
-    """Each image attends only to its own text segment.
+    """Each batch row attends only to its own text segment.
 
-    q (B, Lq, H, hd); k, v (N, H, hd) packed over all images; seg_k[b] = (start, end) rows of image b.
-    Returns (B, Lq, H, hd). One attention call per image keeps the arithmetic identical whether or not
-    the segments have equal lengths. Off CUDA this uses SDPA's plain (math) kernel: upstream's text
+    q (R, Lq, H, hd); kv[b] (N_b, 2, H, hd) are image b's keys and values; segments[r] = (b, start, end)
+    for row r. Returns (R, Lq, H, hd). One attention call per row keeps the arithmetic identical
+    whatever the other rows hold. Off CUDA this uses SDPA's plain (math) kernel: upstream's text
     attention is a varlen flash kernel, and its CPU reference numbers were recorded with the math
     formulation.
     """
     outs = []
     with sdpa_kernel(SDPBackend.MATH) if not q.is_cuda else nullcontext():
-        for b, (s, e) in enumerate(seg_k):
-            qb = q[b].transpose(0, 1)[None]           # (1, H, Lq, hd)
-            kb = k[s:e].transpose(0, 1)[None]         # (1, H, n_b, hd)
-            vb = v[s:e].transpose(0, 1)[None]
-            outs.append(attend(qb, kb, vb, scale)[0].transpose(0, 1))  # (Lq, H, hd)
+        for r, (b, s, e) in enumerate(segments):
+            k, v = kv[b][s:e].unbind(1)                # (n, H, hd) each
+            out = attend(q[r].transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], scale)
+            outs.append(out[0].transpose(0, 1))        # (Lq, H, hd)
     return torch.stack(outs)
 
 
@@ -81,12 +81,49 @@ def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return x.dtype if x.device.type == "cpu" else weight.dtype
 
 
+# Batch invariance. BLAS libraries compute matmuls with few rows (here: fewer than 12, other than 4
+# and 8) with "tail" kernels whose rounding depends on the row count, so without care an image's
+# numbers would change with its batch-mates. While `image_batch(n)` is active, row-wise ops over such
+# small inputs are computed one image at a time: rows b, b + n, b + 2n ... belong to image b
+# (conditional rows first, then unconditional ones). A batch of one is computed as a whole.
+_IMAGES: ContextVar[int] = ContextVar("images", default=1)
+SMALL_ROWS = 12
+
+
+@contextmanager
+def image_batch(n: int):
+    token = _IMAGES.set(n)
+    try:
+        yield
+    finally:
+        _IMAGES.reset(token)
+
+
+def per_image(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """fn applied row-wise to x (R, ...), one image's rows at a time when x is small (see above)."""
+    n, R = _IMAGES.get(), x.shape[0]
+    if n == 1 or R % n or x[..., 0].numel() >= SMALL_ROWS:
+        return fn(x)
+    groups = torch.arange(R, device=x.device).view(R // n, n).t()  # (n, R/n): the rows of each image
+    outs = [fn(x[rows]) for rows in groups]
+    out = outs[0].new_empty(R, *outs[0].shape[1:])
+    for rows, o in zip(groups, outs):
+        out[rows] = o
+    return out
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear in `compute_dtype`, batch-invariant for small inputs."""
+    dt = compute_dtype(x, weight)
+    w, b = weight.to(dt), None if bias is None else bias.to(dt)
+    return per_image(lambda t: F.linear(t, w, b), x.to(dt))
+
+
 class Linear(nn.Linear):
-    """nn.Linear whose math runs in `compute_dtype`: bf16-stored weights give fp32 math on CPU."""
+    """nn.Linear computed by `linear`: bf16-stored weights give fp32 math on CPU."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dt = compute_dtype(x, self.weight)
-        return F.linear(x.to(dt), self.weight.to(dt), None if self.bias is None else self.bias.to(dt))
+        return linear(x, self.weight, self.bias)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -201,9 +238,34 @@ class KVCache:
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class Text:
-    """Projected text tokens packed over the batch: kv (N, C), and each image's (start, end) rows."""
-    kv: torch.Tensor
-    segments: list[tuple[int, int]]
+    """Text tokens grouped by image, for the R = n_images * k batch rows (k = 2 with guidance).
+
+    tokens[b] (N_b, C) holds image b's rows' tokens back to back: its conditional segment, then its
+    unconditional one. Batch row r belongs to image r % n_images and uses segment r // n_images of it.
+    Each cross-attention computes its keys and values once per generation and keeps them in `kv`.
+    """
+    tokens: list[torch.Tensor]
+    segments: list[list[tuple[int, int]]]
+    kv: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_rows(cls, rows: torch.Tensor, row_segments: list[tuple[int, int]], n_images: int) -> Text:
+        """Regroup packed rows (N, C) with one (start, end) per batch row into per-image groups."""
+        tokens, segments = [], []
+        for b in range(n_images):
+            parts = [rows[s:e] for s, e in row_segments[b::n_images]]
+            ends = torch.tensor([p.shape[0] for p in parts]).cumsum(0).tolist()
+            tokens.append(torch.cat(parts))
+            segments.append(list(zip([0] + ends[:-1], ends)))
+        return cls(tokens, segments)
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Text:
+        return Text([fn(t) for t in self.tokens], self.segments)
+
+    def row_segments(self, rows: int) -> list[tuple[int, int]]:
+        """(image, start, end) of the text each of `rows` batch rows attends to."""
+        n = len(self.tokens)
+        return [(r % n, *self.segments[r % n][r // n]) for r in range(rows)]
 
 
 @dataclass
@@ -235,9 +297,8 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, attn: Attn, keep: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, L, C) -> (B, L, C). `keep` (B, L) holds the grid index of each row when x is a pruned subset."""
         B, L, C = x.shape
-        dt = compute_dtype(x, self.mat_qkv.weight)
-        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)).to(dt)
-        qkv = F.linear(x.to(dt), self.mat_qkv.weight.to(dt), bias).view(B, L, 3, self.heads, self.head_dim)
+        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+        qkv = linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, L, hd)
         # Bound the learned temperature at 100 (the last head of real checkpoints sits above it).
         scale = self.scale_mul_1H11.clamp_max(self.max_log_scale).exp()
@@ -277,23 +338,23 @@ class CrossAttention(nn.Module):
         self.register_buffer("zero_k_bias", torch.zeros(dim))
         self.proj = Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor | None, text: Text) -> torch.Tensor:
-        """x (B, L, C) -> (B, L, C); in pool mode x is ignored and the result is (B, 1, C)."""
-        N = text.kv.shape[0]
-        dt = compute_dtype(text.kv, self.mat_kv.weight)
-        bias = torch.cat((self.zero_k_bias, self.v_bias)).to(dt)
-        kv = F.linear(text.kv.to(dt), self.mat_kv.weight.to(dt), bias).view(N, 2, self.heads, self.head_dim)
+    def forward(self, x: torch.Tensor | None, text: Text, rows: int | None = None) -> torch.Tensor:
+        """x (R, L, C) -> (R, L, C); in pool mode x is ignored and `rows` (R, 1, C) are returned."""
+        if self not in text.kv:  # keys and values of the text, once per generation, image by image
+            bias = torch.cat((self.zero_k_bias, self.v_bias))
+            with image_batch(1):
+                text.kv[self] = [linear(t, self.mat_kv.weight, bias).view(t.shape[0], 2, self.heads, self.head_dim)
+                                 .to(torch.bfloat16) for t in text.tokens]
         if self.pool:
-            B, L = len(text.segments), 1
-            q = self.mat_q.to(kv.dtype).repeat(B, 1, 1)[:, None]  # (B, 1, H, hd)
+            R, L = rows, 1
+            q = self.mat_q.float().repeat(R, 1, 1)[:, None]  # (R, 1, H, hd)
         else:
-            B, L = x.shape[:2]
-            q = self.mat_q(x).view(B, L, self.heads, self.head_dim)
+            R, L = x.shape[:2]
+            q = self.mat_q(x).view(R, L, self.heads, self.head_dim)
         # Upstream always runs this attention in bfloat16 (its flash kernel); the rounding of q, k, v
         # and of the output is part of the model's numbers, so we keep it on every device.
-        k, v = kv.to(torch.bfloat16).unbind(1)  # (N, H, hd) each
-        out = segment_attention(q.to(torch.bfloat16), k, v, text.segments, 1 / math.sqrt(self.head_dim))
-        return self.proj(out.reshape(B, L, -1).float())
+        out = segment_attention(q.to(torch.bfloat16), text.kv[self], text.row_segments(R), 1 / math.sqrt(self.head_dim))
+        return self.proj(out.reshape(R, L, -1).float())
 
 
 class FFN(nn.Module):
@@ -350,8 +411,8 @@ class TextPool(nn.Module):
         super().__init__()
         self.ca = CrossAttention(cfg.embed_dim, cfg.text_channels, cfg.pool_heads, pool=True)
 
-    def forward(self, text: Text) -> torch.Tensor:
-        return self.ca(None, text).squeeze(1)  # (B, C)
+    def forward(self, text: Text, rows: int) -> torch.Tensor:
+        return self.ca(None, text, rows).squeeze(1)  # (R, C)
 
 
 class AdaLNHead(nn.Module):
@@ -392,11 +453,20 @@ class Infinity(nn.Module):
         self.rope = Rope2D(cfg.head_dim)
 
     def condition(self, kv: torch.Tensor, segments: list[tuple[int, int]]) -> Conditioning:
-        """kv (N, Ct): T5 rows of every image (conditional rows first, then unconditional), packed."""
-        kv = self.text_norm(kv)
-        cond = self.text_proj_for_sos(Text(kv, segments))                 # (B, C)
-        text = Text(self.text_proj_for_ca(kv), segments)                  # (N, C)
-        gss = self.shared_ada_lin(cond.float()).float().view(-1, 1, 6, self.cfg.embed_dim)
+        """Everything the text decides, once per generation.
+
+        kv (N, Ct) packs the T5 rows of every batch row: conditional rows of each image first, then the
+        unconditional ones; segments[r] = (start, end) of batch row r. Inside `image_batch(n)` the rows form
+        n images and the text is processed image by image.
+        """
+        n_images = _IMAGES.get()
+        raw = Text.from_rows(kv, segments, n_images)
+        with image_batch(1):
+            normed = raw.map(self.text_norm)
+            text = normed.map(self.text_proj_for_ca)                     # N_b x (C)
+        with image_batch(n_images):
+            cond = self.text_proj_for_sos(normed, rows=len(segments))      # (R, C)
+            gss = self.shared_ada_lin(cond.float()).float().view(-1, 1, 6, self.cfg.embed_dim)
         return Conditioning(text, cond, gss)
 
     def first_tokens(self, c: Conditioning) -> torch.Tensor:
