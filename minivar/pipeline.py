@@ -42,7 +42,7 @@ class Output:
 
 
 def _check_prompts(prompt: str | list[str]) -> list[str]:
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else []
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError("prompt must be a string or a non-empty list of strings")
     for p in prompts:

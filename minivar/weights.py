@@ -109,7 +109,7 @@ def remap_keys(sd: dict[str, torch.Tensor], rules: Iterable[tuple[str, str]]) ->
     return out
 
 
-def _summarise(keys: list[str], n: int = 6) -> str:
+def _summarise(keys: list[str], n: int = 4) -> str:
     shown = ", ".join(keys[:n])
     return shown + (f", ... (+{len(keys) - n} more)" if len(keys) > n else "")
 
