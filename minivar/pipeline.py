@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from . import memory
 from .config import InfinityConfig, nearest_template, scale_schedule
 from .presets import resolve_prune
 from .pruning import PruneSchedule
@@ -89,9 +90,11 @@ class Pipeline:
         prompts = _check_prompts(prompt)
         scales, template = scale_schedule(res, h_div_w), nearest_template(h_div_w)
         check_insertion(cfg_insertion_layer, self.transformer.cfg.depth)
-        schedule = resolve_prune(prune, self.name, self.transformer.cfg, scales)
+        schedule = resolve_prune(prune, self.name, self.transformer.cfg, scales, template)
         settings = Settings(cfg, tau, top_k, top_p, seed, cfg_insertion_layer, cfg_stop_scale, force_bits)
         cfg_on = any(c != 1 for c in settings.per_scale(cfg, len(scales)))
+        need = memory.estimate(self.transformer.cfg, self.vae.cfg, scales, schedule, len(prompts), cfg_on)
+        memory.check_memory(need, self.device, f"generating {len(prompts)} image(s) at res={res}")
         times, t0 = {}, time.perf_counter()
         kv, segments = self.text_rows(prompts, negative_prompt, cfg_on)
         rec = Trace() if trace else None

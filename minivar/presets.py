@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 
-from .config import InfinityConfig
+from .config import TEMPLATES, InfinityConfig
 from .pruning import PruneSchedule
 
 CACHE_BELOW, DROP40_BELOW, DROP50_BELOW = 0.20, 0.32, 0.47
@@ -67,21 +67,23 @@ def proportional(scales: list[tuple[int, int]], depth: int, reference_tokens: in
     return PruneSchedule(drop=drop, skip=frozenset(skip), layers=layers, cache_scale=cached[-1])
 
 
-def reference_tokens(model: str, scales: list[tuple[int, int]], native_side: int | None) -> int:
-    """Tokens of the model's native final grid for this aspect ratio (same area, template's shape)."""
-    side = native_side or REFERENCE_SIDE.get(model, 64)
-    return side * side
+def reference_tokens(model: str, template: float) -> int:
+    """Tokens of the model's native final grid for this aspect template: the template's 1M grid,
+    scaled to the model's native side (64 cells for Infinity, less for the toy)."""
+    h, w = TEMPLATES[template][-1]
+    side = REFERENCE_SIDE.get(model, 64)
+    return round(h * w * (side / 64) ** 2)
 
 
 def resolve_prune(prune, model: str, cfg: InfinityConfig, scales: list[tuple[int, int]],
-                  native_side: int | None = None) -> PruneSchedule:
+                  template: float = 1.0) -> PruneSchedule:
     """Accepts False/None (no pruning), True (the preset), "fastvar", a dict or a PruneSchedule."""
     if prune is None or prune is False:
         return PruneSchedule.none()
     if isinstance(prune, PruneSchedule):
         return prune
     if prune is True or prune == "preset":
-        return proportional(scales, cfg.depth, reference_tokens(model, scales, native_side))
+        return proportional(scales, cfg.depth, reference_tokens(model, template))
     if prune == "fastvar":
         return fastvar_literal(scales)
     if isinstance(prune, dict):

@@ -1,0 +1,145 @@
+"""Native cached token pruning: selection, restoration, KV bookkeeping, presets, stage-aware CFG, memory."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import PROMPT, SETTINGS, TINY, tiny_pipeline
+
+from minivar import memory
+from minivar.config import BUDGETS, PRESETS, TEMPLATES, scale_schedule
+from minivar.presets import fastvar_literal, proportional, resolve_prune
+from minivar.pruning import Pruner, PruneSchedule, pivotal_scores, restore, select
+
+
+def test_kept_set_is_exactly_the_top_k_by_distance_from_the_mean():
+    torch.manual_seed(0)
+    x = torch.randn(3, 6 * 5, 16)
+    scores = pivotal_scores(x, 6, 5)
+    expected = ((x - x.mean(1, keepdim=True)) ** 2).sum(-1)
+    assert torch.allclose(scores, expected, atol=1e-5)
+    keep = select(scores, 11)
+    for b in range(3):
+        order = torch.argsort(scores[b], descending=True)
+        assert keep[b].tolist() == order[:11].tolist()  # the set and its (descending) order
+
+
+def test_restored_slots_come_from_the_cache_and_kept_slots_from_computation():
+    torch.manual_seed(0)
+    B, (hc, wc), (h, w), C, K = 2, (4, 4), (6, 8), 5, 9
+    cached = torch.randn(B, hc * wc, C)
+    keep = torch.stack([torch.randperm(h * w)[:K] for _ in range(B)])
+    computed = torch.randn(B, K, C)
+    out = restore(computed, keep, cached, (hc, wc), (h, w))
+    base = F.adaptive_avg_pool2d(cached.view(B, hc, wc, C).permute(0, 3, 1, 2), (h, w)).permute(0, 2, 3, 1).reshape(B, h * w, C)
+    for b in range(B):
+        kept = torch.zeros(h * w, dtype=torch.bool)
+        kept[keep[b]] = True
+        assert torch.equal(out[b, keep[b]], computed[b])
+        assert torch.allclose(out[b, ~kept], base[b, ~kept], atol=1e-6)
+
+
+def test_pruned_runner_computes_only_kept_tokens():
+    scales = [(2, 2), (4, 4)]
+    schedule = PruneSchedule(drop={1: 0.5}, layers=(0, 0), cache_scale=0)
+    pruner = Pruner(schedule, scales, record=True)
+    x0, x1 = torch.randn(2, 4, 8), torch.randn(2, 16, 8)
+    pruner.runner(0, 0)("sa", x0, lambda t, keep: t * 2)              # the cache scale stores outputs
+    seen = {}
+    out = pruner.runner(1, 0)("sa", x1, lambda t, keep: seen.setdefault("n", t.shape[1]) and t * 3)
+    assert seen["n"] == 8 and out.shape == x1.shape
+    keep = pruner.records[1].keep[0, "sa"]
+    assert torch.equal(torch.gather(out, 1, keep[..., None].expand(-1, -1, 8)),
+                       torch.gather(x1 * 3, 1, keep[..., None].expand(-1, -1, 8)))
+    assert pruner.runner(1, 1) is not pruner.runner(1, 0)  # layer 1 is outside the window: dense
+
+
+def test_kv_cache_holds_only_the_kept_tokens():
+    out = tiny_pipeline().generate(PROMPT, res=1024, prune="fastvar", trace=True, **SETTINGS)
+    ref = json.loads((TINY / "fastvar_runs.json").read_text())["kv_cache_len_after_scale_per_layer"]
+    for si, lens in zip(out.trace.index[:-1], out.trace.kv_len[:-1]):  # upstream also caches the last scale
+        assert lens == ref[str(si)], si
+    assert out.trace.kv_len[-1] == out.trace.kv_len[-2]  # nothing attends to the last scale: not stored
+
+
+@pytest.mark.parametrize("model", ["infinity-2b", "infinity-8b"])
+def test_every_preset_is_valid(model):
+    cfg = PRESETS[model]
+    for template in TEMPLATES:
+        for res in [256, 512, 768, 1024, 1344, 2048]:
+            scales = scale_schedule(res, template)
+            p = resolve_prune(True, model, cfg, scales, template)
+            p.validate(len(scales), cfg.depth)
+            pruned = [si for si, f in p.drop.items() if f > 0]
+            if pruned:
+                assert p.cache_scale < min(pruned) and 0 <= p.layers[0] <= p.layers[1] < cfg.depth
+            assert len(scales) - 1 not in p.skip or res <= 1024  # high resolution keeps its extra scale
+            if res == 1024:  # the 1M budget always gets the full recipe at the same schedule positions
+                assert (sorted(p.drop), sorted(p.skip), p.cache_scale) == ([9, 10], [11, 12], 8), template
+
+
+def test_the_2b_preset_at_1024_is_fastvars_released_recipe():
+    scales = scale_schedule(1024, 1.0)
+    preset = resolve_prune(True, "infinity-2b", PRESETS["infinity-2b"], scales)
+    assert preset == fastvar_literal(scales)
+    assert preset.layers == (3, 27) and preset.drop == {9: 0.4, 10: 0.5} and preset.skip == {11, 12}
+    assert proportional(scales, 40, 64 * 64).layers == (4, 34)  # 8B: window scaled with depth
+
+
+def test_fastvar_literal_needs_a_24x24_scale():
+    with pytest.raises(ValueError, match="24x24"):
+        fastvar_literal(scale_schedule(1024, 1.5))
+    assert not fastvar_literal(scale_schedule(1024, 0.5)).prunes  # 1:2 has no 32/40-wide scale
+
+
+def test_random_selector_keeps_the_sampling_stream():
+    pipe = tiny_pipeline()
+    random = PruneSchedule(drop={9: 0.4, 10: 0.5}, skip=frozenset({11, 12}), layers=(3, 3), cache_scale=8,
+                           selector="random")
+    a = pipe.generate(PROMPT, res=1024, prune=random, trace=True, **SETTINGS)
+    b = pipe.generate(PROMPT, res=1024, prune="fastvar", trace=True, **SETTINGS)
+    for i in range(9):  # identical until pruning starts: the selector drew from its own generator
+        assert torch.equal(a.trace.bits[i], b.trace.bits[i])
+    assert not torch.equal(a.trace.pruning[9].keep[3, "sa"], b.trace.pruning[9].keep[3, "sa"])
+    again = pipe.generate(PROMPT, res=1024, prune=random, trace=True, **SETTINGS)
+    assert torch.equal(a.summed_codes, again.summed_codes)  # reproducible from the seed
+
+
+def test_stage_aware_cfg_runs_the_late_scales_on_the_conditional_rows_only():
+    pipe = tiny_pipeline()
+    full = pipe.generate(PROMPT, res=256, trace=True, **SETTINGS)
+    staged = pipe.generate(PROMPT, res=256, trace=True, cfg_stop_scale=4, **SETTINGS)
+    assert full.trace.cfg_rows == [2] * 7 and staged.trace.cfg_rows == [2] * 4 + [1] * 3
+    for i in range(4):
+        assert torch.equal(full.trace.bits[i], staged.trace.bits[i])
+    assert not torch.equal(full.trace.logits[4], staged.trace.logits[4])  # unguided from scale 4 on
+
+
+@pytest.mark.parametrize("h_div_w", [1.0, 0.5])
+def test_zero_shot_2048_with_pruning(h_div_w):
+    out = tiny_pipeline().generate(PROMPT, res=2048, h_div_w=h_div_w, prune=True, trace=True, **SETTINGS)
+    assert out.image.size == ((2048, 2048) if h_div_w == 1.0 else (2048, 1024))
+    assert out.trace.scales[-1] == out.scales[-1] and max(out.scales[-1]) == 128
+    assert out.prune.prunes and not out.prune.skip
+
+
+def test_memory_refusal_is_a_clear_message(monkeypatch):
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 512 * 1024**2)
+    with pytest.raises(MemoryError) as err:
+        tiny_pipeline().generate(PROMPT, res=2048, **SETTINGS)
+    msg = str(err.value)
+    assert "\n" not in msg and "GiB" in msg and "prune=True" in msg
+
+
+def test_memory_estimate_shrinks_with_pruning():
+    cfg, scales = PRESETS["infinity-2b"], scale_schedule(1024)
+    from minivar.vae import VAE_PRESETS
+    dense = memory.estimate(cfg, VAE_PRESETS["d32"], scales, PruneSchedule.none(), 1, True)
+    pruned = memory.estimate(cfg, VAE_PRESETS["d32"], scales, resolve_prune(True, "infinity-2b", cfg, scales), 1, True)
+    # 2 x rows x tokens x C x 4 bytes, summed over layers; the last scale is never stored
+    assert dense.kv_cache == 2 * 2 * sum(h * w for h, w in scales[:-1]) * 32 * 2048 * 4
+    assert pruned.kv_cache < 0.4 * dense.kv_cache
+
+
+def test_budgets_table():
+    assert {b: len(scale_schedule(b)) for b in BUDGETS} == {"0.06M": 7, "0.25M": 10, "0.60M": 12, "1M": 13}
