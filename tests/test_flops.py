@@ -1,0 +1,87 @@
+"""The analytic FLOP count: a hand count on a tiny config, then torch's own counter on real forwards."""
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from minivar.config import InfinityConfig, scale_schedule
+from minivar.flops import param_count, totals, transformer_count, vae_decode_count
+from minivar.pruning import PruneSchedule
+from minivar.sampling import Settings, run_scale_loop
+from minivar.transformer import Infinity
+from minivar.vae import BSQVAE, VAEConfig
+
+TINY = InfinityConfig(depth=4, embed_dim=128, num_heads=2, mlp_ratio=4, text_channels=128, d_vae=32)
+TINY_VAE = VAEConfig(codebook_dim=32, base_ch=24, num_res_blocks=1, ch_mult=(1, 2, 4, 4, 4), patch_size=16)
+
+
+def test_hand_count_two_scales():
+    """C=128, FFN 512, d=32, 4 layers, 1 image without CFG, 3 text tokens, scales 1x1 then 2x2."""
+    counts = transformer_count(TINY, [(1, 1), (2, 2)], batch=1, cfg_on=False, text_tokens=3)
+    # text, once: pool kv 2*3*128*256 + pool attention 4*1*3*128 + pool proj 2*128*128
+    #             + text proj 2 * (2*3*128*128) + shared AdaLN 2*128*768
+    assert counts[0].parts["text"].flops == 196608 + 1536 + 32768 + 196608 + 196608
+    # scale 0, per layer: qkv 2*128*384 = 98304, attention 4*1*1*128 = 512, proj 2*128*128 = 32768,
+    # ca q + text kv + attention + proj = 32768 + 196608 + 1536 + 32768, ffn 2*2*128*512 = 262144
+    per_layer0 = 98304 + 512 + 32768 + (32768 + 196608 + 1536 + 32768) + 262144
+    head0 = 2 * 128 * 256 + 2 * 128 * 64
+    embed0 = 2 * 4 * 32 * 128  # the 2x2 scale's inputs
+    assert counts[0].total.flops == 624128 + 4 * per_layer0 + head0 + embed0 == 3368448
+    # scale 1: 4 queries over 1 cached + 4 new keys; the text's k, v are already computed; the last
+    # scale embeds nothing
+    per_layer1 = 4 * 98304 + 4 * 4 * 5 * 128 + 4 * 32768 + (4 * 32768 + 4 * 4 * 3 * 128 + 4 * 32768) + 4 * 262144
+    head1 = 2 * 128 * 256 + 2 * 4 * 128 * 64
+    assert counts[1].total.flops == 4 * per_layer1 + head1 == 7536640
+    assert set(counts[1].parts) == {"qkv", "attn", "proj", "ca", "ffn", "head"}
+
+
+def test_pruned_layers_count_kept_tokens_and_their_keys():
+    prune = PruneSchedule(drop={2: 0.5}, skip=frozenset({3}), layers=(1, 2), cache_scale=1)
+    counts = transformer_count(TINY, [(1, 1), (2, 2), (4, 4), (6, 6)], prune, cfg_on=False, text_tokens=3)
+    assert [c.si for c in counts] == [0, 1, 2]
+    assert counts[2].kept == [16, 8, 8, 16]
+    # layer 1 at scale 2 attends 1 + 4 cached keys plus its 8 kept tokens
+    dense = transformer_count(TINY, [(1, 1), (2, 2), (4, 4)], cfg_on=False, text_tokens=3)
+    attn = 2 * 4 * 16 * 21 * 128 + 2 * 4 * 8 * 13 * 128
+    assert counts[2].parts["attn"].flops == attn
+    assert dense[2].parts["attn"].flops == 4 * 4 * 16 * 21 * 128
+
+
+def _generate(model: Infinity, scales, prune: PruneSchedule, s: Settings, text_tokens: int, B: int = 1):
+    rows = 2 * B
+    kv = torch.randn(rows * text_tokens, model.cfg.text_channels)
+    segments = [(i * text_tokens, (i + 1) * text_tokens) for i in range(rows)]
+    c = model.condition(kv, segments)
+    return run_scale_loop(model, c, B, scales, 1.0, s, prune)
+
+
+@pytest.mark.parametrize("prune,stop", [
+    (PruneSchedule.none(), None),
+    (PruneSchedule(drop={5: 0.4, 6: 0.5}, skip=frozenset(), layers=(1, 2), cache_scale=4), None),
+    (PruneSchedule(drop={5: 0.4}, skip=frozenset({6}), layers=(0, 3), cache_scale=3), 2),
+])
+def test_matches_torch_flop_counter(prune, stop):
+    """torch's FlopCounterMode on a real generation with CFG (the math attention kernel, so that
+    attention is visible to it as matmuls) sees exactly the analytic count."""
+    torch.manual_seed(0)
+    model = Infinity(TINY).eval()
+    scales = scale_schedule(256)
+    s = Settings(cfg=3.0, seed=1, cfg_stop_scale=stop)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        _generate(model, scales, prune, s, text_tokens=5)
+    counts = transformer_count(TINY, scales, prune, batch=1, cfg_on=True, cfg_stop_scale=stop, text_tokens=5)
+    assert fc.get_total_flops() == sum(c.flops for c in totals(counts).values())
+
+
+def test_vae_decoder_matches_torch_flop_counter():
+    torch.manual_seed(0)
+    vae = BSQVAE(TINY_VAE).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        vae.decode(torch.randn(2, 32, 3, 5))
+    assert fc.get_total_flops() == vae_decode_count(TINY_VAE, (3, 5), batch=2).flops
+
+
+def test_param_count_matches_the_model():
+    with torch.device("meta"):
+        model = Infinity(TINY)
+    assert param_count(TINY) == sum(p.numel() for p in model.parameters())
