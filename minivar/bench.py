@@ -1,0 +1,667 @@
+"""Benchmark: wall time, FLOP rate and memory of generations, compared A/B in one process.
+
+    python -m minivar.bench --quick                                     # CI smoke test (tiny-a, < 1 min)
+    python -m minivar.bench --subjects infinity-2b-shape --res 1024 --depth 4 --out bench/2b-1024
+
+Subjects:
+    tiny               the golden fixture tests/fixtures/tiny-a: real T5, transformer and VAE
+    toy                the toy model in weights/toy, skipped when it is not there
+    infinity-2b-shape  Infinity-2B widths with random weights and --depth layers; random T5-width text
+    infinity-8b-shape  the same for Infinity-8B (VAE d56)
+Shape models build `Infinity` at the real widths with fewer layers (deterministic init), feed random
+text features straight to `model.condition` (no T5), and decode with a randomly initialised VAE at real
+widths unless --no-vae. Their per-layer times are extrapolated to the real depth (`extrapolate`).
+
+Cases are every combination of --res, --prune and --cfg-stop. After --warmup untimed rounds, each of
+--repeats rounds runs every case once, in order (A/B/A/B), so drifts of a shared machine hit all
+cases alike. Reported per case: median and spread (min..max) of the total, text / transformer / VAE
+split and every scale; per-layer times; achieved GFLOP/s (analytic FLOPs from minivar.flops) against
+a matmul peak measured in the same process; peak memory per phase (RSS sampled every few ms on CPU,
+torch.cuda.max_memory_allocated on CUDA); KV-cache bytes. Output: bench.json, bench.md, bench.png.
+
+For a --depth k shape model, prune=True uses the preset computed for depth k, which scales FastVAR's
+layer window 3..27 of 32 to round(3k/32)..round(27k/32). The full-depth estimate instead places each
+layer of the real model with the real preset (3..27 of 32) and prices it with the measured time of a
+layer doing the same work (same scale, tokens, keys and batch rows) anywhere in this run.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .config import PRESETS, InfinityConfig, scale_schedule
+from .flops import block_count, param_count, transformer_count, vae_decode_count
+from .flops import summary as flop_summary
+from .memory import kv_cache_bytes
+from .presets import resolve_prune
+from .pruning import PruneSchedule
+from .sampling import Settings, run_scale_loop
+from .transformer import Infinity
+from .vae import VAE_PRESETS, BSQVAE, VAEConfig
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_DIR = REPO / "tests" / "fixtures" / "tiny-a"
+PROMPT = "a red apple on a wooden table"
+SHAPES = {"infinity-2b-shape": "infinity-2b", "infinity-8b-shape": "infinity-8b"}
+PHASES = ("text", "transformer", "vae")
+
+
+# --------------------------------------------------------------------------------------------------
+# Subjects: a transformer, an optional VAE and a way to get text rows
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Subject:
+    name: str
+    family: str                   # model name for prune presets ("infinity-2b", or "custom")
+    model: Infinity
+    vae: BSQVAE | None
+    text_rows: Callable[[bool], tuple[torch.Tensor, list[tuple[int, int]]]]  # cfg_on -> packed rows, segments
+    full_cfg: InfinityConfig      # the real config: its depth is what results are extrapolated to
+    text_tokens: int
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(t.nbytes for t in self.model.state_dict().values())
+
+
+def shape_subject(name: str, depth: int | None, with_vae: bool, text_tokens: int = 32, seed: int = 0) -> Subject:
+    """Real widths of `name`, `depth` layers, deterministic random weights and text features."""
+    full = PRESETS[SHAPES[name]]
+    vae = VAE_PRESETS["d56" if full.spatial_patchify else "d32"] if with_vae else None
+    return random_subject(name, SHAPES[name], full, depth or full.depth, vae, text_tokens, seed)
+
+
+def random_subject(name: str, family: str, full: InfinityConfig, depth: int, vae: VAEConfig | None,
+                   text_tokens: int, seed: int = 0) -> Subject:
+    """`Infinity(full)` cut to `depth` layers with seeded random weights, random T5-width text
+    features fed straight to `model.condition`, and a random VAE of config `vae` (or none)."""
+    torch.manual_seed(seed)
+    model = Infinity(replace(full, depth=depth)).eval().requires_grad_(False)
+    decoder = BSQVAE(vae).eval().requires_grad_(False) if vae is not None else None
+    feats = torch.randn(text_tokens, full.text_channels, generator=torch.Generator().manual_seed(seed))
+
+    def text_rows(cfg_on: bool):
+        rows = [feats, model.cfg_uncond[:text_tokens].float()] if cfg_on else [feats]
+        return torch.cat(rows), [(i * text_tokens, (i + 1) * text_tokens) for i in range(len(rows))]
+
+    return Subject(name, family, model, decoder, text_rows, full, text_tokens)
+
+
+def pipeline_subject(name: str, with_vae: bool) -> Subject | None:
+    """A real pipeline: the tiny-a fixture, or the toy model (None when weights/toy is absent)."""
+    import minivar
+
+    if name == "tiny":
+        t = TINY_DIR
+        pipe = minivar.load(transformer=t / "infinity.pth", vae=t / "vae.pth", text_encoder=t / "t5",
+                            config=t / "infinity_config.json", vae_config=t / "vae_config.json")
+    else:
+        from .hub import weights_home
+
+        if not (weights_home() / "toy").is_dir():
+            print(f"skipping toy: {weights_home() / 'toy'} does not exist")
+            return None
+        try:
+            pipe = minivar.load("toy")
+        except Exception as e:  # the toy model is optional: report why and go on
+            print(f"skipping toy: {type(e).__name__}: {str(e)[:200]}")
+            return None
+    tokens = pipe.encode_text([PROMPT])[1][0]
+    return Subject(name, pipe.name, pipe.transformer, pipe.vae if with_vae else None,
+                   lambda cfg_on: pipe.text_rows([PROMPT], None, cfg_on), pipe.transformer.cfg, tokens)
+
+
+def make_subject(name: str, args) -> Subject | None:
+    if name in SHAPES:
+        return shape_subject(name, args.depth, not args.no_vae, args.text_tokens)
+    if name in ("tiny", "toy"):
+        return pipeline_subject(name, not args.no_vae)
+    raise ValueError(f"unknown subject {name!r}: choose from tiny, toy, {', '.join(SHAPES)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Measuring: a layer clock, a peak-memory sampler and a matmul peak
+# --------------------------------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class LayerClock:
+    """Forward hooks on every block record (layer, start, end); a layer-0 start opens a new scale."""
+
+    def __init__(self, model: Infinity):
+        self.model, self.device = model, next(model.parameters()).device
+        self.events: list[tuple[int, float, float]] = []
+        self._start = 0.0
+
+    def __enter__(self) -> LayerClock:
+        self.handles = []
+        for li, block in enumerate(self.model.blocks):
+            self.handles.append(block.register_forward_pre_hook(lambda *_: self._begin()))
+            self.handles.append(block.register_forward_hook(lambda *_, li=li: self._end(li)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def _begin(self) -> None:
+        sync(self.device)
+        self._start = time.perf_counter()
+
+    def _end(self, li: int) -> None:
+        sync(self.device)
+        self.events.append((li, self._start, time.perf_counter()))
+
+    def per_scale(self, loop_start: float, loop_end: float) -> tuple[list[float], list[list[float]]]:
+        """Seconds per scale that ran (layer-0 start to the next one) and per (scale, layer)."""
+        starts = [t0 for li, t0, _ in self.events if li == 0]
+        bounds = [loop_start, *starts[1:], loop_end]
+        scale_s = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+        layers: list[list[float]] = []
+        for li, t0, t1 in self.events:
+            if li == 0:
+                layers.append([])
+            layers[-1].append(t1 - t0)
+        return scale_s, layers
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def release_memory() -> None:
+    """Give freed heap back to the OS so that RSS peaks of one case do not carry into the next."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakMemory:
+    """Peak memory per phase: RSS sampled every `interval` s by a thread on CPU, the allocator on CUDA."""
+
+    def __init__(self, device: torch.device, interval: float = 0.002):
+        self.device, self.interval, self._peak, self._stop = device, interval, 0, threading.Event()
+
+    def __enter__(self) -> PeakMemory:
+        self._peak = rss_bytes()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._peak = max(self._peak, rss_bytes())
+
+    def take(self) -> int:
+        """The peak since the last call, then start a new phase."""
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return peak
+        peak, self._peak = max(self._peak, rss_bytes()), rss_bytes()
+        return peak
+
+
+def matmul_peak(device: torch.device, repeats: int = 3, quick: bool = False) -> dict:
+    """Best fp32 GFLOP/s of torch matmuls at the transformer's shapes on this machine, now."""
+    shapes = [(1024, 1024, 1024)] if quick else [(2048, 2048, 2048), (8192, 2048, 8192), (4096, 4096, 4096)]
+    best = {}
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
+        a @ b
+        times = []
+        for _ in range(repeats):
+            sync(device)
+            t0 = time.perf_counter()
+            a @ b
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        best[f"{m}x{k}x{n}"] = 2 * m * k * n / min(times) / 1e9
+    return {"gflops": max(best.values()), "by_shape": best}
+
+
+# --------------------------------------------------------------------------------------------------
+# One generation
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Case:
+    subject: str
+    res: int
+    prune: bool
+    cfg_stop: bool
+
+    @property
+    def label(self) -> str:
+        return f"{self.subject} {self.res} prune={'on' if self.prune else 'off'}" + (" cfg-stop" if self.cfg_stop else "")
+
+
+def default_cfg_stop(scales: list[tuple[int, int]]) -> int:
+    """Stage-aware CFG from the first scale with at least 1/8 of the final scale's tokens (24x24 at 1024)."""
+    final = scales[-1][0] * scales[-1][1]
+    return next(si for si, (h, w) in enumerate(scales) if 8 * h * w >= final)
+
+
+@dataclass
+class Plan:
+    """What a case computes: schedule, pruning, settings and the analytic counts."""
+    scales: list[tuple[int, int]]
+    prune: PruneSchedule
+    settings: Settings
+    counts: list            # flops.ScaleCount per scale that runs
+    flops: dict             # flops.summary
+    kv_bytes: int
+
+
+def plan_case(subj: Subject, case: Case, cfg: InfinityConfig | None = None) -> Plan:
+    """The plan for the subject's model, or for `cfg` (the full-depth model) when given."""
+    cfg = cfg or subj.model.cfg
+    scales = scale_schedule(case.res)
+    prune = resolve_prune(case.prune, subj.family, cfg, scales)
+    stop = default_cfg_stop(scales) if case.cfg_stop else None
+    counts = transformer_count(cfg, scales, prune, batch=1, cfg_on=True, cfg_stop_scale=stop,
+                               text_tokens=subj.text_tokens)
+    vae = vae_decode_count(subj.vae.cfg, vae_latent_hw(cfg, scales)) if subj.vae is not None else None
+    return Plan(scales, prune, Settings(cfg=3.0, tau=0.5, seed=1, cfg_stop_scale=stop), counts,
+                flop_summary(counts, vae), kv_cache_bytes(cfg, scales, prune, rows=2))
+
+
+def vae_latent_hw(cfg: InfinityConfig, scales) -> tuple[int, int]:
+    h, w = scales[-1]
+    return (2 * h, 2 * w) if cfg.spatial_patchify else (h, w)
+
+
+@torch.no_grad()
+def generate_once(subj: Subject, plan: Plan) -> dict:
+    """Text -> transformer -> VAE decode, timed per phase, per scale and per layer, with peak memory."""
+    model, device = subj.model, next(subj.model.parameters()).device
+    release_memory()
+    base = rss_bytes()
+    with PeakMemory(device) as mem, LayerClock(model) as clock:
+        mem.take()
+        t0 = time.perf_counter()
+        kv, segments = subj.text_rows(True)
+        cond = model.condition(kv.to(device), segments)
+        sync(device)
+        t1 = time.perf_counter()
+        peak_text = mem.take()
+        summed = run_scale_loop(model, cond, 1, plan.scales, 1.0, plan.settings, plan.prune)
+        sync(device)
+        t2 = time.perf_counter()
+        del cond
+        peak_transformer = mem.take()
+        if subj.vae is not None:
+            subj.vae.decode(summed.squeeze(-3))
+        sync(device)
+        t3 = time.perf_counter()
+        peak_vae = mem.take() if subj.vae is not None else 0
+    scale_s, layer_s = clock.per_scale(t1, t2)
+    return {"total": t3 - t0, "text": t1 - t0, "transformer": t2 - t1, "vae": t3 - t2,
+            "scales": scale_s, "layers": layer_s, "rss_before": base,
+            "peak": {"text": peak_text, "transformer": peak_transformer, "vae": peak_vae}}
+
+
+# --------------------------------------------------------------------------------------------------
+# Statistics and the full-depth extrapolation
+# --------------------------------------------------------------------------------------------------
+def stats(values: list[float]) -> dict:
+    """Median and spread (min, max, and (max - min) / median) of repeated measurements."""
+    med = statistics.median(values)
+    return {"median": med, "min": min(values), "max": max(values),
+            "spread": (max(values) - min(values)) / med if med else 0.0, "n": len(values)}
+
+
+def layer_key(sc, li: int) -> tuple[int, int, int, int]:
+    """What decides a layer's work at a scale: scale index, tokens computed, keys attended, batch rows."""
+    return sc.si, sc.kept[li], sc.kv_len[li], sc.rows
+
+
+def layer_table(results: list[dict]) -> dict[tuple, list[float]]:
+    """Measured seconds of every (scale, tokens, keys, rows) layer in a set of case results."""
+    table: dict[tuple, list[float]] = {}
+    for r in results:
+        for sample in r["samples"]:
+            for sc, times in zip(r["plan"].counts, sample["layers"]):
+                for li, t in enumerate(times):
+                    table.setdefault(layer_key(sc, li), []).append(t)
+    return table
+
+
+def extrapolate(subj: Subject, case: Case, result: dict, table: dict[tuple, list[float]]) -> dict:
+    """Time and memory of the real-depth model, from this run's measured layers.
+
+    time: measured time outside the blocks (text, per-scale head/sampling/embedding, VAE), plus for
+    every layer of the real model (real prune preset) the median time of a measured layer with the
+    same key (`layer_key`); a key never measured is priced by FLOPs from the same scale's layers.
+    memory: the measured peak of each phase, plus the difference in weights, KV cache and pruning's
+    restoration cache between the real depth and the measured one (these are all that grow with depth).
+    """
+    full = plan_case(subj, case, subj.full_cfg)
+    med = {k: statistics.median(v) for k, v in table.items()}
+    samples = result["samples"]
+    outside = statistics.median([s["transformer"] - sum(map(sum, s["layers"])) for s in samples])
+    layers, by_flops = 0.0, 0
+    for sc in full.counts:
+        for li in range(subj.full_cfg.depth):
+            key = layer_key(sc, li)
+            if key in med:
+                layers += med[key]
+            else:
+                layers += flops_priced(subj.full_cfg, sc, li, med, subj.text_tokens)
+                by_flops += 1
+    text, vae = (statistics.median([s[k] for s in samples]) for k in ("text", "vae"))
+    transformer = outside + layers
+    return {"depth": subj.full_cfg.depth, "total": text + transformer + vae, "text": text,
+            "transformer": transformer, "vae": vae, "layers_priced_by_flops": by_flops,
+            "layers": subj.full_cfg.depth * len(full.counts),
+            "transformer_flops": full.flops["transformer_flops"], **memory_estimate(subj, result, full)}
+
+
+def flops_priced(cfg: InfinityConfig, sc, li: int, med: dict, text_tokens: int) -> float:
+    """A layer never measured: seconds per FLOP of the measured layers of the same scale and rows."""
+    def layer_flops(k, kv, rows):
+        return sum(c.flops for c in block_count(cfg, rows, k, kv, text_tokens).values())
+    same = [(t, layer_flops(k, kv, rows)) for (si, k, kv, rows), t in med.items() if si == sc.si and rows == sc.rows]
+    if not same:
+        raise ValueError(f"no measured layer at scale {sc.si} to price a full-depth layer with")
+    rate = sum(t for t, _ in same) / sum(f for _, f in same)
+    return rate * layer_flops(sc.kept[li], sc.kv_len[li], sc.rows)
+
+
+def restore_cache_bytes(cfg: InfinityConfig, plan: Plan, rows: int = 2) -> int:
+    """Pruning keeps the three sub-layer outputs of the cache scale for every layer of its window."""
+    p = plan.prune
+    if not p.prunes:
+        return 0
+    h, w = plan.scales[p.cache_scale]
+    layers = sum(p.in_window(li) for li in range(cfg.depth))
+    return 3 * layers * rows * h * w * cfg.embed_dim * 4
+
+
+def memory_estimate(subj: Subject, result: dict, full: Plan) -> dict:
+    """Per-phase peak at real depth = measured peak + growth of weights, KV cache and restoration cache."""
+    plan, cfg = result["plan"], subj.model.cfg
+    w_now, w_full = subj.weight_bytes, param_count(subj.full_cfg) * subj.model.pos_start.element_size()
+    grow_weights = w_full - w_now
+    grow_kv = full.kv_bytes - plan.kv_bytes
+    grow_restore = restore_cache_bytes(subj.full_cfg, full) - restore_cache_bytes(cfg, plan)
+    peaks = {ph: statistics.median([s["peak"][ph] for s in result["samples"]]) for ph in PHASES}
+    est = {"text": peaks["text"] + grow_weights,
+           "transformer": peaks["transformer"] + grow_weights + grow_kv + grow_restore,
+           "vae": peaks["vae"] + grow_weights if subj.vae is not None else 0}
+    return {"peak_bytes": max(est.values()), "peak_by_phase": est,
+            "memory_arithmetic": {"measured_peaks": peaks, "weights_now": w_now, "weights_full": w_full,
+                                  "kv_now": plan.kv_bytes, "kv_full": full.kv_bytes,
+                                  "restore_now": restore_cache_bytes(cfg, plan),
+                                  "restore_full": restore_cache_bytes(subj.full_cfg, full)}}
+
+
+# --------------------------------------------------------------------------------------------------
+# Running cases A/B/A/B
+# --------------------------------------------------------------------------------------------------
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed buffers in the process (returns False where that is not possible).
+
+    By default glibc serves every large buffer with a fresh mmap and unmaps it on free, so every
+    sub-layer of every scale faults its activations back in page by page; in this VM that costs
+    about 1 ms per MB, a quarter of a 2B-shape block's time at 32x32. jemalloc or tcmalloc do the
+    same job for any program (LD_PRELOAD).
+    """
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**62))
+
+
+def run_cases(subj: Subject, cases: list[Case], warmup: int, repeats: int) -> dict[Case, dict]:
+    """Warm-up rounds, then `repeats` rounds of every case in turn (A/B/A/B)."""
+    plans = {case: plan_case(subj, case) for case in cases}
+    results = {case: {"plan": plans[case], "samples": []} for case in cases}
+    for rnd in range(warmup + repeats):
+        for case in cases:
+            sample = generate_once(subj, plans[case])
+            tag = "warm-up" if rnd < warmup else f"round {rnd - warmup + 1}/{repeats}"
+            print(f"  {tag:12s} {case.label:44s} total {sample['total']:8.2f} s  transformer "
+                  f"{sample['transformer']:8.2f} s  vae {sample['vae']:7.2f} s", flush=True)
+            if rnd >= warmup:
+                results[case]["samples"].append(sample)
+    return results
+
+
+def summarize(subj: Subject, case: Case, result: dict, peak_gflops: float) -> dict:
+    """JSON-ready summary of one case: times with spread, per scale and layer, FLOP rates, memory."""
+    plan, samples = result["plan"], result["samples"]
+    times = {k: stats([s[k] for s in samples]) for k in ("total", *PHASES)}
+    rate = {"transformer": plan.flops["transformer_flops"] / times["transformer"]["median"] / 1e9,
+            "vae": plan.flops["vae_flops"] / times["vae"]["median"] / 1e9 if subj.vae is not None else None}
+    p = plan.prune
+    return {
+        "label": case.label, "subject": case.subject, "res": case.res, "prune_on": case.prune,
+        "cfg_stop_on": case.cfg_stop, "depth": subj.model.cfg.depth, "full_depth": subj.full_cfg.depth,
+        "prune": {"drop": p.drop, "skip": sorted(p.skip), "layers": list(p.layers), "cache_scale": p.cache_scale},
+        "cfg_stop_scale": plan.settings.cfg_stop_scale, "text_tokens": subj.text_tokens,
+        "scales_run": [list(sc.hw) for sc in plan.counts], "flops": plan.flops, "kv_cache_bytes": plan.kv_bytes,
+        "time": times,
+        "scale_time": [stats([s["scales"][i] for s in samples]) for i in range(len(plan.counts))],
+        "layer_time": [[statistics.median(s["layers"][i][li] for s in samples) for li in range(len(row))]
+                       for i, row in enumerate(samples[0]["layers"])],
+        "gflops": rate, "pct_of_peak": {k: (100 * v / peak_gflops if v else None) for k, v in rate.items()},
+        "peak_bytes": {ph: stats([s["peak"][ph] for s in samples]) for ph in PHASES},
+        "rss_before": statistics.median(s["rss_before"] for s in samples),
+    }
+
+
+def compare(cases: list[dict]) -> list[dict]:
+    """Prune off vs on (and CFG-stop off vs on) for each subject and resolution of this run."""
+    by = {(c["subject"], c["res"], c["prune_on"], c["cfg_stop_on"]): c for c in cases}
+    out = []
+    for (subj, res, prune, stop), a in by.items():
+        for label, b in (("prune", by.get((subj, res, True, stop)) if not prune else None),
+                         ("cfg-stop", by.get((subj, res, prune, True)) if not stop else None)):
+            if b is not None:
+                out.append(ab(label, a, b))
+    return out
+
+
+def ab(what: str, a: dict, b: dict) -> dict:
+    """Ratios of case a (baseline) over case b; and of their full-depth estimates when present."""
+    def ratio(x, y):
+        return x / y if y else None
+    row = {"what": what, "baseline": a["label"], "variant": b["label"],
+           "speedup_total": ratio(a["time"]["total"]["median"], b["time"]["total"]["median"]),
+           "speedup_transformer": ratio(a["time"]["transformer"]["median"], b["time"]["transformer"]["median"]),
+           "flop_ratio_transformer": ratio(a["flops"]["transformer_flops"], b["flops"]["transformer_flops"]),
+           "memory_ratio": ratio(max(p["median"] for p in b["peak_bytes"].values()),
+                                 max(p["median"] for p in a["peak_bytes"].values()))}
+    ea, eb = a.get("full_depth_estimate"), b.get("full_depth_estimate")
+    if ea and eb:
+        row["full_depth"] = {"speedup_total": ratio(ea["total"], eb["total"]),
+                             "speedup_transformer": ratio(ea["transformer"], eb["transformer"]),
+                             "flop_ratio_transformer": ratio(ea["transformer_flops"], eb["transformer_flops"]),
+                             "memory_ratio": ratio(eb["peak_bytes"], ea["peak_bytes"])}
+    return row
+
+
+def machine_info() -> dict:
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                 platform.processor())
+    return {"cpu": model, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY"), "loadavg": os.getloadavg(),
+            "ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}
+
+
+def run(args) -> dict:
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    report = {"args": vars(args), "machine": machine_info(), "keep_freed_memory": args.keep_heap and keep_freed_memory()}
+    peak_start = matmul_peak(device, quick=args.quick)
+    print(f"matmul peak {peak_start['gflops']:.1f} GFLOP/s; load {os.getloadavg()}", flush=True)
+    summaries = []
+    for name in args.subjects:
+        subj = make_subject(name, args)
+        if subj is None:
+            continue
+        subj.model.to(device)
+        if subj.vae is not None:
+            subj.vae.to(device)
+        cases = [Case(name, r, p, s) for r in args.res for p in args.prune for s in args.cfg_stop]
+        results = run_cases(subj, cases, args.warmup, args.repeats)
+        table = layer_table(list(results.values()))
+        for case, result in results.items():
+            summary = summarize(subj, case, result, peak_start["gflops"])
+            if subj.model.cfg.depth != subj.full_cfg.depth:
+                summary["full_depth_estimate"] = extrapolate(subj, case, result, table)
+            summaries.append(summary)
+        del subj, results
+        release_memory()
+    peak_end = matmul_peak(device, quick=args.quick)
+    report["matmul_peak"] = {"start": peak_start, "end": peak_end}
+    report["machine"]["loadavg_end"] = os.getloadavg()
+    report["cases"], report["comparisons"] = summaries, compare(summaries)
+    return report
+
+
+# --------------------------------------------------------------------------------------------------
+# Output: JSON, markdown, plot
+# --------------------------------------------------------------------------------------------------
+GiB = 2**30
+
+
+def markdown(report: dict) -> str:
+    m, peak = report["machine"], report["matmul_peak"]
+    lines = [f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']} "
+             f"({m['cpu_capability']} kernels), {m['torch_threads']} threads; load average "
+             f"{m['loadavg'][0]:.2f} at start, {m['loadavg_end'][0]:.2f} at end. Matmul peak "
+             f"{peak['start']['gflops']:.1f} GFLOP/s at start, {peak['end']['gflops']:.1f} at end.", "",
+             "| case | depth | total s | spread | text s | transformer s | VAE s | transformer TFLOP | "
+             "GFLOP/s | % of peak | peak RSS GiB | KV cache GiB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in report["cases"]:
+        t = c["time"]
+        rss = max(p["median"] for p in c["peak_bytes"].values()) / GiB
+        lines.append(f"| {c['label']} | {c['depth']} | {t['total']['median']:.2f} | {100 * t['total']['spread']:.0f} % | "
+                     f"{t['text']['median']:.2f} | {t['transformer']['median']:.2f} | {t['vae']['median']:.2f} | "
+                     f"{c['flops']['transformer_flops'] / 1e12:.3f} | {c['gflops']['transformer']:.1f} | "
+                     f"{c['pct_of_peak']['transformer']:.0f} % | {rss:.2f} | {c['kv_cache_bytes'] / GiB:.2f} |")
+    est = [c for c in report["cases"] if "full_depth_estimate" in c]
+    if est:
+        lines += ["", "Extrapolated to the real depth (measured layers re-used; see `bench.extrapolate`):", "",
+                  "| case | depth | total s | transformer s | VAE s | transformer TFLOP | peak GiB |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for c in est:
+            e = c["full_depth_estimate"]
+            lines.append(f"| {c['label']} | {e['depth']} | {e['total']:.1f} | {e['transformer']:.1f} | {e['vae']:.1f} | "
+                         f"{e['transformer_flops'] / 1e12:.2f} | {e['peak_bytes'] / GiB:.2f} |")
+    if report["comparisons"]:
+        lines += ["", "| A/B | speedup total | speedup transformer | transformer FLOP ratio | memory B/A |"
+                  " real depth: speedup total | transformer | FLOP ratio | memory B/A |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in report["comparisons"]:
+            f = r.get("full_depth", {})
+            cells = [r["speedup_total"], r["speedup_transformer"], r["flop_ratio_transformer"], r["memory_ratio"],
+                     f.get("speedup_total"), f.get("speedup_transformer"), f.get("flop_ratio_transformer"),
+                     f.get("memory_ratio")]
+            lines.append(f"| {r['baseline']} -> {r['variant'].split(' ', 2)[-1]} | "
+                         + " | ".join("" if x is None else f"{x:.2f}" for x in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> bool:
+    """Per-scale median time of every case (log scale); False when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[bench]'): no plot")
+        return False
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for c in report["cases"]:
+        labels = [f"{h}x{w}" for h, w in c["scales_run"]]
+        ax.plot(labels, [s["median"] for s in c["scale_time"]], marker="o", label=f"{c['label']} (depth {c['depth']})")
+    ax.set_yscale("log")
+    ax.set_xlabel("scale")
+    ax.set_ylabel("seconds (median)")
+    ax.set_title("time per scale")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write(report: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(report, indent=1, default=str))
+    (out / "bench.md").write_text(markdown(report))
+    plot(report, out / "bench.png")
+    print(markdown(report))
+    print(f"wrote {out / 'bench.json'}, bench.md, bench.png")
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+def on_off(value: str) -> list[bool]:
+    return {"off": [False], "on": [True], "both": [False, True]}[value]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m minivar.bench", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--subjects", nargs="+", default=["toy", "infinity-2b-shape"],
+                    help="tiny, toy, infinity-2b-shape, infinity-8b-shape")
+    ap.add_argument("--res", nargs="+", type=int, default=[1024], help="256 512 1024 2048 ...")
+    ap.add_argument("--prune", type=on_off, default=[False, True], help="off, on or both (default)")
+    ap.add_argument("--cfg-stop", type=on_off, default=[False], help="stage-aware CFG: off (default), on or both")
+    ap.add_argument("--depth", type=int, default=2, help="layers of the shape models (extrapolated to the real depth)")
+    ap.add_argument("--no-vae", action="store_true", help="skip VAE decoding")
+    ap.add_argument("--text-tokens", type=int, default=32, help="text tokens per prompt of the shape models")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--system-malloc", dest="keep_heap", action="store_false",
+                    help="leave glibc's default (unmap large freed buffers) instead of keeping freed memory")
+    ap.add_argument("--out", type=Path, default=Path("bench-out"))
+    ap.add_argument("--quick", action="store_true", help="CI smoke test: tiny-a at 512, one round, no warm-up")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.subjects, args.res, args.repeats, args.warmup = ["tiny"], [512], 1, 0
+    args.prune, args.cfg_stop = list(args.prune), list(args.cfg_stop)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    report = run(args)
+    write(report, args.out)
+    return report
+
+
+if __name__ == "__main__":
+    main()
