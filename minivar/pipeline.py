@@ -85,8 +85,13 @@ class Pipeline:
     def generate(self, prompt: str | list[str], res: int | str = 1024, h_div_w: float = 1.0, cfg=3.0, tau=0.5,
                  top_k: int = 900, top_p: float = 0.97, seed: int | None = 1, negative_prompt: str | None = None,
                  cfg_insertion_layer: int = 0, force_bits: list[torch.Tensor] | None = None, trace: bool = False,
-                 prune=False, cfg_stop_scale: int | None = None, progress=False) -> Output:
-        """Generate one image per prompt. See README for every argument; shapes are in `Output`."""
+                 prune=False, cfg_stop_scale: int | None = None, progress=False, output_type: str = "pil") -> Output:
+        """Generate one image per prompt. See README for every argument; shapes are in `Output`.
+
+        `output_type="latent"` stops before the VAE decoder (`Output.images` is then empty).
+        """
+        if output_type not in ("pil", "latent"):
+            raise ValueError(f"output_type={output_type!r}: use 'pil' or 'latent'")
         prompts = _check_prompts(prompt)
         scales, template = scale_schedule(res, h_div_w), nearest_template(h_div_w)
         check_insertion(cfg_insertion_layer, self.transformer.cfg.depth)
@@ -105,7 +110,7 @@ class Pipeline:
                                     rec, progress=scale_progress(progress))
         times["transformer"] = time.perf_counter() - t0 - times["text"]
         t1 = time.perf_counter()
-        images = self.decode(summed)
+        images = self.decode(summed) if output_type == "pil" else []
         times["vae"] = time.perf_counter() - t1
         return Output(images, summed.squeeze(2).float().contiguous(), rec, scales, schedule, times)
 

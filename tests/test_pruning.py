@@ -55,7 +55,7 @@ def test_pruned_runner_computes_only_kept_tokens():
 
 
 def test_kv_cache_holds_only_the_kept_tokens():
-    out = tiny_pipeline().generate(PROMPT, res=1024, prune="fastvar", trace=True, **SETTINGS)
+    out = tiny_pipeline().generate(PROMPT, res=1024, prune="fastvar", trace=True, output_type="latent", **SETTINGS)
     ref = json.loads((TINY / "fastvar_runs.json").read_text())["kv_cache_len_after_scale_per_layer"]
     for si, lens in zip(out.trace.index[:-1], out.trace.kv_len[:-1]):  # upstream also caches the last scale
         assert lens == ref[str(si)], si
@@ -96,12 +96,12 @@ def test_random_selector_keeps_the_sampling_stream():
     pipe = tiny_pipeline()
     random = PruneSchedule(drop={9: 0.4, 10: 0.5}, skip=frozenset({11, 12}), layers=(3, 3), cache_scale=8,
                            selector="random")
-    a = pipe.generate(PROMPT, res=1024, prune=random, trace=True, **SETTINGS)
-    b = pipe.generate(PROMPT, res=1024, prune="fastvar", trace=True, **SETTINGS)
+    a = pipe.generate(PROMPT, res=1024, prune=random, trace=True, output_type="latent", **SETTINGS)
+    b = pipe.generate(PROMPT, res=1024, prune="fastvar", trace=True, output_type="latent", **SETTINGS)
     for i in range(9):  # identical until pruning starts: the selector drew from its own generator
         assert torch.equal(a.trace.bits[i], b.trace.bits[i])
     assert not torch.equal(a.trace.pruning[9].keep[3, "sa"], b.trace.pruning[9].keep[3, "sa"])
-    again = pipe.generate(PROMPT, res=1024, prune=random, trace=True, **SETTINGS)
+    again = pipe.generate(PROMPT, res=1024, prune=random, output_type="latent", **SETTINGS)
     assert torch.equal(a.summed_codes, again.summed_codes)  # reproducible from the seed
 
 
@@ -126,7 +126,7 @@ def test_zero_shot_2048_with_pruning(h_div_w):
 def test_memory_refusal_is_a_clear_message(monkeypatch):
     monkeypatch.setattr(memory, "available_bytes", lambda device: 512 * 1024**2)
     with pytest.raises(MemoryError) as err:
-        tiny_pipeline().generate(PROMPT, res=2048, **SETTINGS)
+        tiny_pipeline().generate(PROMPT, res=2048, output_type="latent", **SETTINGS)
     msg = str(err.value)
     assert "\n" not in msg and "GiB" in msg and "prune=True" in msg
 
