@@ -206,13 +206,16 @@ def load(name: str | Path | None = None, *, transformer: str | Path | None = Non
 
     files = resolve_files(name, transformer=transformer, vae=vae, text_encoder=text_encoder,
                           config=config, vae_config=vae_config, revision=revision)
-    vae_model = load_vae(files.vae, files.vae_config, device=device, dtype=dtype)
+    # On CPU, bf16 is storage only: the transformer upcasts per matmul; the VAE and T5 are small enough
+    # to keep in float32 (CPU half-precision convolutions and matmuls are very slow).
+    side_dtype = torch.float32 if torch.device(device).type == "cpu" else dtype
+    vae_model = load_vae(files.vae, files.vae_config, device=device, dtype=side_dtype)
     cfg = files.config
     if not isinstance(cfg, InfinityConfig):
         cfg = InfinityConfig.from_upstream(cfg, d_vae=None)
     cfg = fit_bits_to_vae(cfg, vae_model.cfg)
     model = load_infinity(files.transformer, cfg, device=device, dtype=dtype)
-    t5 = load_t5(files.text_encoder, device=device, dtype=dtype if dtype != torch.bfloat16 or device != "cpu" else torch.float32)
+    t5 = load_t5(files.text_encoder, device=device, dtype=side_dtype)
     return Pipeline(model, vae_model, t5, Tokenizer.from_dir(files.text_encoder), files.name, device)
 
 
