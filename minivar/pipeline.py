@@ -159,9 +159,9 @@ def to_pixels(image) -> torch.Tensor:
     if isinstance(image, (str, Path)):
         image = Image.open(image)
     if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
+        image = np.array(image.convert("RGB"))
     if isinstance(image, np.ndarray):
-        image = torch.from_numpy(np.ascontiguousarray(image))
+        image = torch.from_numpy(np.array(image))  # a writable copy
     if image.dtype == torch.uint8:
         from .vae import image_to_pixels
         return image_to_pixels(image)
