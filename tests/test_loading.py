@@ -1,0 +1,47 @@
+"""Checkpoint forms the transformer loader accepts: upstream .pth, flat keys, sharded safetensors."""
+import json
+
+import torch
+from helpers import TINY
+from safetensors.torch import save_file
+
+from minivar.config import InfinityConfig
+from minivar.transformer import flatten_block_keys, load_infinity
+
+CFG = InfinityConfig.from_upstream(TINY / "infinity_config.json")
+
+
+def same_weights(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_sharded_safetensors_with_index_like_infinity_8b(tmp_path):
+    sd = torch.load(TINY / "infinity.pth", weights_only=True)
+    keys = list(sd)
+    shards = [keys[i::3] for i in range(3)]
+    weight_map = {}
+    for i, names in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-00003.safetensors"
+        save_file({k: sd[k].contiguous() for k in names}, tmp_path / fname)
+        weight_map.update(dict.fromkeys(names, fname))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    base = load_infinity(TINY / "infinity.pth", CFG)
+    assert same_weights(base, load_infinity(tmp_path / "model.safetensors.index.json", CFG))
+    assert same_weights(base, load_infinity(tmp_path, CFG))  # the directory works too
+
+
+def test_flat_block_keys_and_wrapper_prefixes(tmp_path):
+    sd = torch.load(TINY / "infinity.pth", weights_only=True)
+    flat = {f"module.{k}": v for k, v in flatten_block_keys(sd).items()}
+    torch.save(flat, tmp_path / "flat.pth")
+    assert same_weights(load_infinity(TINY / "infinity.pth", CFG), load_infinity(tmp_path / "flat.pth", CFG))
+
+
+def test_weights_are_memory_mapped_not_copied():
+    model = load_infinity(TINY / "infinity.pth", CFG)
+    sd = torch.load(TINY / "infinity.pth", weights_only=True, mmap=True)
+    # float32 file into a float32 model: the parameter is a view of the mapped file, not a copy
+    storage = model.head.weight.untyped_storage().nbytes()
+    assert storage == sd["head.weight"].untyped_storage().nbytes() > 10 * model.head.weight.nbytes
+    assert not model.head.weight.requires_grad and not model.training
