@@ -32,7 +32,7 @@ def _all_templates() -> dict[float, list[tuple[int, int]]]:
         if ratio != 1.0:
             # Upstream names the wide templates by truncating 1/ratio to three decimals (0.666, 0.571...).
             out[int(1 / ratio * 1000) / 1000] = [(w, h) for h, w in grids]
-    return dict(sorted(out.items()))
+    return out  # upstream's order, which decides ties in `nearest_template`
 
 
 TEMPLATES = _all_templates()
@@ -52,7 +52,7 @@ def nearest_template(h_div_w: float) -> float:
     if isinstance(h_div_w, bool) or not isinstance(h_div_w, (int, float)) or not lo * 0.9 <= h_div_w <= hi * 1.1:
         raise ValueError(f"unsupported h_div_w={h_div_w!r}: choose a height/width ratio between "
                          f"{lo} and {hi}; the trained templates are {sorted(TEMPLATES)}")
-    return min(TEMPLATES, key=lambda t: abs(t - h_div_w))
+    return min(TEMPLATES, key=lambda t: abs(t - h_div_w))  # first of equals wins, like upstream's argmin
 
 
 def budget_for_res(res: int | str) -> str:

@@ -61,3 +61,11 @@ def test_trace_contents_are_consistent():
         assert set(bits.unique().tolist()) <= {0, 1}
     assert torch.equal(t.summed[-1], out.summed_codes)
     assert len(out.images) == 2 and all(s > 0 for s in t.seconds)
+
+
+def test_aspect_ratios_snap_to_templates_like_upstream():
+    from minivar.config import nearest_template, scale_schedule
+
+    assert nearest_template(16 / 9) == 1.75 and nearest_template(9 / 16) == 0.571
+    assert nearest_template(0.9) == 1.0  # a tie goes to the template listed first upstream
+    assert scale_schedule(1024, 0.5)[-1] == (45, 90) and scale_schedule(512, 2.0)[-1] == (38, 19)
