@@ -184,11 +184,15 @@ class Rope2D:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (2m, 2m+1) of x (B, H, L, hd) by angles given as cos, sin broadcastable to (B, H, L, hd/2)."""
-    x = x.reshape(*x.shape[:-1], -1, 2)  # (B, H, L, hd/2, 2)
-    x0, x1 = x[..., 0], x[..., 1]
-    out = torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1)
-    return out.reshape(*out.shape[:-2], -1)  # (B, H, L, hd)
+    """Rotate pairs (2m, 2m+1) of x (B, H, L, hd) by angles given as cos, sin broadcastable to (B, H, L, hd/2).
+
+    Written as x * (c, c) + (x1, x0) * (-s, s): every element is rounded exactly as in the textbook
+    (c x0 - s x1, s x0 + c x1), with half the passes over x and no stack of the two halves.
+    """
+    cos2 = torch.stack([cos, cos], dim=-1).flatten(-2)       # (..., L, hd): c0 c0 c1 c1 ...
+    sin2 = torch.stack([-sin, sin], dim=-1).flatten(-2)      # -s0 s0 -s1 s1 ...
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (B, H, L, hd): x1 x0 x3 x2 ...
+    return (x * cos2).add_(swapped * sin2)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -293,6 +297,7 @@ class SelfAttention(nn.Module):
         self.scale_mul_1H11 = nn.Parameter(torch.full((1, heads, 1, 1), 4.0).log())
         self.max_log_scale = MAX_LOG_SCALE
         self.proj = Linear(dim, dim)
+        self.probe: Callable[[torch.Tensor, torch.Tensor], None] | None = None  # see analysis.capture_attention
 
     def forward(self, x: torch.Tensor, attn: Attn, keep: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, L, C) -> (B, L, C). `keep` (B, L) holds the grid index of each row when x is a pruned subset."""
@@ -302,12 +307,15 @@ class SelfAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, L, hd)
         # Bound the learned temperature at 100 (the last head of real checkpoints sits above it).
         scale = self.scale_mul_1H11.clamp_max(self.max_log_scale).exp()
-        q = F.normalize(q, dim=-1, eps=1e-12).mul(scale).contiguous()
-        k = F.normalize(k, dim=-1, eps=1e-12).contiguous()
-        v = v.contiguous()
+        # q, k, v stay strided views of qkv: RoPE writes fresh tensors, the cache copies what it keeps
+        # and SDPA reads any strides, so no extra copy is made for a "contiguous" layout.
+        q = F.normalize(q, dim=-1, eps=1e-12).mul(scale)
+        k = F.normalize(k, dim=-1, eps=1e-12)
         q, k = self._rotate(q, k, attn.rope, keep)
         if attn.cache is not None:
             k, v = attn.cache.extend(k, v, attn.store)
+        if self.probe is not None:
+            self.probe(q, k)
         out = attend(q, k, v, scale=1.0, mask=attn.mask)  # the cosine scale is already folded into q
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
 

@@ -1,0 +1,103 @@
+"""Tools for looking inside a generation: spectra of latents and images, and attention maps.
+
+FastVAR's argument rests on three observations about VAR models (arXiv 2503.23367):
+  1. the large scales dominate the latency;
+  2. the large scales mostly add high-frequency detail, while low frequencies settle early;
+  3. a token attends strongly to the same position at the previous scale.
+The functions here measure 2 and 3 on a real run; the notebooks only call them and plot.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from .transformer import Infinity
+
+
+def radial_power_spectrum(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Radially averaged power spectrum of maps x (..., H, W), averaged over all leading dims.
+
+    Returns (freq, power): freq[r] = r cycles per image side, for r = 0 .. min(H, W) // 2, and the
+    power spectral density |FFT|^2 / (H W) averaged over the frequencies whose radius rounds to r.
+    With this normalisation white noise of variance s^2 is flat at s^2, and a constant map c has
+    c^2 H W at r = 0 and nothing elsewhere.
+    """
+    H, W = x.shape[-2:]
+    power = torch.fft.fft2(x.double()).abs().pow(2).reshape(-1, H, W).mean(0) / (H * W)  # (H, W)
+    fy = torch.fft.fftfreq(H, d=1.0 / H, dtype=torch.float64)[:, None]   # cycles per image height
+    fx = torch.fft.fftfreq(W, d=1.0 / W, dtype=torch.float64)[None, :]
+    radius = torch.sqrt(fy**2 + (fx * H / W) ** 2).round().long()       # in cycles per image side
+    n = min(H, W) // 2 + 1
+    keep = radius < n
+    total = torch.zeros(n, dtype=torch.float64).index_add_(0, radius[keep], power[keep])
+    count = torch.zeros(n, dtype=torch.float64).index_add_(0, radius[keep], torch.ones_like(power[keep]))
+    return torch.arange(n, dtype=torch.float64), total / count.clamp_min(1)
+
+
+def band_energy(x: torch.Tensor, cutoff: float = 0.25) -> tuple[float, float]:
+    """Mean energy of maps x (..., H, W) below and above `cutoff` times the Nyquist radius; the two
+    add up to mean(x^2) (Parseval)."""
+    H, W = x.shape[-2:]
+    power = torch.fft.fft2(x.double()).abs().pow(2).reshape(-1, H, W).mean(0) / (H * W) ** 2
+    fy = torch.fft.fftfreq(H, dtype=torch.float64)[:, None]               # cycles per pixel
+    fx = torch.fft.fftfreq(W, dtype=torch.float64)[None, :]
+    low = torch.sqrt(fy**2 + fx**2) <= cutoff * 0.5
+    return float(power[low].sum()), float(power[~low].sum())
+
+
+def relative_change(spectra: list[torch.Tensor]) -> torch.Tensor:
+    """|P_{s+1} - P_s| / P_s per frequency, for consecutive spectra -> (len - 1, n_freq)."""
+    p = torch.stack(spectra)
+    return (p[1:] - p[:-1]).abs() / p[:-1].clamp_min(1e-30)
+
+
+def resize_to(maps: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """Bring maps (B, C, h, w) to a common grid, the way the latent sum does (bilinear upsampling)."""
+    if tuple(maps.shape[-2:]) == tuple(hw):
+        return maps
+    return torch.nn.functional.interpolate(maps.double(), size=hw, mode="bilinear", align_corners=False)
+
+
+@contextmanager
+def capture_attention(model: Infinity, layers: list[int]):
+    """Record self-attention probabilities of some layers, one entry per scale that runs.
+
+    Yields a dict layer -> list of (B, Lq, Lk) head-averaged probabilities (the keys are every cached
+    token of earlier scales, then the scale's own). The probe is off outside this block; when off
+    the attention path is a single attribute check.
+    """
+    maps: dict[int, list[torch.Tensor]] = {li: [] for li in layers}
+
+    def probe(li):
+        def record(q: torch.Tensor, k: torch.Tensor) -> None:
+            p = torch.softmax(q.float() @ k.float().transpose(-1, -2), dim=-1)  # (B, H, Lq, Lk), scale 1
+            maps[li].append(p.mean(1).cpu())
+        return record
+
+    for li in layers:
+        model.blocks[li].sa.probe = probe(li)
+    try:
+        yield maps
+    finally:
+        for li in layers:
+            model.blocks[li].sa.probe = None
+
+
+def previous_scale_attention(p: torch.Tensor, scales: list[tuple[int, int]], si: int) -> torch.Tensor:
+    """The block of probabilities p (Lq, Lk) of scale si that falls on the previous scale's tokens:
+    (h * w queries, h_prev * w_prev keys)."""
+    start = sum(h * w for h, w in scales[: si - 1])
+    hp, wp = scales[si - 1]
+    return p[:, start : start + hp * wp]
+
+
+def diagonal_strength(block: torch.Tensor, hw: tuple[int, int], hw_prev: tuple[int, int]) -> float:
+    """Share of a query's previous-scale attention that lands on the previous-scale cell covering the
+    query's own position (FastVAR's "diagonal" correlation), averaged over queries."""
+    h, w = hw
+    hp, wp = hw_prev
+    iy = torch.arange(h).repeat_interleave(w) * hp // h
+    ix = torch.arange(w).repeat(h) * wp // w
+    own = block[torch.arange(h * w), iy * wp + ix]
+    return float((own / block.sum(-1).clamp_min(1e-30)).mean())
