@@ -196,10 +196,21 @@ def test_a_spec_with_json_configs_downloads_and_generates_like_the_local_files(f
     spec = ModelSpec("tiny-hub", "fake/tiny", "infinity.pth", "vae.pth", "vae_config.json", "google/flan-t5-xl",
                      "infinity_config.json")
     monkeypatch.setitem(hub.SPECS, "tiny-hub", spec)
-    got = minivar.load("tiny-hub").generate("a red apple", res=256, seed=3).image
+    got = minivar.sample("a red apple", res=256, prune=False, seed=3, model="tiny-hub", progress=False)
     assert fake_hub.gets("fake/tiny") == {"infinity.pth", "infinity_config.json", "vae.pth", "vae_config.json"}
     ref = minivar.load(tiny_dir).generate("a red apple", res=256, seed=3).image
     assert np.array_equal(np.asarray(got), np.asarray(ref))
+
+
+def test_download_command_fetches_a_pinned_preset(fake_hub, tmp_path, capsys):
+    from minivar.__main__ import main
+
+    assert main(["download", "infinity-2b", "--revision", "v1.0"]) == 0
+    out = capsys.readouterr().out
+    assert f"transformer: {tmp_path / 'weights/infinity-2b/infinity_2b_reg.pth'}" in out
+    assert f"text_encoder: {tmp_path / 'weights/flan-t5-xl'}" in out
+    assert {rev for _, repo, rev, _ in fake_hub.requests if repo == "FoundationVision/Infinity"} == {"v1.0"}
+    assert fake_hub.gets("google/flan-t5-xl") == T5_NEEDED
 
 
 def test_download_rejects_names_that_are_not_presets():

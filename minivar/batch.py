@@ -1,0 +1,295 @@
+"""Batch generation: prompts x seeds, one PNG each, resumable, sharded over torch.distributed ranks.
+
+    minivar batch prompts.jsonl --out DIR --seeds 0,1,2,3
+    torchrun --nproc-per-node 4 -m minivar batch prompts.jsonl --out DIR --seeds 0,1,2,3
+
+A *job* is one (prompt, seed) pair; jobs are listed in file order, seeds innermost. Rank r of W takes
+jobs r, r + W, r + 2W, ... of the full list, so the shards are disjoint whatever earlier runs
+finished, and each image is generated alone (batch of one): its pixels depend on its prompt, seed and
+settings only, never on the rank, the number of ranks or its neighbours.
+
+Surviving a kill: an image is written to a hidden temporary file, its manifest record is appended to
+the rank's own part file, and only then is the image renamed into place. So every image that exists
+is complete and has a record, and a rerun simply skips the images that exist. At the end rank 0
+merges the part files into DIR/manifest.jsonl (one record per finished image, in job order).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+from PIL import Image
+
+from .pipeline import MAX_PROMPT_CHARS
+
+MANIFEST = "manifest.jsonl"
+PART = "manifest.rank{rank}.jsonl"
+# settings that change pixels: a rerun into the same folder must use the same ones
+PIXEL_SETTINGS = ("model", "res", "h_div_w", "cfg", "tau", "top_k", "top_p", "negative_prompt", "prune", "dtype")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    text: str
+    line: int
+    meta: dict = field(default_factory=dict, hash=False, compare=False)  # other fields of a JSON line
+
+
+@dataclass(frozen=True)
+class Job:
+    prompt: Prompt
+    seed: int
+
+    @property
+    def file(self) -> str:
+        return f"{self.prompt.id}_seed{self.seed}.png"
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading prompts
+# --------------------------------------------------------------------------------------------------
+def read_prompts(path: str | Path) -> tuple[list[Prompt], list[str]]:
+    """Prompts of a .txt (one per line) or .jsonl file ({"prompt": ..., "id": ...} per line).
+
+    Returns the prompts and one message per skipped line (`file:line: reason`); blank lines are ignored.
+    """
+    path = Path(path)
+    as_json = path.suffix in (".jsonl", ".json")
+    prompts, problems, seen = [], [], {}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None
+    for lineno, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            p = parse_line(raw, lineno, as_json)
+            if p.id in seen:
+                raise ValueError(f"duplicate id {p.id!r} (first on line {seen[p.id]})")
+        except ValueError as e:
+            problems.append(f"{path}:{lineno}: {e}; line skipped")
+            continue
+        seen[p.id] = lineno
+        prompts.append(p)
+    return prompts, problems
+
+
+def parse_line(raw: str, lineno: int, as_json: bool) -> Prompt:
+    if not as_json:
+        return Prompt(f"{lineno - 1:05d}", check_text(raw.strip()), lineno)
+    try:
+        obj = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
+        raise ValueError('expected an object with a non-empty string "prompt"')
+    pid = safe_id(obj["id"]) if "id" in obj else f"{lineno - 1:05d}"
+    meta = {k: v for k, v in obj.items() if k not in ("prompt", "id")}
+    return Prompt(pid, check_text(obj["prompt"].strip()), lineno, meta)
+
+
+def check_text(text: str) -> str:
+    if len(text) > MAX_PROMPT_CHARS:
+        raise ValueError(f"prompt of {len(text)} characters is too long (max {MAX_PROMPT_CHARS})")
+    return text
+
+
+def safe_id(value) -> str:
+    """An id usable in a file name: letters, digits, '-', '_' and '.', other characters become '_'."""
+    if not isinstance(value, (str, int)) or isinstance(value, bool):
+        raise ValueError(f'"id" must be a string or an integer, got {value!r}')
+    text = re.sub(r"[^A-Za-z0-9._-]", "_", str(value).strip())
+    if not text or text.startswith("."):
+        raise ValueError(f'"id" {value!r} cannot name a file')
+    return text
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds takes comma-separated integers like 0,1,2,3, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds needs at least one seed and no repeats, got {text!r}")
+    return seeds
+
+
+def make_jobs(prompts: list[Prompt], seeds: list[int]) -> list[Job]:
+    return [Job(p, s) for p in prompts for s in seeds]
+
+
+def shard(jobs: list[Job], rank: int, world: int) -> list[Job]:
+    return jobs[rank::world]
+
+
+# --------------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------------
+def partial_path(path: Path) -> Path:
+    """The hidden temporary a file is written to before its rename (never matches *.png or *.jsonl)."""
+    return path.with_name(f".{path.name}.partial")
+
+
+def save_image_atomic(image: Image.Image, path: Path, before_rename: Callable[[], None] = lambda: None) -> None:
+    """Write `image` (format from the suffix) so that `path` either does not exist or is complete."""
+    tmp = partial_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            image.save(f, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"))
+            f.flush()
+            os.fsync(f.fileno())
+        before_rename()
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def append_record(part: Path, record: dict) -> None:
+    """Append one JSON line, durably. A line torn by an earlier kill is closed off first."""
+    with open(part, "a+b") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.write((json.dumps(record, ensure_ascii=False) + "\n").encode())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_records(path: Path) -> list[dict]:
+    """The well-formed records of a JSON-lines file (a torn last line is ignored)."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("file"), str):
+            out.append(rec)
+    return out
+
+
+def known_records(out_dir: Path) -> dict[str, dict]:
+    """file -> latest record, over the merged manifest and every rank's part file."""
+    records = {}
+    for path in [out_dir / MANIFEST, *sorted(out_dir.glob(PART.format(rank="*")))]:
+        records |= {r["file"]: r for r in read_records(path)}
+    return records
+
+
+def check_settings(out_dir: Path, settings: dict) -> None:
+    """Refuse to mix images made with other pixel-changing settings into one folder."""
+    for rec in known_records(out_dir).values():
+        old = rec.get("settings", {})
+        diff = [k for k in PIXEL_SETTINGS if k in old and old[k] != settings.get(k)]
+        if diff and (out_dir / rec["file"]).exists():
+            k = diff[0]
+            raise ValueError(f"{out_dir} holds images made with {k}={old[k]!r}, not {settings.get(k)!r}; "
+                             "rerun with the same settings to resume, or use another --out")
+
+
+def merge_manifest(out_dir: Path, jobs: list[Job]) -> int:
+    """Rank 0, after every rank finished: one record per existing image into manifest.jsonl."""
+    order = {j.file: i for i, j in enumerate(jobs)}
+    records = [r for r in known_records(out_dir).values() if (out_dir / r["file"]).exists()]
+    records.sort(key=lambda r: (order.get(r["file"], len(order)), r["file"]))
+    path = out_dir / MANIFEST
+    tmp = partial_path(path)
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    os.replace(tmp, path)
+    for part in out_dir.glob(PART.format(rank="*")):
+        part.unlink()
+    return len(records)
+
+
+# --------------------------------------------------------------------------------------------------
+# Ranks
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Ranks:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def init_ranks(device: str) -> Ranks:
+    """Join the process group a launcher (torchrun, ...) set up in the environment; one rank otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Ranks()
+    import torch
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        # ranks wait for each other only at the end; a long timeout lets uneven shards finish
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=timedelta(hours=24))
+    return Ranks(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM (what launchers send to stop workers) into SystemExit, so temporaries are cleaned up."""
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class BatchResult:
+    generated: int
+    skipped_done: int
+    manifest_records: int | None  # rank 0 only
+
+
+def run_batch(load_pipeline: Callable[[], object], jobs: list[Job], out_dir: Path, gen_kwargs: dict,
+              settings: dict, ranks: Ranks, show_progress: bool = True) -> BatchResult:
+    """Generate this rank's unfinished jobs, then (rank 0) merge the manifest."""
+    mine = shard(jobs, ranks.rank, ranks.world)
+    for job in mine:  # a temporary left by a killed run is never finished: drop it
+        partial_path(out_dir / job.file).unlink(missing_ok=True)
+    todo = [j for j in mine if not (out_dir / j.file).exists()]
+    if todo:
+        pipe = load_pipeline()
+        part = out_dir / PART.format(rank=ranks.rank)
+        for job in progress_bar(todo, show_progress and ranks.rank == 0, ranks.world):
+            generate_one(pipe, job, out_dir, part, gen_kwargs, settings, ranks.rank)
+    ranks.barrier()
+    merged = merge_manifest(out_dir, jobs) if ranks.rank == 0 else None
+    return BatchResult(len(todo), len(mine) - len(todo), merged)
+
+
+def generate_one(pipe, job: Job, out_dir: Path, part: Path, gen_kwargs: dict, settings: dict, rank: int) -> None:
+    out = pipe.generate(job.prompt.text, seed=job.seed, **gen_kwargs)
+    timings = {k: round(v, 4) for k, v in out.timings.items()}
+    timings["total"] = round(sum(out.timings.values()), 4)
+    record = {"id": job.prompt.id, "prompt": job.prompt.text, "seed": job.seed, "file": job.file,
+              "line": job.prompt.line, "settings": settings, "timings": timings, "rank": rank, "meta": job.prompt.meta}
+    save_image_atomic(out.image, out_dir / job.file, before_rename=lambda: append_record(part, record))
+
+
+def progress_bar(todo: list[Job], show: bool, world: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(todo, desc="images" + (f" (rank 0 of {world})" if world > 1 else ""), unit="img", disable=not show)

@@ -1,0 +1,118 @@
+"""The command line on the tiny fixture model: end to end (console entry point), seeds, timings, the
+trace file, `convert`, and one clear line (no traceback, exit status 2) for each kind of bad input."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import minivar
+from minivar.__main__ import default_out, main, parse_aspect
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_generate_end_to_end_as_a_module(tmp_path, tiny_dir):
+    out, trace = tmp_path / "fox.png", tmp_path / "trace.pt"
+    cmd = [sys.executable, "-m", "minivar", "a red fox in snow", "--model", str(tiny_dir), "--res", "256",
+           "--aspect", "16:9", "--seed", "1", "--out", str(out), "--trace", str(trace)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    # 16:9 is h/w 0.5625; the nearest template is 0.571 (7:4), whose 256-budget grid is 12 x 21 tokens
+    assert "nearest trained template h/w 0.571 (about 7:4)" in r.stderr
+    assert Image.open(out).size == (21 * 16, 12 * 16)
+    assert "scales:" in r.stderr  # the progress bar over scales
+    assert "per scale (grid seconds): 1x1 " in r.stdout and "12x21 " in r.stdout
+    for part in ("scales total", "text encode", "transformer", "VAE decode", "total"):
+        assert part in r.stdout
+    saved = torch.load(trace, weights_only=True)
+    assert [tuple(s) for s in saved["scales"]][-1] == (12, 21) and saved["bits"][-1].shape[1:3] == (12, 21)
+
+
+def run(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_same_seed_same_image_and_the_cli_mirrors_the_api(tmp_path, tiny_dir, capsys):
+    common = ["a blue car", "--model", str(tiny_dir), "--res", "256", "--no-prune", "--cfg", "2.5", "--tau", "0.7"]
+    paths = [tmp_path / f"{i}.png" for i in range(2)]
+    for p in paths:
+        code, out, err = run(common + ["--seed", "7", "--out", str(p)], capsys)
+        assert code == 0, err
+    a, b = (np.asarray(Image.open(p)) for p in paths)
+    assert a.shape == (256, 256, 3) and np.array_equal(a, b)
+    api = minivar.load(tiny_dir).generate("a blue car", res=256, prune=False, cfg=2.5, tau=0.7, seed=7).image
+    assert np.array_equal(np.asarray(api), a)
+
+
+def test_default_out_is_named_after_the_prompt():
+    assert default_out("A Cat, on a mat!") == Path("a-cat-on-a-mat.png")
+    assert default_out("一只猫") == Path("minivar.png")
+
+
+def test_convert_command_writes_safetensors_next_to_the_checkpoints(tmp_path, tiny_dir, capsys):
+    for name in ("infinity.pth", "vae.pth"):
+        (tmp_path / name).symlink_to(tiny_dir / name)
+    code, out, err = run(["convert", str(tmp_path), "--dtype", "bf16"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "infinity.safetensors").is_file() and (tmp_path / "vae.safetensors").is_file()
+    assert out.count("-> ") == 2 and "bf16" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["a cat", "--model", "infinity-3b"], "unknown model 'infinity-3b'"),
+    (["a cat", "--aspect", "0:1"], "--aspect '0:1': give width:height with two positive numbers"),
+    (["a cat", "--aspect", "wide"], "--aspect 'wide'"),
+    (["a cat", "--aspect", "5:1"], "outside the trained templates"),
+    (["a cat", "--out", "{tmp}/no/such/folder/x.png"], "cannot write --out"),
+    (["a cat", "--out", "{tmp}/file.txt/x.png"], "cannot write --out"),
+    (["a cat", "--out", "{tmp}/x.unknownext"], "unknown image type"),
+    (["a cat", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["a cat", "--res", "300"], "argument --res: invalid choice: 300"),
+    (["a cat", "--seed", "one"], "argument --seed: invalid int value: 'one'"),
+    ([], "the following arguments are required: prompt"),
+    (["batch", "{tmp}/missing.jsonl", "--out", "{tmp}/o", "--model", "{tiny}"], "No such file or directory"),
+    (["batch", "{tmp}/file.txt", "--out", "{tmp}/file.txt/o", "--model", "{tiny}"], "file.txt"),
+    (["batch", "{tmp}/file.txt", "--out", "{tmp}/o", "--seeds", "0,x", "--model", "{tiny}"], "--seeds"),
+    (["convert", "{tmp}/file.txt"], "not a .pth checkpoint"),
+    (["convert", "no-such-thing"], "nothing to convert"),
+    (["download", "infinity-3b"], "unknown preset 'infinity-3b'"),
+])
+def test_bad_input_is_one_clear_line(args, message, tmp_path, tiny_dir, capsys):
+    (tmp_path / "file.txt").write_text("a cat\n")
+    args = [a.format(tmp=tmp_path, tiny=tiny_dir) for a in args]
+    code, out, err = run(args, capsys)
+    lines = [line for line in err.splitlines() if line.startswith("minivar: error:")]
+    assert code == 2 and len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == lines[0]
+
+
+def test_missing_weights_offline_is_one_line_pointing_at_the_toy_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MINIVAR_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, _, err = run(["a cat", "--out", str(tmp_path / "x.png")], capsys)
+    line = err.strip().splitlines()[-1]
+    assert code == 2 and line.startswith("minivar: error: infinity-2b needs files that are not on disk")
+    assert "--model toy" in line and str(tmp_path / "infinity-2b") in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_an_unavailable_device_is_refused_before_loading(capsys):
+    code, _, err = run(["a cat", "--device", "cuda", "--model", "infinity-8b"], capsys)
+    assert code == 2 and "--device cuda: not available" in err
+
+
+def test_aspect_is_width_to_height():
+    assert parse_aspect("16:9") == 9 / 16 and parse_aspect("1:2") == 2.0 and parse_aspect(" 4 : 3 ") == 0.75
+
+
+def test_debug_mode_shows_the_traceback(monkeypatch):
+    monkeypatch.setenv("MINIVAR_DEBUG", "1")
+    with pytest.raises(ValueError, match="unknown model"):
+        main(["a cat", "--model", "infinity-3b"])
