@@ -8,10 +8,13 @@ The functions here measure 2 and 3 on a real run; the notebooks only call them a
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 
+from .pruning import ScaleRecord
 from .transformer import Infinity
 
 
@@ -59,6 +62,64 @@ def resize_to(maps: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     return torch.nn.functional.interpolate(maps.double(), size=hw, mode="bilinear", align_corners=False)
 
 
+def band_average(values: torch.Tensor, freq: torch.Tensor, edges: list[float]) -> torch.Tensor:
+    """Mean of per-frequency values (..., n_freq) inside each radial band [edges[i], edges[i+1])
+    -> (..., len(edges) - 1)."""
+    return torch.stack([values[..., (freq >= lo) & (freq < hi)].mean(-1) for lo, hi in zip(edges[:-1], edges[1:])], -1)
+
+
+def token_maps(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """Tokens (B, h*w, C) in raster order -> maps (B, C, h, w)."""
+    return x.reshape(x.shape[0], *hw, x.shape[-1]).permute(0, 3, 1, 2)  # (B, C, h, w)
+
+
+@contextmanager
+def capture_hidden(model: Infinity, layers: list[int]):
+    """Record the output of some blocks, one entry per scale that runs.
+
+    Yields a dict layer -> list of (rows, L, C) float32 hidden states (rows: 2B with CFG, conditional
+    images first). The forward hooks exist only inside this block.
+    """
+    states: dict[int, list[torch.Tensor]] = {li: [] for li in layers}
+    hooks = [model.blocks[li].register_forward_hook(lambda mod, args, out, li=li: states[li].append(out.float().cpu()))
+             for li in layers]
+    try:
+        yield states
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def pca_rgb(maps: torch.Tensor, ref: torch.Tensor | None = None) -> torch.Tensor:
+    """Show d-channel maps (B, d, H, W) as colours: their projection on the three main directions of
+    `ref` (default: the maps themselves), scaled so that ref spans [0, 1] -> (B, H, W, 3) in [0, 1].
+
+    Projecting every scale on the basis of the final latent keeps colours comparable across scales.
+    """
+    ref = maps if ref is None else ref
+    flat = ref.double().permute(0, 2, 3, 1).reshape(-1, ref.shape[1])          # (N, d)
+    mean = flat.mean(0)
+    basis = torch.linalg.svd(flat - mean, full_matrices=False).Vh[:3].T       # (d, 3)
+    ref_proj = (flat - mean) @ basis
+    lo, hi = ref_proj.amin(0), ref_proj.amax(0)
+    proj = (maps.double().permute(0, 2, 3, 1) - mean) @ basis                 # (B, H, W, 3)
+    return ((proj - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1)
+
+
+def bit_entropy(logits: torch.Tensor) -> float:
+    """Mean entropy, in bits, of the sampling distribution of every bit; logits (..., 2) as in
+    `Trace.logits`. 1 is a coin flip, 0 a certain bit."""
+    p = logits.double().softmax(-1)
+    return float(-(p * torch.log2(p.clamp_min(1e-300))).sum(-1).mean())
+
+
+def psnr(a, b) -> float:
+    """Peak signal-to-noise ratio in dB between two uint8 images (PIL or arrays); inf when equal."""
+    x, y = (torch.as_tensor(np.asarray(im), dtype=torch.float64) for im in (a, b))
+    mse = float((x - y).pow(2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
 @contextmanager
 def capture_attention(model: Infinity, layers: list[int]):
     """Record self-attention probabilities of some layers, one entry per scale that runs.
@@ -101,3 +162,33 @@ def diagonal_strength(block: torch.Tensor, hw: tuple[int, int], hw_prev: tuple[i
     ix = torch.arange(w).repeat(h) * wp // w
     own = block[torch.arange(h * w), iy * wp + ix]
     return float((own / block.sum(-1).clamp_min(1e-30)).mean())
+
+
+def offset_attention(block: torch.Tensor, hw: tuple[int, int], hw_prev: tuple[int, int], radius: int = 2) -> torch.Tensor:
+    """Previous-scale attention by the key's offset from the query's own cell (the cell covering its
+    position, as in `diagonal_strength`): (2r+1, 2r+1) mean share of a query's previous-scale
+    attention that lands at offset (dy, dx), over the queries for which that cell exists."""
+    h, w = hw
+    hp, wp = hw_prev
+    share = block / block.sum(-1, keepdim=True).clamp_min(1e-30)          # (h*w, hp*wp)
+    iy = torch.arange(h).repeat_interleave(w) * hp // h                    # own cell of each query
+    ix = torch.arange(w).repeat(h) * wp // w
+    q = torch.arange(h * w)
+    out = torch.zeros(2 * radius + 1, 2 * radius + 1, dtype=torch.float64)
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            ky, kx = iy + dy, ix + dx
+            ok = (ky >= 0) & (ky < hp) & (kx >= 0) & (kx < wp)
+            if ok.any():
+                out[dy + radius, dx + radius] = share[q[ok], (ky * wp + kx)[ok]].double().mean()
+    return out
+
+
+def computed_fraction(record: ScaleRecord, hw: tuple[int, int]) -> torch.Tensor:
+    """Share of the recorded (layer, sub-layer) steps of a pruned scale in which each token was
+    computed rather than restored from the cache scale -> (B, h, w)."""
+    keeps = list(record.keep.values())
+    counts = torch.zeros(keeps[0].shape[0], hw[0] * hw[1])
+    for keep in keeps:
+        counts.scatter_add_(1, keep, torch.ones(keep.shape))
+    return (counts / len(keeps)).reshape(-1, *hw)

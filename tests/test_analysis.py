@@ -4,8 +4,10 @@ import math
 import torch
 from helpers import PROMPT, SETTINGS, tiny_pipeline
 
-from minivar.analysis import (band_energy, capture_attention, diagonal_strength, previous_scale_attention,
-                              radial_power_spectrum, relative_change)
+from minivar.analysis import (band_average, band_energy, bit_entropy, capture_attention, capture_hidden,
+                              computed_fraction, diagonal_strength, offset_attention, pca_rgb, previous_scale_attention,
+                              psnr, radial_power_spectrum, relative_change, token_maps)
+from minivar.pruning import ScaleRecord
 
 
 def test_a_constant_map_has_all_its_energy_at_frequency_zero():
@@ -51,3 +53,61 @@ def test_attention_probe_records_and_then_turns_off():
     assert torch.allclose(p.sum(-1), torch.ones(2, 256), atol=1e-4)
     block = previous_scale_attention(p[0], out.scales, 6)   # (256 queries, 12x12 keys)
     assert block.shape == (256, 144) and 0 <= diagonal_strength(block, (16, 16), (12, 12)) <= 1
+
+
+def test_band_average_takes_the_mean_inside_each_band():
+    freq = torch.arange(6.0)
+    values = torch.stack([freq, 10 * freq])                       # (2, 6)
+    assert torch.equal(band_average(values, freq, [0, 2, 6]), torch.tensor([[0.5, 3.5], [5.0, 35.0]]))
+
+
+def test_token_maps_follow_raster_order():
+    x = torch.randn(2, 3 * 5, 4)
+    maps = token_maps(x, (3, 5))
+    assert maps.shape == (2, 4, 3, 5) and torch.equal(maps[1, :, 2, 4], x[1, 2 * 5 + 4])
+
+
+def test_hidden_state_capture_records_every_scale_and_removes_its_hooks():
+    pipe = tiny_pipeline()
+    with capture_hidden(pipe.transformer, [0, 3]) as states:
+        out = pipe.generate(PROMPT, res=256, output_type="latent", **SETTINGS)
+    assert all(not b._forward_hooks for b in pipe.transformer.blocks)
+    C = pipe.transformer.cfg.embed_dim
+    assert [s.shape for s in states[3]] == [(2, h * w, C) for h, w in out.scales]   # CFG: two rows
+
+
+def test_pca_colours_span_the_reference_and_agree_across_calls():
+    torch.manual_seed(0)
+    ref = torch.randn(2, 8, 6, 6)
+    rgb = pca_rgb(ref)
+    assert rgb.shape == (2, 6, 6, 3) and torch.allclose(rgb.amin((0, 1, 2)), torch.zeros(3, dtype=rgb.dtype))
+    assert torch.allclose(rgb.amax((0, 1, 2)), torch.ones(3, dtype=rgb.dtype))
+    assert torch.equal(pca_rgb(ref[:1], ref), rgb[:1])
+
+
+def test_bit_entropy_is_one_for_a_coin_and_zero_for_a_sure_bit():
+    assert math.isclose(bit_entropy(torch.zeros(1, 4, 3, 2)), 1.0)
+    assert bit_entropy(torch.tensor([[50.0, -50.0]])) < 1e-20
+
+
+def test_psnr_of_a_one_level_difference():
+    a = torch.zeros(4, 4, 3, dtype=torch.uint8)
+    assert psnr(a, a) == math.inf
+    assert math.isclose(psnr(a, a + 1), 20 * math.log10(255), rel_tol=1e-12)
+
+
+def test_offset_attention_centre_is_the_diagonal_strength():
+    torch.manual_seed(0)
+    block = torch.rand(8 * 8, 6 * 6)
+    off = offset_attention(block, (8, 8), (6, 6), radius=1)
+    assert off.shape == (3, 3) and math.isclose(float(off[1, 1]), diagonal_strength(block, (8, 8), (6, 6)), rel_tol=1e-6)
+    iy, ix = torch.arange(8).repeat_interleave(8) * 6 // 8, torch.arange(8).repeat(8) * 6 // 8
+    own = torch.zeros(64, 36)
+    own[torch.arange(64), iy * 6 + ix] = 1                            # every query looks at its own cell only
+    assert torch.equal(offset_attention(own, (8, 8), (6, 6), radius=1), torch.tensor([[0, 0, 0], [0, 1.0, 0], [0, 0, 0]],
+                                                                                     dtype=torch.float64))
+
+
+def test_computed_fraction_counts_the_kept_tokens_of_each_step():
+    rec = ScaleRecord(keep={(1, "sa"): torch.tensor([[0, 1]]), (1, "ffn"): torch.tensor([[1, 3]])})
+    assert torch.equal(computed_fraction(rec, (2, 2)), torch.tensor([[[0.5, 1.0], [0.0, 0.5]]]))
