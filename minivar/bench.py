@@ -435,7 +435,8 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**62))
 
 
-def run_cases(subj: Subject, cases: list[Case], warmup: int, repeats: int) -> dict[Case, dict]:
+def run_cases(subj: Subject, cases: list[Case], warmup: int, repeats: int,
+              after_round: Callable[[], None] = lambda: None) -> dict[Case, dict]:
     """Warm-up rounds, then `repeats` rounds of every case in turn (A/B/A/B)."""
     plans = {case: plan_case(subj, case) for case in cases}
     results = {case: {"plan": plans[case], "samples": []} for case in cases}
@@ -447,10 +448,11 @@ def run_cases(subj: Subject, cases: list[Case], warmup: int, repeats: int) -> di
                   f"{sample['transformer']:8.2f} s  vae {sample['vae']:7.2f} s", flush=True)
             if rnd >= warmup:
                 results[case]["samples"].append(sample)
+        after_round()
     return results
 
 
-def summarize(subj: Subject, case: Case, result: dict, peak_gflops: float) -> dict:
+def summarize(subj: Subject, case: Case, result: dict) -> dict:
     """JSON-ready summary of one case: times with spread, per scale and layer, FLOP rates, memory."""
     plan, samples = result["plan"], result["samples"]
     times = {k: stats([s[k] for s in samples]) for k in ("total", *PHASES)}
@@ -467,7 +469,7 @@ def summarize(subj: Subject, case: Case, result: dict, peak_gflops: float) -> di
         "scale_time": [stats([s["scales"][i] for s in samples]) for i in range(len(plan.counts))],
         "layer_time": [[statistics.median(s["layers"][i][li] for s in samples) for li in range(len(row))]
                        for i, row in enumerate(samples[0]["layers"])],
-        "gflops": rate, "pct_of_peak": {k: (100 * v / peak_gflops if v else None) for k, v in rate.items()},
+        "gflops": rate,
         "peak_bytes": {ph: stats([s["peak"][ph] for s in samples]) for ph in PHASES},
         "rss_before": statistics.median(s["rss_before"] for s in samples),
     }
@@ -513,12 +515,28 @@ def machine_info() -> dict:
             "ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}
 
 
+class PeakLog:
+    """The matmul peak, measured at the start, after every round and at the end of a run: on a shared
+    machine the rate a plain matmul gets changes, and the transformer is compared with the same moments."""
+
+    def __init__(self, device: torch.device, quick: bool):
+        self.device, self.quick, self.samples = device, quick, []
+
+    def measure(self) -> None:
+        self.samples.append({**matmul_peak(self.device, quick=self.quick), "loadavg": os.getloadavg()})
+        print(f"matmul peak {self.samples[-1]['gflops']:.1f} GFLOP/s; load {os.getloadavg()[0]:.2f}", flush=True)
+
+    def summary(self) -> dict:
+        rates = [s["gflops"] for s in self.samples]
+        return {"median": statistics.median(rates), "max": max(rates), "samples": self.samples}
+
+
 def run(args) -> dict:
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     report = {"args": vars(args), "machine": machine_info(), "keep_freed_memory": args.keep_heap and keep_freed_memory()}
-    peak_start = matmul_peak(device, quick=args.quick)
-    print(f"matmul peak {peak_start['gflops']:.1f} GFLOP/s; load {os.getloadavg()}", flush=True)
+    peaks = PeakLog(device, args.quick)
+    peaks.measure()
     summaries = []
     for name in args.subjects:
         subj = make_subject(name, args)
@@ -528,17 +546,18 @@ def run(args) -> dict:
         if subj.vae is not None:
             subj.vae.to(device)
         cases = [Case(name, r, p, s) for r in args.res for p in args.prune for s in args.cfg_stop]
-        results = run_cases(subj, cases, args.warmup, args.repeats)
+        results = run_cases(subj, cases, args.warmup, args.repeats, after_round=peaks.measure)
         table = layer_table(list(results.values()))
         for case, result in results.items():
-            summary = summarize(subj, case, result, peak_start["gflops"])
+            summary = summarize(subj, case, result)
             if subj.model.cfg.depth != subj.full_cfg.depth:
                 summary["full_depth_estimate"] = extrapolate(subj, case, result, table)
             summaries.append(summary)
         del subj, results
         release_memory()
-    peak_end = matmul_peak(device, quick=args.quick)
-    report["matmul_peak"] = {"start": peak_start, "end": peak_end}
+    report["matmul_peak"] = peak = peaks.summary()
+    for c in summaries:  # the share of the median matmul rate seen during this run
+        c["pct_of_peak"] = {k: (100 * v / peak["median"] if v else None) for k, v in c["gflops"].items()}
     report["machine"]["loadavg_end"] = os.getloadavg()
     report["cases"], report["comparisons"] = summaries, compare(summaries)
     return report
@@ -555,7 +574,8 @@ def markdown(report: dict) -> str:
     lines = [f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']} "
              f"({m['cpu_capability']} kernels), {m['torch_threads']} threads; load average "
              f"{m['loadavg'][0]:.2f} at start, {m['loadavg_end'][0]:.2f} at end. Matmul peak "
-             f"{peak['start']['gflops']:.1f} GFLOP/s at start, {peak['end']['gflops']:.1f} at end.", "",
+             f"(fp32, measured {len(peak['samples'])} times during the run) median {peak['median']:.1f}, "
+             f"max {peak['max']:.1f} GFLOP/s; '% of peak' is against the median.", "",
              "| case | depth | total s | spread | text s | transformer s | VAE s | transformer TFLOP | "
              "GFLOP/s | % of peak | peak RSS GiB | KV cache GiB |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
