@@ -1,0 +1,287 @@
+"""mini-GenEval: score generated images against the scene spec that produced their prompt.
+
+The checker is analytic, no learned detector: every pixel takes its nearest palette colour (if one
+is close enough), the most common colour is the background, and each connected blob of another
+colour is an object. A blob's shape is the template (circle, square, triangle, diamond) that best
+overlaps it inside its bounding box; its size is its bounding-box side. A prompt passes when the
+image shows exactly the objects the spec asks for: every group with its count (and colour and size
+when the caption names them), no extra objects, the named background, and the relation between the
+groups' centroids.
+
+    python -m minivar.eval toy --n 200 --json scores.json        # unpruned
+    python -m minivar.eval toy --prune                           # with the toy pruning preset
+
+Categories follow GenEval's: single object (colour + shape), colour attribution (two objects, each
+with its colour), counting, position, and two objects (shapes only). The overall score is the mean
+of the category scores. The CLI also reports the VAE's reconstruction PSNR on held-out scenes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from scipy import ndimage
+
+from .scenes import CATEGORIES, PALETTE, SHAPES, SIZES, Spec, eval_specs, make_scene, relation_offsets, render
+
+COLOUR_NAMES = list(PALETTE)
+COLOUR_RGB = np.array([PALETTE[c] for c in COLOUR_NAMES], dtype=np.float32)  # (P, 3)
+MAX_COLOUR_DIST = 80.0     # farther than this from every palette colour: no colour (edges, artefacts)
+MIN_AREA = 0.005           # smallest object, fraction of the image area (a small triangle is ~0.016)
+MIN_SHAPE_IOU = 0.6        # a blob that fits no template this well has no shape
+MAX_ASPECT = 1.5           # every shape of the world has a square bounding box; merged blobs do not
+RELATION_MARGIN = 0.02     # centroids must differ by this fraction of the side along the relation
+
+
+# --------------------------------------------------------------------------------------------------
+# Detection
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Detected:
+    colour: str
+    shape: str          # one of SHAPES, or "unknown"
+    size: str           # one of SIZES
+    cx: float           # centroid, fractions of the image side
+    cy: float
+    area: float         # fraction of the image area
+    iou: float          # overlap with the best shape template
+
+
+def colour_labels(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 -> (H, W) index of the nearest palette colour, -1 where none is close."""
+    dist = np.linalg.norm(rgb[:, :, None, :].astype(np.float32) - COLOUR_RGB, axis=-1)  # (H, W, P)
+    labels = dist.argmin(-1)
+    labels[dist.min(-1) > MAX_COLOUR_DIST] = -1
+    return labels
+
+
+def shape_templates(h: int, w: int) -> dict[str, np.ndarray]:
+    """Each shape drawn to fill an h x w box (pixel centres), as boolean masks (h, w)."""
+    v, u = np.meshgrid((np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w, indexing="ij")
+    return {
+        "circle": (u - 0.5) ** 2 + (v - 0.5) ** 2 <= 0.25,
+        "square": np.ones((h, w), bool),
+        "triangle": np.abs(u - 0.5) <= v / 2,           # apex at the top, base at the bottom
+        "diamond": np.abs(u - 0.5) + np.abs(v - 0.5) <= 0.5,
+    }
+
+
+def classify_shape(mask: np.ndarray) -> tuple[str, float]:
+    """The template that best overlaps a blob cropped to its bounding box: (shape, IoU)."""
+    h, w = mask.shape
+    if max(h, w) > MAX_ASPECT * min(h, w):
+        return "unknown", 0.0
+    ious = {name: (mask & t).sum() / (mask | t).sum() for name, t in shape_templates(h, w).items()}
+    best = max(ious, key=ious.get)
+    return (best if ious[best] >= MIN_SHAPE_IOU else "unknown"), float(ious[best])
+
+
+def size_name(side: float) -> str:
+    """The size word whose nominal side is nearest to `side` (fraction of the image side)."""
+    return min(SIZES, key=lambda s: abs(SIZES[s] - side))
+
+
+def detect(image: Image.Image | np.ndarray) -> tuple[str | None, list[Detected]]:
+    """Background colour name and the objects of an image."""
+    rgb = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+    H, W = rgb.shape[:2]
+    labels = colour_labels(rgb)
+    counts = np.bincount(labels[labels >= 0], minlength=len(COLOUR_NAMES))
+    if counts.sum() == 0:
+        return None, []
+    bg = int(counts.argmax())
+    objects = []
+    for ci, name in enumerate(COLOUR_NAMES):
+        if ci != bg and counts[ci] >= MIN_AREA * H * W:
+            objects += _blobs(labels == ci, name, H, W)
+    return COLOUR_NAMES[bg], objects
+
+
+def _blobs(mask: np.ndarray, colour: str, H: int, W: int) -> list[Detected]:
+    """The objects of one colour: its connected blobs that are not thin rims.
+
+    Anti-aliased edges between two colours leave rims of in-between colours (red on blue edges look
+    purple). A morphological opening erases such rims but would also blunt the tips of triangles and
+    diamonds, so it only decides which blobs count; each blob is then measured unopened.
+    """
+    blobs, n = ndimage.label(mask)
+    solid = ndimage.binary_opening(mask, structure=np.ones((3, 3), bool))
+    out = []
+    for k, sl in enumerate(ndimage.find_objects(blobs), start=1):
+        crop = blobs[sl] == k
+        if (crop & solid[sl]).sum() >= MIN_AREA * H * W:
+            out.append(_measure(crop, sl, colour, H, W))
+    return out
+
+
+# Share of its bounding box each shape fills: turns a blob's area into its side, robustly to
+# anti-aliased tips that a bounding box would lose.
+FILL = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5, "diamond": 0.5, "unknown": 1.0}
+
+
+def _measure(crop: np.ndarray, sl: tuple[slice, slice], colour: str, H: int, W: int) -> Detected:
+    ys, xs = np.nonzero(crop)
+    shape, iou = classify_shape(crop)
+    area = crop.sum() / (H * W)
+    return Detected(colour, shape, size_name(np.sqrt(area / FILL[shape])), (sl[1].start + xs.mean() + 0.5) / W,
+                    (sl[0].start + ys.mean() + 0.5) / H, float(area), iou)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checking a spec
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Verdict:
+    ok: bool
+    reasons: list[str] = field(default_factory=list)   # why it failed (empty when ok)
+    objects: list[Detected] = field(default_factory=list)
+
+
+def check(spec: Spec, image: Image.Image | np.ndarray) -> Verdict:
+    """Does the image show exactly what the spec's caption asks for?"""
+    background, objects = detect(image)
+    reasons = []
+    if spec.background and background != spec.background:
+        reasons.append(f"background is {background}, not {spec.background}")
+    matches = []
+    for g in spec.groups:
+        found = [o for o in objects if o.shape == g.shape and g.colour in (None, o.colour)
+                 and g.size in (None, o.size)]
+        if len(found) != g.count:
+            reasons.append(f"{len(found)} x '{g.phrase}' instead of {g.count}")
+        matches.append(found)
+    if len(objects) != spec.n_objects:
+        reasons.append(f"{len(objects)} objects instead of {spec.n_objects}")
+    if spec.relation and not _relation_holds(matches[0], matches[1], spec.relation):
+        reasons.append(f"not '{spec.relation}'")
+    return Verdict(not reasons, reasons, objects)
+
+
+def _relation_holds(first: list[Detected], second: list[Detected], relation: str) -> bool:
+    """Every object of the first group is on the named side of every object of the second."""
+    if not first or not second:
+        return False
+    return all(relation_offsets(a.cx, a.cy, b.cx, b.cy, relation)[0] > RELATION_MARGIN
+               for a in first for b in second)
+
+
+def accuracy(specs: list[Spec], verdicts: list[Verdict]) -> dict[str, float]:
+    """Per-category accuracy and "overall", the mean over categories (GenEval's convention)."""
+    per = defaultdict(list)
+    for spec, v in zip(specs, verdicts):
+        per[spec.category].append(v.ok)
+    scores = {c: float(np.mean(per[c])) for c in CATEGORIES if per[c]}
+    scores["overall"] = float(np.mean(list(scores.values())))
+    return scores
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring a pipeline
+# --------------------------------------------------------------------------------------------------
+def generate_all(pipe, specs: list[Spec], prune, batch: int = 8, seed: int = 0, **settings) -> tuple[list[Image.Image], dict]:
+    """One image per spec, in fixed batches (batch i uses seed + i), and the pruning schedule used."""
+    images, info = [], {}
+    for i in range(0, len(specs), batch):
+        out = pipe.generate([s.caption for s in specs[i : i + batch]], prune=prune, seed=seed + i // batch, **settings)
+        images += out.images
+        info = {"scales": out.scales, "prune": out.prune}
+    return images, info
+
+
+@torch.no_grad()
+def recon_psnr(vae, scales: list[tuple[int, int]], n: int = 64, seed: int = 987_654, res: int = 128) -> float:
+    """Mean PSNR (dB) of VAE round trips (encode, multi-scale bits, decode) of held-out scenes."""
+    from .scenes import random_spec
+    from .vae import image_to_pixels, pixels_to_image
+
+    rng = random.Random(seed)
+    images = np.stack([np.asarray(render(make_scene(random_spec(rng), rng), res)) for _ in range(n)])
+    psnrs = []
+    for chunk in np.array_split(images, max(1, n // 16)):
+        _, z, _, _ = vae.encode_to_bits(image_to_pixels(torch.from_numpy(chunk)), [(1, h, w) for h, w in scales])
+        out = pixels_to_image(vae.decode(z)).numpy().astype(np.float64)
+        mse = ((out - chunk.astype(np.float64)) ** 2).mean(axis=(1, 2, 3))
+        psnrs += list(10 * np.log10(255.0**2 / np.maximum(mse, 1e-10)))
+    return float(np.mean(psnrs))
+
+
+def cost(pipe, scales: list[tuple[int, int]], schedule, cfg_on: bool, text_tokens: int) -> dict:
+    """Analytic transformer FLOPs (flops.py) and token-layer evaluations per image, for one schedule."""
+    from .flops import summary, transformer_count
+
+    counts = transformer_count(pipe.transformer.cfg, scales, schedule, cfg_on=cfg_on, text_tokens=text_tokens)
+    return {"transformer_gflops": summary(counts)["transformer_flops"] / 1e9,
+            "token_layers": sum(sum(sc.kept) for sc in counts),
+            "scales_run": [list(sc.hw) for sc in counts]}
+
+
+def evaluate(pipe, n: int = 200, prune=False, batch: int = 8, seed: int = 0, cfg: float = 3.0,
+             tau: float = 0.5, psnr_scenes: int = 64) -> dict:
+    """mini-GenEval of a pipeline on the toy world: scores, cost of the schedule and VAE PSNR."""
+    from .presets import resolve_prune
+
+    specs = eval_specs(n)
+    t0 = time.perf_counter()
+    images, info = generate_all(pipe, specs, prune, batch, seed, cfg=cfg, tau=tau)
+    seconds = time.perf_counter() - t0
+    verdicts = [check(s, im) for s, im in zip(specs, images)]
+    scales, text_tokens = info["scales"], round(np.mean([len(pipe.tokenizer.encode(s.caption)) + 1 for s in specs]))
+    dense = resolve_prune(False, pipe.name, pipe.transformer.cfg, scales)
+    res = images[0].size[0]
+    return {"overall": accuracy(specs, verdicts)["overall"], "categories": accuracy(specs, verdicts),
+            "n": n, "prune": info["prune"] != dense, "settings": {"cfg": cfg, "tau": tau, "batch": batch, "seed": seed},
+            "cost": cost(pipe, scales, info["prune"], cfg != 1, text_tokens),
+            "cost_unpruned": cost(pipe, scales, dense, cfg != 1, text_tokens),
+            "generation_seconds": seconds, "recon_psnr_db": recon_psnr(pipe.vae, scales, psnr_scenes, res=res),
+            "failures": [{"prompt": s.caption, "reasons": v.reasons} for s, v in zip(specs, verdicts) if not v.ok]}
+
+
+def format_report(name: str, r: dict) -> str:
+    cats = r["categories"]
+    lines = [f"mini-GenEval  model={name}  prune={'on' if r['prune'] else 'off'}  n={r['n']}  "
+             f"cfg={r['settings']['cfg']} tau={r['settings']['tau']}", "",
+             "| category | accuracy |", "|---|---:|"]
+    lines += [f"| {c} | {cats[c]:.3f} |" for c in CATEGORIES if c in cats]
+    lines += [f"| **overall** | **{r['overall']:.3f}** |", ""]
+    c, u = r["cost"], r["cost_unpruned"]
+    lines.append(f"transformer GFLOP per image (CFG on): {c['transformer_gflops']:.3f}"
+                 + (f"  (unpruned {u['transformer_gflops']:.3f}: {u['transformer_gflops'] / c['transformer_gflops']:.2f}x fewer)"
+                    if r["prune"] else ""))
+    lines.append(f"token-layer evaluations per image: {c['token_layers']}"
+                 + (f" of {u['token_layers']} unpruned" if r["prune"] else ""))
+    lines.append(f"VAE reconstruction PSNR on held-out scenes: {r['recon_psnr_db']:.2f} dB")
+    lines.append(f"generation: {r['generation_seconds']:.1f} s for {r['n']} images")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m minivar.eval", description="mini-GenEval on the toy world")
+    p.add_argument("model", nargs="?", default="toy", help="model name or directory (default: toy)")
+    p.add_argument("--prune", action=argparse.BooleanOptionalAction, default=False,
+                   help="use the model's pruning preset (prune=True) (default: off)")
+    p.add_argument("--n", type=int, default=200, help="prompts, balanced over the categories (default: 200)")
+    p.add_argument("--batch", type=int, default=8, help="images per generate call (default: 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first batch; batch i uses seed + i")
+    p.add_argument("--cfg", type=float, default=3.0)
+    p.add_argument("--tau", type=float, default=0.5)
+    p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write scores and costs as JSON")
+    a = p.parse_args(argv)
+    from .pipeline import load
+
+    pipe = load(a.model)
+    r = evaluate(pipe, a.n, a.prune, a.batch, a.seed, a.cfg, a.tau)
+    print(format_report(a.model, r))
+    if a.json:
+        a.json.write_text(json.dumps(r, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""A procedural world of captioned flat shapes: the toy model's training data and its evaluation.
+
+A *spec* is what a caption says: one or two groups of objects (count, shape, and optionally colour
+and size), an optional spatial relation between the groups, and an optional background colour. A
+*scene* makes a spec concrete: it picks whatever the caption leaves open (colours, sizes, the
+background) and places every object. Rendering draws the scene with PIL, anti-aliased by drawing
+at 4x and downsampling.
+
+    rng = random.Random(0)
+    spec = random_spec(rng)             # Spec: two red circles above a blue square ...
+    scene = make_scene(spec, rng)       # Scene: background + objects with positions
+    image = render(scene, 128)          # PIL RGB image
+    spec.caption                        # "two red circles above a blue square on a white background"
+
+Everything is deterministic given the seed of the `random.Random` that drives it, and nothing is
+downloaded. eval.py checks generated images against the spec that produced the prompt.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# Named colours, far apart in RGB so that a pixel's nearest colour is unambiguous.
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (225, 35, 35), "orange": (250, 145, 20), "yellow": (245, 225, 40), "green": (35, 165, 65),
+    "blue": (35, 75, 225), "purple": (145, 50, 195), "white": (245, 245, 245), "black": (20, 20, 20),
+}
+SHAPES = ("circle", "square", "triangle", "diamond")
+# Side of an object's bounding box as a fraction of the image side.
+SIZES: dict[str, float] = {"small": 0.18, "medium": 0.25, "big": 0.33}
+SIZE_JITTER = 0.02
+RELATIONS = ("left of", "right of", "above", "below")
+COUNT_WORDS = {1: "a", 2: "two", 3: "three"}
+CATEGORIES = ("single_object", "colour", "counting", "position", "two_objects")
+MARGIN = 0.03  # free border around the image, as a fraction of its side
+GAP = 0.03     # minimum free space between two objects' bounding boxes
+
+
+# --------------------------------------------------------------------------------------------------
+# Specs: what a caption says
+# --------------------------------------------------------------------------------------------------
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+@dataclass(frozen=True)
+class Group:
+    """`count` objects of one shape; colour and size are None when the caption leaves them open."""
+    shape: str
+    count: int = 1
+    colour: str | None = None
+    size: str | None = None
+
+    @property
+    def phrase(self) -> str:
+        words = [w for w in (self.size, self.colour) if w] + [self.shape + ("s" if self.count > 1 else "")]
+        return " ".join([COUNT_WORDS[self.count] if self.count > 1 else article(words[0]), *words])
+
+
+@dataclass(frozen=True)
+class Spec:
+    groups: tuple[Group, ...]
+    relation: str | None = None     # how groups[0] sits relative to groups[1]; None means "and"
+    background: str | None = None
+    category: str = "single_object"
+
+    @property
+    def caption(self) -> str:
+        text = self.groups[0].phrase
+        if len(self.groups) == 2:
+            text += f" {self.relation or 'and'} {self.groups[1].phrase}"
+        if self.background:
+            text += f" on {article(self.background)} {self.background} background"
+        return text
+
+    @property
+    def n_objects(self) -> int:
+        return sum(g.count for g in self.groups)
+
+
+def _pick(rng: random.Random, options, p_none: float = 0.0):
+    return None if rng.random() < p_none else rng.choice(list(options))
+
+
+def random_spec(rng: random.Random, category: str | None = None, p_open: float = 0.3) -> Spec:
+    """A random spec of `category` (random if None). Training leaves attributes open with
+    probability `p_open`; evaluation uses p_open=0 for the attributes its category is about."""
+    category = category or rng.choice(CATEGORIES)
+    colours, shapes = list(PALETTE), list(SHAPES)
+    size = lambda: _pick(rng, SIZES, p_none=1 - p_open)  # noqa: E731  sizes are mentioned sparingly
+    if category == "single_object":
+        groups = (Group(rng.choice(shapes), 1, _pick(rng, colours, p_open / 2), size()),)
+    elif category == "counting":
+        groups = (Group(rng.choice(shapes), rng.choice([2, 3]), _pick(rng, colours, p_open), size()),)
+    elif category == "colour":  # colour attribution: two objects, each colour bound to its shape
+        c1, c2 = rng.sample(colours, 2)
+        groups = (Group(rng.choice(shapes), 1, c1, size()), Group(rng.choice(shapes), 1, c2, size()))
+    elif category == "two_objects":
+        s1, s2 = rng.sample(shapes, 2)
+        groups = (Group(s1, 1, _pick(rng, colours, 1 - p_open)), Group(s2, 1, _pick(rng, colours, 1 - p_open)))
+    elif category == "position":
+        groups = _position_groups(rng, colours, shapes, p_open)
+    else:
+        raise ValueError(f"unknown category {category!r}: choose one of {CATEGORIES}")
+    relation = rng.choice(RELATIONS) if category == "position" else None
+    return _with_background(Spec(groups, relation, None, category), rng, p_open)
+
+
+def _position_groups(rng: random.Random, colours, shapes, p_open: float) -> tuple[Group, Group]:
+    """Two groups that a reader can tell apart: different shapes, or the same shape in two colours."""
+    counts = rng.choice([(1, 1)] * 3 + [(2, 1), (1, 2)]) if p_open else (1, 1)
+    c1, c2 = rng.sample(colours, 2)
+    s1, s2 = rng.choice(shapes), rng.choice(shapes)
+    open1, open2 = rng.random() < p_open, rng.random() < p_open
+    if s1 == s2:
+        open1 = open2 = False
+    return (Group(s1, counts[0], None if open1 else c1), Group(s2, counts[1], None if open2 else c2))
+
+
+def _with_background(spec: Spec, rng: random.Random, p_open: float) -> Spec:
+    """Name a background colour (one that no object is said to have) about half of the time."""
+    if rng.random() < max(p_open, 0.5):
+        return spec
+    used = {g.colour for g in spec.groups}
+    return Spec(spec.groups, spec.relation, rng.choice([c for c in PALETTE if c not in used]), spec.category)
+
+
+def eval_specs(n: int = 200, seed: int = 1234) -> list[Spec]:
+    """The fixed mini-GenEval prompt set: n specs, balanced over CATEGORIES, no open attributes
+    except the colours of `two_objects` (as GenEval, it asks about shapes only)."""
+    rng = random.Random(seed)
+    return [random_spec(rng, CATEGORIES[i % len(CATEGORIES)], p_open=0.0) for i in range(n)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Scenes: a spec made concrete
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Obj:
+    shape: str
+    colour: str
+    side: float     # bounding-box side, fraction of the image side
+    cx: float       # centre, fractions of the image side (y grows downwards)
+    cy: float
+    group: int = 0
+
+
+@dataclass
+class Scene:
+    spec: Spec
+    background: str
+    objects: list[Obj] = field(default_factory=list)
+
+
+def make_scene(spec: Spec, rng: random.Random, max_tries: int = 200) -> Scene:
+    """Fill in open attributes and place the objects so that none overlap and the relation holds."""
+    background = spec.background or rng.choice([c for c in PALETTE if c not in {g.colour for g in spec.groups}])
+    free = [c for c in PALETTE if c != background]
+    for _ in range(max_tries):
+        objects = []
+        for gi, g in enumerate(spec.groups):
+            colour = g.colour or rng.choice(free)
+            for _ in range(g.count):
+                side = SIZES[g.size or rng.choice(list(SIZES))] + rng.uniform(-SIZE_JITTER, SIZE_JITTER)
+                objects.append(Obj(g.shape, colour, side, 0.0, 0.0, gi))
+        if _place(objects, spec.relation, rng):
+            return Scene(spec, background, objects)
+    raise RuntimeError(f"could not lay out {spec.caption!r}")
+
+
+def _place(objects: list[Obj], relation: str | None, rng: random.Random, tries: int = 100) -> bool:
+    """Drop objects one by one at random free positions; retry the whole layout if one does not fit."""
+    for _ in range(tries):
+        ok = True
+        for i, o in enumerate(objects):
+            lo, hi = MARGIN + o.side / 2, 1 - MARGIN - o.side / 2
+            for _ in range(50):
+                o.cx, o.cy = rng.uniform(lo, hi), rng.uniform(lo, hi)
+                if all(_apart(o, p) and _related(o, p, relation) for p in objects[:i]):
+                    break
+            else:
+                ok = False
+                break
+        if ok:
+            return True
+    return False
+
+
+def _apart(a: Obj, b: Obj) -> bool:
+    reach = (a.side + b.side) / 2 + GAP
+    return abs(a.cx - b.cx) > reach or abs(a.cy - b.cy) > reach
+
+
+def _related(a: Obj, b: Obj, relation: str | None) -> bool:
+    """Objects of different groups obey the relation with a clear margin along a dominant axis."""
+    if relation is None or a.group == b.group:
+        return True
+    first, second = (a, b) if a.group == 0 else (b, a)
+    main, cross = relation_offsets(first.cx, first.cy, second.cx, second.cy, relation)
+    return main > 0.12 and main > abs(cross)
+
+
+def relation_offsets(ax: float, ay: float, bx: float, by: float, relation: str) -> tuple[float, float]:
+    """(offset along the relation's axis, positive when it holds; offset across it) for A rel B."""
+    dx, dy = bx - ax, by - ay  # from A to B
+    return {"left of": (dx, dy), "right of": (-dx, dy), "above": (dy, dx), "below": (-dy, dx)}[relation]
+
+
+# --------------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------------
+SUPERSAMPLE = 4
+
+
+def shape_polygon(shape: str, cx: float, cy: float, side: float) -> list[tuple[float, float]] | None:
+    """Vertices of a polygonal shape filling a side x side box centred at (cx, cy); None for a circle."""
+    h = side / 2
+    if shape == "square":
+        return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
+    if shape == "triangle":  # pointing up, base at the bottom of the box
+        return [(cx, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
+    if shape == "diamond":
+        return [(cx, cy - h), (cx + h, cy), (cx, cy + h), (cx - h, cy)]
+    return None
+
+
+def render(scene: Scene, res: int = 128) -> Image.Image:
+    """Draw the scene at res x res pixels, anti-aliased (drawn at 4x, then box-filtered down)."""
+    big = res * SUPERSAMPLE
+    img = Image.new("RGB", (big, big), PALETTE[scene.background])
+    draw = ImageDraw.Draw(img)
+    for o in scene.objects:
+        cx, cy, side = o.cx * big, o.cy * big, o.side * big
+        poly = shape_polygon(o.shape, cx, cy, side)
+        if poly is None:
+            draw.ellipse([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2], fill=PALETTE[o.colour])
+        else:
+            draw.polygon(poly, fill=PALETTE[o.colour])
+    return img.resize((res, res), Image.Resampling.BOX)
+
+
+def batch(rng: random.Random, n: int, res: int = 128) -> tuple[list[str], np.ndarray]:
+    """n random captioned scenes: (captions, uint8 images (n, res, res, 3))."""
+    captions, images = [], []
+    for _ in range(n):
+        spec = random_spec(rng)
+        captions.append(spec.caption)
+        images.append(np.asarray(render(make_scene(spec, rng), res)))
+    return captions, np.stack(images)
