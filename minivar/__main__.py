@@ -48,22 +48,23 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
                    help="width:height, snapped to the nearest trained template, e.g. 16:9 (default: %(default)s)")
     g.add_argument("--prune", action=argparse.BooleanOptionalAction, default=True,
                    help="FastVAR cached token pruning (default: on)")
-    g.add_argument("--cfg", type=float, default=3.0, help="guidance scale (default: %(default)s)")
-    g.add_argument("--tau", type=float, default=0.5, help="sampling temperature (default: %(default)s)")
-    g.add_argument("--top-k", type=int, default=900, help="(default: %(default)s)")
-    g.add_argument("--top-p", type=float, default=0.97, help="(default: %(default)s)")
+    g.add_argument("--cfg", type=float, default=3.0, metavar="SCALE", help="guidance scale (default: %(default)s)")
+    g.add_argument("--tau", type=float, default=0.5, metavar="T", help="sampling temperature (default: %(default)s)")
+    g.add_argument("--top-k", type=int, default=900, metavar="K", help="top-k filter per bit (default: %(default)s)")
+    g.add_argument("--top-p", type=float, default=0.97, metavar="P", help="top-p filter per bit (default: %(default)s)")
     g.add_argument("--negative-prompt", default=None, metavar="TEXT", help="text for the unconditional branch")
-    g.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"), help="(default: %(default)s)")
+    g.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"),
+                   help="cuda uses flash-attn when it is installed (default: %(default)s)")
     g.add_argument("--dtype", default="fp32", choices=tuple(DTYPES),
                    help="weight storage; on CPU bf16 halves memory but computes in fp32 (default: %(default)s)")
-    g.add_argument("--revision", default=None, help="pinned hub revision (commit or tag) for downloads")
+    g.add_argument("--revision", default=None, metavar="REV", help="pinned hub revision (commit or tag) for downloads")
 
 
 def build_parsers() -> dict[str, Parser]:
     gen = Parser(prog="minivar", description="Generate an image from a prompt with Infinity (+ FastVAR pruning).",
                  epilog="other commands: minivar batch --help | minivar convert --help | minivar download --help")
     gen.add_argument("prompt", help="the text prompt")
-    gen.add_argument("--seed", type=int, default=1, help="(default: %(default)s)")
+    gen.add_argument("--seed", type=int, default=1, metavar="N", help="sampling seed (default: %(default)s)")
     gen.add_argument("--out", default=None, metavar="FILE", help="image file (default: the prompt's first words .png)")
     gen.add_argument("--trace", default=None, metavar="FILE.pt", help="also save the per-scale trace (torch.save)")
     add_generation_flags(gen)
@@ -72,7 +73,7 @@ def build_parsers() -> dict[str, Parser]:
                    "shards across ranks under torchrun (gloo on CPU, nccl on CUDA).")
     batch.add_argument("prompts", help=".txt (one prompt per line) or .jsonl ({\"prompt\": ..., \"id\": ...} per line)")
     batch.add_argument("--out", required=True, metavar="DIR", help="output folder: PNGs and manifest.jsonl")
-    batch.add_argument("--seeds", default="1", help="comma-separated seeds, e.g. 0,1,2,3 (default: %(default)s)")
+    batch.add_argument("--seeds", default="1", metavar="LIST", help="comma-separated seeds, e.g. 0,1,2,3 (default: %(default)s)")
     add_generation_flags(batch)
 
     convert = Parser(prog="minivar convert", description="Convert Infinity/VAE .pth checkpoints to safetensors "
@@ -86,7 +87,7 @@ def build_parsers() -> dict[str, Parser]:
     download = Parser(prog="minivar download", description="Download a preset's files into the weights folder "
                       "($MINIVAR_HOME, default weights/).")
     download.add_argument("model", help="infinity-2b or infinity-8b")
-    download.add_argument("--revision", default=None, help="pinned hub revision (commit or tag)")
+    download.add_argument("--revision", default=None, metavar="REV", help="pinned hub revision (commit or tag)")
     return {"generate": gen, "batch": batch, "convert": convert, "download": download}
 
 

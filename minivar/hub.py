@@ -124,8 +124,9 @@ def find_directory(name: str | os.PathLike) -> Path:
     for path in (Path(name).expanduser(), weights_home() / str(name)):
         if path.is_dir():
             return path
+    hint = "; build the toy model with `python -m minivar.train toy --out weights/toy`" if str(name) == "toy" else ""
     raise ValueError(f"unknown model {str(name)!r}: it is not a preset ({', '.join(sorted(SPECS))}) and there is "
-                     f"no model directory {Path(name).expanduser()} or {weights_home() / str(name)}")
+                     f"no model directory {Path(name).expanduser()} or {weights_home() / str(name)}{hint}")
 
 
 def preset_files(spec: ModelSpec, explicit: dict) -> Files:
