@@ -247,9 +247,20 @@ def fetch(spec: ModelSpec, files: list[Remote]) -> None:
         for r in files:
             r.folder.mkdir(parents=True, exist_ok=True)
             hf_hub_download(r.repo, r.filename, revision=r.revision, local_dir=r.folder, endpoint=endpoint)
-    except Exception as e:  # network, DNS, proxy, auth, unknown revision: all mean "cannot download"
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise missing_error(spec, files, f"the Hugging Face Hub is unreachable: {type(e).__name__}: {reason}") from None
+    except Exception as e:
+        raise missing_error(spec, files, download_failure(e)) from None
+
+
+def download_failure(e: Exception) -> str:
+    """Why a download failed, in a few words; local trouble (a full disk, permissions) is re-raised as is."""
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+
+    if isinstance(e, OSError) and not isinstance(e, (HfHubHTTPError, EntryNotFoundError, ConnectionError, TimeoutError)):
+        raise e
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    if isinstance(e, HfHubHTTPError):  # the hub answered: unknown repo or revision, gated, server error
+        return f"the Hugging Face Hub refused: {first}"
+    return f"the Hugging Face Hub is unreachable: {type(e).__name__}: {first}"  # network, DNS, proxy, timeout
 
 
 def missing_error(spec: ModelSpec, files: list[Remote], reason: str) -> CheckpointError:

@@ -51,6 +51,12 @@ def test_same_seed_same_image_and_the_cli_mirrors_the_api(tmp_path, tiny_dir, ca
     assert np.array_equal(np.asarray(api), a)
 
 
+def test_bf16_storage_on_cpu(tmp_path, tiny_dir, capsys):
+    code, _, err = run(["a cat", "--model", str(tiny_dir), "--res", "256", "--dtype", "bf16",
+                        "--out", str(tmp_path / "cat.png")], capsys)
+    assert code == 0 and "on cpu (bf16)" in err and Image.open(tmp_path / "cat.png").size == (256, 256)
+
+
 def test_default_out_is_named_after_the_prompt():
     assert default_out("A Cat, on a mat!") == Path("a-cat-on-a-mat.png")
     assert default_out("一只猫") == Path("minivar.png")

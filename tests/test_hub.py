@@ -166,7 +166,7 @@ def test_pinned_revision_is_requested_and_an_unknown_one_is_a_clear_error(fake_h
     with pytest.raises(CheckpointError) as e:
         resolve_files("infinity-2b", revision="no-such-tag", text_encoder=tiny_dir / "t5")
     msg = str(e.value)
-    assert "revision no-such-tag" in msg and "infinity_2b_reg.pth" in msg and "\n" not in msg
+    assert "refused" in msg and "revision no-such-tag" in msg and "infinity_2b_reg.pth" in msg and "\n" not in msg
 
 
 def test_offline_error_names_the_files_the_folder_and_the_toy_model(fake_hub, tmp_path, monkeypatch):
