@@ -55,6 +55,18 @@ def relative_change(spectra: list[torch.Tensor]) -> torch.Tensor:
     return (p[1:] - p[:-1]).abs() / p[:-1].clamp_min(1e-30)
 
 
+def change_spectra(maps: list[torch.Tensor], reference: torch.Tensor | None = None) -> torch.Tensor:
+    """How much each step of a sequence of maps (..., H, W) changes each frequency: the radial power
+    spectrum of maps[s+1] - maps[s] over that of `reference` (default: the last map) -> (len - 1, n_freq).
+
+    Unlike `relative_change` this sees content that moves without changing its energy, and it stays
+    finite where an early map has no power at all (a coarse scale upsampled to a fine grid).
+    """
+    ref = radial_power_spectrum(maps[-1] if reference is None else reference)[1]
+    steps = [radial_power_spectrum(b - a)[1] for a, b in zip(maps[:-1], maps[1:])]
+    return torch.stack(steps) / ref.clamp_min(1e-30)
+
+
 def resize_to(maps: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     """Bring maps (B, C, h, w) to a common grid, the way the latent sum does (bilinear upsampling)."""
     if tuple(maps.shape[-2:]) == tuple(hw):
@@ -115,7 +127,7 @@ def bit_entropy(logits: torch.Tensor) -> float:
 
 def psnr(a, b) -> float:
     """Peak signal-to-noise ratio in dB between two uint8 images (PIL or arrays); inf when equal."""
-    x, y = (torch.as_tensor(np.asarray(im), dtype=torch.float64) for im in (a, b))
+    x, y = (torch.as_tensor(np.array(im), dtype=torch.float64) for im in (a, b))
     mse = float((x - y).pow(2).mean())
     return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
 

@@ -5,7 +5,7 @@ import torch
 from helpers import PROMPT, SETTINGS, tiny_pipeline
 
 from minivar.analysis import (band_average, band_energy, bit_entropy, capture_attention, capture_hidden,
-                              computed_fraction, diagonal_strength, offset_attention, pca_rgb, previous_scale_attention,
+                              change_spectra, computed_fraction, diagonal_strength, offset_attention, pca_rgb, previous_scale_attention,
                               psnr, radial_power_spectrum, relative_change, token_maps)
 from minivar.pruning import ScaleRecord
 
@@ -53,6 +53,16 @@ def test_attention_probe_records_and_then_turns_off():
     assert torch.allclose(p.sum(-1), torch.ones(2, 256), atol=1e-4)
     block = previous_scale_attention(p[0], out.scales, 6)   # (256 queries, 12x12 keys)
     assert block.shape == (256, 144) and 0 <= diagonal_strength(block, (16, 16), (12, 12)) <= 1
+
+
+def test_change_spectra_see_moved_content_that_power_spectra_miss():
+    x = torch.arange(16.0, dtype=torch.float64).expand(16, 16)
+    a = torch.cos(2 * math.pi * 3 * x / 16)
+    b = torch.cos(2 * math.pi * 3 * x / 16 + 1.0)                 # same spectrum, content shifted
+    assert relative_change([radial_power_spectrum(a)[1], radial_power_spectrum(b)[1]])[0, 3] < 1e-9
+    change = change_spectra([a, b, b])
+    assert change.shape == (2, 9) and change[1].max() == 0
+    assert math.isclose(float(change[0, 3]), 2 - 2 * math.cos(1.0), rel_tol=1e-9)   # |e^i - 1|^2
 
 
 def test_band_average_takes_the_mean_inside_each_band():
