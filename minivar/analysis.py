@@ -127,7 +127,7 @@ def bit_entropy(logits: torch.Tensor) -> float:
 
 def psnr(a, b) -> float:
     """Peak signal-to-noise ratio in dB between two uint8 images (PIL or arrays); inf when equal."""
-    x, y = (torch.as_tensor(np.array(im), dtype=torch.float64) for im in (a, b))
+    x, y = (torch.tensor(np.asarray(im), dtype=torch.float64) for im in (a, b))
     mse = float((x - y).pow(2).mean())
     return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
