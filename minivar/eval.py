@@ -28,8 +28,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from scipy import ndimage
-
 from .scenes import CATEGORIES, PALETTE, SHAPES, SIZES, Spec, eval_specs, make_scene, relation_offsets, render
 
 COLOUR_NAMES = list(PALETTE)
@@ -112,10 +110,10 @@ def _blobs(mask: np.ndarray, colour: str, H: int, W: int) -> list[Detected]:
     purple). A morphological opening erases such rims but would also blunt the tips of triangles and
     diamonds, so it only decides which blobs count; each blob is then measured unopened.
     """
-    blobs, n = ndimage.label(mask)
-    solid = ndimage.binary_opening(mask, structure=np.ones((3, 3), bool))
+    blobs = label_components(mask)
+    solid = dilate(erode(mask))          # a 3x3 opening
     out = []
-    for k, sl in enumerate(ndimage.find_objects(blobs), start=1):
+    for k, sl in enumerate(bounding_boxes(blobs), start=1):
         crop = blobs[sl] == k
         if (crop & solid[sl]).sum() >= MIN_AREA * H * W:
             out.append(_measure(crop, sl, colour, H, W))
@@ -133,6 +131,59 @@ def _measure(crop: np.ndarray, sl: tuple[slice, slice], colour: str, H: int, W: 
     area = crop.sum() / (H * W)
     return Detected(colour, shape, size_name(np.sqrt(area / FILL[shape])), (sl[1].start + xs.mean() + 0.5) / W,
                     (sl[0].start + ys.mean() + 0.5) / H, float(area), iou)
+
+
+# --------------------------------------------------------------------------------------------------
+# Binary morphology in numpy (3x3 neighbourhoods; outside the image counts as background)
+# --------------------------------------------------------------------------------------------------
+def _neighbours(mask: np.ndarray, reduce, cross: bool) -> np.ndarray:
+    """Combine every pixel with its 4 (cross) or 8 neighbours using reduce (np.minimum / np.maximum)."""
+    H, W = mask.shape
+    p = np.pad(mask, 1)
+    out = mask.copy()
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if (dy, dx) != (0, 0) and not (cross and dy and dx):
+                out = reduce(out, p[1 + dy : 1 + dy + H, 1 + dx : 1 + dx + W])
+    return out
+
+
+def erode(mask: np.ndarray) -> np.ndarray:
+    return _neighbours(mask, np.minimum, cross=False)
+
+
+def dilate(mask: np.ndarray) -> np.ndarray:
+    return _neighbours(mask, np.maximum, cross=False)
+
+
+def label_components(mask: np.ndarray) -> np.ndarray:
+    """4-connected components of a boolean mask: (H, W) int, 0 outside, 1..n inside (in scan order).
+
+    Every pixel starts with its own number and repeatedly takes the largest number among its
+    4-neighbours inside the mask until nothing changes; then the numbers are made consecutive.
+    """
+    ids = np.where(mask, np.arange(1, mask.size + 1).reshape(mask.shape), 0)
+    while True:
+        nxt = np.where(mask, _neighbours(ids, np.maximum, cross=True), 0)
+        if np.array_equal(nxt, ids):
+            break
+        ids = nxt
+    first = {}
+    for v in ids[mask]:                       # number components in scan order of their first pixel
+        first.setdefault(int(v), len(first) + 1)
+    out = np.zeros_like(ids)
+    for v, k in first.items():
+        out[ids == v] = k
+    return out
+
+
+def bounding_boxes(labels: np.ndarray) -> list[tuple[slice, slice]]:
+    """(rows, cols) slices of each component 1..n of label_components' output."""
+    boxes = []
+    for k in range(1, int(labels.max()) + 1):
+        ys, xs = np.nonzero(labels == k)
+        boxes.append((slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1)))
+    return boxes
 
 
 # --------------------------------------------------------------------------------------------------
