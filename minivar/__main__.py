@@ -42,8 +42,9 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default="infinity-2b", metavar="NAME|PATH",
                    help="infinity-2b, infinity-8b (downloaded on first use), toy (offline), or a model directory "
                         "(default: %(default)s)")
-    g.add_argument("--res", type=int, default=1024, choices=RESOLUTIONS,
-                   help="pixel budget: 256/512/768/1024 as trained, 1344/2048 zero-shot (default: %(default)s)")
+    g.add_argument("--res", type=int, default=None, choices=RESOLUTIONS,
+                   help="pixel budget: 256/512/768/1024 as trained, 1344/2048 zero-shot (default: the model's "
+                        "own, 1024 for Infinity; the toy draws 64 x 64)")
     g.add_argument("--aspect", default="1:1", metavar="W:H",
                    help="width:height, snapped to the nearest trained template, e.g. 16:9 (default: %(default)s)")
     g.add_argument("--prune", action=argparse.BooleanOptionalAction, default=True,

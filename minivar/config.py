@@ -98,6 +98,7 @@ class InfinityConfig:
     norm_eps: float = 1e-6
     num_levels: int = 15        # rows of the scale (level) embedding
     block_chunks: int = 8       # how upstream grouped blocks in its checkpoint; only used to save
+    pn: str = "1M"              # the pixel budget it was trained at (upstream's `pn`): the default schedule
 
     @property
     def head_dim(self) -> int:

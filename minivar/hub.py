@@ -54,9 +54,11 @@ SPECS: dict[str, ModelSpec] = {
     "infinity-8b": ModelSpec("infinity-8b", "FoundationVision/Infinity",
                              "infinity_8b_weights/model.safetensors.index.json",
                              "infinity_vae_d56_f8_14_patchify.pth", "d56", "google/flan-t5-xl", PRESETS["infinity-8b"]),
-    # "toy" (weights/toy, local only) is registered by the toy model's own change; until then
-    # `--model toy` resolves weights/toy as a model directory.
 }
+
+# Model directories that ship with the checkout, found by name whatever $MINIVAR_HOME says.
+# "toy" is trained by `python -m minivar.train toy --out weights/toy` (see weights/toy/README.md).
+SHIPPED = {"toy": REPO_ROOT / "weights" / "toy"}
 
 # What the text encoder needs from its repo, besides the shards that hold encoder tensors.
 T5_FILES = ("config.json", "spiece.model")
@@ -121,8 +123,8 @@ def resolve_files(name: str | os.PathLike | None, *, transformer=None, vae=None,
 
 def find_directory(name: str | os.PathLike) -> Path:
     """A model directory given as a path, or by its name under the weights home (e.g. weights/toy)."""
-    for path in (Path(name).expanduser(), weights_home() / str(name)):
-        if path.is_dir():
+    for path in (SHIPPED.get(str(name)), Path(name).expanduser(), weights_home() / str(name)):
+        if path is not None and path.is_dir():
             return path
     hint = "; build the toy model with `python -m minivar.train toy --out weights/toy`" if str(name) == "toy" else ""
     raise ValueError(f"unknown model {str(name)!r}: it is not a preset ({', '.join(sorted(SPECS))}) and there is "

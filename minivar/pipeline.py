@@ -81,8 +81,24 @@ class Pipeline:
         return torch.cat(feats), list(zip(bounds[:-1], bounds[1:]))
 
     # ---- generation ------------------------------------------------------------------------------
+    @property
+    def token_px(self) -> int:
+        """Pixels per side of a transformer token: 16 for Infinity (the 8B's 8-pixel VAE cells are
+        patchified 2x2), 4 for the toy."""
+        return self.vae.cfg.patch_size * (2 if self.transformer.cfg.spatial_patchify else 1)
+
+    def schedule(self, res: int | str | None, h_div_w: float) -> list[tuple[int, int]]:
+        """Scales for an image of side `res` pixels, a budget name ("0.06M"), or None: the model's own budget.
+
+        Infinity's budget table counts 16-pixel tokens, so a model with smaller tokens reads it at the
+        same token grid: the toy's 64 pixels are Infinity's 256 (budget 0.06M, a 16x16 final grid).
+        """
+        if res is None:
+            return scale_schedule(self.transformer.cfg.pn, h_div_w)
+        return scale_schedule(res * 16 // self.token_px if isinstance(res, int) else res, h_div_w)
+
     @torch.no_grad()
-    def generate(self, prompt: str | list[str], res: int | str = 1024, h_div_w: float = 1.0, cfg=3.0, tau=0.5,
+    def generate(self, prompt: str | list[str], res: int | str | None = None, h_div_w: float = 1.0, cfg=3.0, tau=0.5,
                  top_k: int = 900, top_p: float = 0.97, seed: int | None = 1, negative_prompt: str | None = None,
                  cfg_insertion_layer: int = 0, force_bits: list[torch.Tensor] | None = None, trace: bool = False,
                  prune=False, cfg_stop_scale: int | None = None, progress=False, output_type: str = "pil") -> Output:
@@ -93,7 +109,7 @@ class Pipeline:
         if output_type not in ("pil", "latent"):
             raise ValueError(f"output_type={output_type!r}: use 'pil' or 'latent'")
         prompts = _check_prompts(prompt)
-        scales, template = scale_schedule(res, h_div_w), nearest_template(h_div_w)
+        scales, template = self.schedule(res, h_div_w), nearest_template(h_div_w)
         check_insertion(cfg_insertion_layer, self.transformer.cfg.depth)
         schedule = resolve_prune(prune, self.name, self.transformer.cfg, scales, template)
         settings = Settings(cfg, tau, top_k, top_p, seed, cfg_insertion_layer, cfg_stop_scale, force_bits)
@@ -122,7 +138,7 @@ class Pipeline:
 
     # ---- images -> bits --------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_image(self, image, res: int | str = 1024, h_div_w: float | None = None) -> list[torch.Tensor]:
+    def encode_image(self, image, res: int | str | None = None, h_div_w: float | None = None) -> list[torch.Tensor]:
         """VAE-encode an image into per-scale bits (B, h, w, d) int64, the layout of `trace.bits`.
 
         `image` is a PIL image, a path, a uint8 (H, W, 3) array/tensor, or a float tensor (B, 3, H, W)
@@ -131,7 +147,7 @@ class Pipeline:
         pixels = to_pixels(image)
         if h_div_w is None:
             h_div_w = pixels.shape[2] / pixels.shape[3]
-        scales = scale_schedule(res, h_div_w)
+        scales = self.schedule(res, h_div_w)
         patchify = self.transformer.cfg.spatial_patchify
         vae_scales = [(1, 2 * h, 2 * w) if patchify else (1, h, w) for h, w in scales]
         p = self.vae.cfg.patch_size
@@ -226,7 +242,7 @@ def fit_bits_to_vae(cfg: InfinityConfig, vae_cfg: VAEConfig) -> InfinityConfig:
     return replace(cfg, d_vae=vae_cfg.codebook_dim * (4 if cfg.spatial_patchify else 1))
 
 
-def sample(prompt: str, res: int = 1024, prune=True, model: str = "infinity-2b", device: str = "cpu",
+def sample(prompt: str, res: int | None = None, prune=True, model: str = "infinity-2b", device: str = "cpu",
            dtype: torch.dtype = torch.float32, progress=True, **kwargs) -> Image.Image:
     """One call from a prompt to a PIL image: loads (downloading if needed, then caching) the model,
     then generates with a progress bar over the scales. `model="toy"` runs offline."""

@@ -34,7 +34,7 @@ CACHE_BELOW, DROP40_BELOW, DROP50_BELOW = 0.20, 0.32, 0.47
 HIGH_RES_DROP = 0.75
 FASTVAR_LAYERS, FASTVAR_DEPTH = (3, 27), 32
 # The grid area each model was trained to fill (its "1M" grid), in tokens per 1:1 image side.
-REFERENCE_SIDE = {"infinity-2b": 64, "infinity-8b": 64}
+REFERENCE_SIDE = {"infinity-2b": 64, "infinity-8b": 64, "toy": 16}
 
 
 def fastvar_literal(scales: list[tuple[int, int]]) -> PruneSchedule:

@@ -29,8 +29,9 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "blue": (35, 75, 225), "purple": (145, 50, 195), "white": (245, 245, 245), "black": (20, 20, 20),
 }
 SHAPES = ("circle", "square", "triangle", "diamond")
-# Side of an object's bounding box as a fraction of the image side.
-SIZES: dict[str, float] = {"small": 0.18, "medium": 0.25, "big": 0.33}
+# Side of an object's bounding box as a fraction of the image side. Even a small object spans about
+# four tokens of the toy's final 16 x 16 grid: fewer, and its corners are lost in the VAE.
+SIZES: dict[str, float] = {"small": 0.24, "medium": 0.32, "big": 0.40}
 SIZE_JITTER = 0.02
 RELATIONS = ("left of", "right of", "above", "below")
 COUNT_WORDS = {1: "a", 2: "two", 3: "three"}

@@ -9,7 +9,7 @@ from minivar import scenes
 from minivar.eval import accuracy, check, detect
 from minivar.scenes import CATEGORIES, PALETTE, RELATIONS, SHAPES, Group, Obj, Scene, Spec
 
-RES = 128
+RES = 64  # the toy model's resolution
 
 
 @pytest.fixture(scope="module")
@@ -61,12 +61,12 @@ def test_render_is_antialiased_and_deterministic():
 
 def test_detect_one_object_of_each_shape():
     for shape in SHAPES:
-        scene = Scene(Spec((Group(shape),)), "black", [Obj(shape, "yellow", 0.25, 0.4, 0.6)])
+        scene = Scene(Spec((Group(shape),)), "black", [Obj(shape, "yellow", 0.32, 0.4, 0.6)])
         bg, objects = detect(scenes.render(scene, RES))
         assert bg == "black" and len(objects) == 1
         o = objects[0]
         assert (o.shape, o.colour, o.size) == (shape, "yellow", "medium")
-        assert abs(o.cx - 0.4) < 0.01 and abs(o.cy - (0.6 if shape != "triangle" else 0.6 + 0.25 / 6)) < 0.01
+        assert abs(o.cx - 0.4) < 0.01 and abs(o.cy - (0.6 if shape != "triangle" else 0.6 + 0.32 / 6)) < 0.01
 
 
 def test_checker_passes_ground_truth(rendered):

@@ -1,0 +1,457 @@
+"""Train the toy Infinity from scratch on procedural shape scenes, in the real checkpoint formats.
+
+    python -m minivar.train toy --out weights/toy
+
+Three stages, each seeded, each with a progress bar and a loss log (train_log.jsonl):
+
+1. tokenizer  a sentencepiece model trained on captions from scenes.py
+2. VAE        a small BSQ VAE: encoder -> multi-scale residual bit quantiser with a straight-through
+              estimator -> decoder, trained on reconstruction (plus a commitment term). A quarter of
+              the steps decode only the first 5 or 6 scales, so that coarse scales carry the shapes
+              and a latent whose last scales were skipped (pruning) still decodes to a clean picture.
+3. Infinity   a small transformer and a tiny T5 encoder trained together by teacher-forced next-scale
+              bit prediction: all scales run as one sequence under a block-causal mask, and each scale
+              predicts its bits from the VAE's running latent of the scales before it (bitwise
+              cross-entropy), with Infinity's bitwise self-correction (random bit flips in the inputs
+              that later scales learn to undo). Captions are dropped 10% of the time in favour of the
+              learned `cfg_uncond` rows, which is what classifier-free guidance needs at sampling time.
+
+The output directory is a model directory that `minivar.load(path)` reads like any other:
+infinity.pth + infinity_config.json (upstream keys and constructor arguments), vae.pth +
+vae_config.json ({'vae': state_dict}, upstream arguments) and t5/ (Hugging Face layout).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import scenes
+from .bsq import DOWN_MODE, UP_MODE, bits_to_codes, quantize_one_scale
+from .config import InfinityConfig, scale_schedule
+from .t5 import T5Config, T5Encoder
+from .tokenizer import Tokenizer
+from .transformer import Attn, Conditioning, Infinity
+from .vae import BSQVAE, VAEConfig, image_to_pixels
+
+
+@dataclass
+class Stage:
+    steps: int
+    batch: int
+    lr: float
+    warmup: int = 100
+
+
+@dataclass
+class Recipe:
+    res: int = 64                    # image side in pixels (4 pixels per token at the 16x16 scale)
+    budget: str = "0.06M"            # Infinity's 7-scale 1:1 schedule, 1x1 ... 16x16
+    seed: int = 0
+    vocab: int = 128                 # sentencepiece pieces (plus T5's 100 sentinel ids)
+    corpus: int = 20_000             # captions the tokenizer is trained on
+    # 1.6M parameters. No residual blocks in the encoder levels (the decoder keeps one per level):
+    # on this budget the shallow VAE trains several times faster per step and per second.
+    vae: VAEConfig = field(default_factory=lambda: VAEConfig(codebook_dim=32, base_ch=48, num_res_blocks=0,
+                                                             ch_mult=(1, 1, 1), patch_size=4))
+    # 0.36M parameters
+    t5: T5Config = field(default_factory=lambda: T5Config(d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4,
+                                                          feed_forward_proj="gated-gelu"))
+    # 1.35M parameters
+    infinity: InfinityConfig = field(default_factory=lambda: InfinityConfig(depth=4, embed_dim=128, num_heads=2,
+                                                                            text_channels=128, block_chunks=2))
+    vae_stage: Stage = field(default_factory=lambda: Stage(steps=2500, batch=8, lr=2e-3, warmup=50))
+    gpt_stage: Stage = field(default_factory=lambda: Stage(steps=1200, batch=16, lr=2e-3, warmup=50))
+    commit: float = 0.25             # weight of the VAE's commitment loss
+    truncate: float = 0.25           # share of VAE steps that decode only the first scales ...
+    truncate_to: tuple[int, ...] = (5, 6)  # ... this many of them (up to 8x8 or 12x12)
+    caption_drop: float = 0.1        # share of captions replaced by cfg_uncond
+    self_correct: float = 0.2        # bits flipped in teacher-forced inputs: up to this share (per image)
+
+    @property
+    def scales(self) -> list[tuple[int, int]]:
+        return scale_schedule(self.budget)
+
+
+RECIPES: dict[str, Recipe] = {
+    "toy": Recipe(),
+    # seconds on a laptop: for tests of the training code, not for pictures
+    "tiny": Recipe(res=32, budget="0.06M", vocab=128, corpus=2000,
+                   vae=VAEConfig(codebook_dim=8, base_ch=24, num_res_blocks=0, ch_mult=(1, 1), patch_size=2),
+                   t5=T5Config(d_model=128, d_kv=16, d_ff=64, num_layers=1, num_heads=2, feed_forward_proj="gated-gelu"),
+                   infinity=InfinityConfig(depth=2, embed_dim=64, num_heads=2, text_channels=128, text_maxlen=32,
+                                           block_chunks=1),
+                   vae_stage=Stage(steps=30, batch=4, lr=2e-3, warmup=5),
+                   gpt_stage=Stage(steps=30, batch=4, lr=2e-3, warmup=5)),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers: optimiser, schedule, logging
+# --------------------------------------------------------------------------------------------------
+def lr_at(step: int, stage: Stage) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak."""
+    if step < stage.warmup:
+        return stage.lr * (step + 1) / stage.warmup
+    t = (step - stage.warmup) / max(1, stage.steps - stage.warmup)
+    return stage.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def optimizer(params, stage: Stage) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=stage.lr, betas=(0.9, 0.95), weight_decay=0.01)
+
+
+class Log:
+    """Appends one JSON line per logged step and keeps the history for the caller."""
+
+    def __init__(self, path: Path | None):
+        self.path, self.rows = path, []
+
+    def __call__(self, **row) -> None:
+        self.rows.append(row)
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def pixels_batch(rng: random.Random, n: int, res: int) -> tuple[list[str], torch.Tensor]:
+    """Captions and images (n, 3, res, res) in [-1, 1]."""
+    captions, images = scenes.batch(rng, n, res)
+    return captions, image_to_pixels(torch.from_numpy(images))
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage 1: tokenizer
+# --------------------------------------------------------------------------------------------------
+def train_tokenizer(recipe: Recipe, out_dir: Path) -> Tokenizer:
+    """A sentencepiece model over captions, with T5's ids: pad 0, eos 1, unk 2, no bos.
+
+    BPE rather than T5's unigram: on a corpus of some thirty distinct words the unigram trainer keeps
+    odd fragments ("two" -> t w o), while BPE merges every word into one piece and keeps single
+    characters for words it has never seen.
+    """
+    import sentencepiece as spm
+
+    rng = random.Random(recipe.seed)
+    captions = [scenes.random_spec(rng).caption for _ in range(recipe.corpus)]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(captions), model_writer=model, vocab_size=recipe.vocab, model_type="bpe",
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, num_threads=1, hard_vocab_limit=False,
+        character_coverage=1.0, minloglevel=2)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "spiece.model").write_bytes(model.getvalue())
+    return Tokenizer(out_dir / "spiece.model")
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage 2: VAE
+# --------------------------------------------------------------------------------------------------
+def quantize_ste(h: torch.Tensor, scales: list[tuple[int, int]], keep: int | None = None) -> torch.Tensor:
+    """bsq.quantize_multiscale with straight-through gradients: h (B, d, H, W) -> z (B, d, H, W).
+
+    Every scale takes the sign of the area-downsampled residual (as +-1/sqrt(d) codes, the L2
+    normalised sign vector); in the backward pass the sign acts as the identity on the normalised
+    residual, so the encoder learns through the quantiser. `keep` sums only the first scales.
+    """
+    d, full = h.shape[1], tuple(h.shape[2:])
+    residual, z = h, torch.zeros_like(h)
+    for hw in scales[:keep]:
+        r = residual if hw == full else F.interpolate(residual, size=hw, mode="area")
+        u = F.normalize(r, dim=1)
+        codes = u + (torch.where(u > 0, 1.0, -1.0) / d**0.5 - u).detach()
+        if hw != full:
+            codes = F.interpolate(codes, size=full, mode="bilinear")  # bsq's trilinear with t = 1
+        residual, z = residual - codes, z + codes
+    return z
+
+
+def vae_loss(vae: BSQVAE, x: torch.Tensor, scales, commit: float, keep: int | None = None) -> tuple[torch.Tensor, dict]:
+    """Reconstruction (MSE + L1) of x from the first `keep` scales of its latent (all when None),
+    plus the commitment of the encoder output to its full quantised latent."""
+    h = vae.encoder(x)
+    z = quantize_ste(h, scales, keep)
+    y = vae.decoder(z)
+    mse, l1 = F.mse_loss(y, x), F.l1_loss(y, x)
+    commitment = F.mse_loss(h, z.detach()) if keep is None else torch.zeros(())
+    psnr = 10 * math.log10(4 / max(mse.item(), 1e-10))  # pixels span 2 ([-1, 1])
+    return mse + l1 + commit * commitment, {"mse": mse.item(), "l1": l1.item(), "commit": commitment.item(), "psnr": psnr}
+
+
+def init_vae(vae: BSQVAE) -> BSQVAE:
+    """PyTorch's default init, except that every residual branch starts at zero (its second conv), so
+    each block starts as the identity: the untrained VAE passes colours straight through, which
+    shortens training a lot."""
+    for name, m in vae.named_modules():
+        if name.endswith("conv2"):
+            nn.init.zeros_(m.conv.weight)
+            nn.init.zeros_(m.conv.bias)
+    return vae
+
+
+def train_vae(recipe: Recipe, log: Log) -> BSQVAE:
+    torch.manual_seed(recipe.seed)
+    rng, stage = random.Random(recipe.seed + 1), recipe.vae_stage
+    vae = init_vae(BSQVAE(recipe.vae)).train()
+    opt = optimizer(vae.parameters(), stage)
+    bar = tqdm(range(stage.steps), desc="vae", unit="step")
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, stage)
+        _, x = pixels_batch(rng, stage.batch, recipe.res)
+        # Some steps decode a latent cut after its 8x8 or 12x12 scale, as when pruning skips the
+        # last scales: the decoder learns to render them sharply and coarse scales carry the shapes.
+        keep = rng.choice(recipe.truncate_to) if rng.random() < recipe.truncate else None
+        loss, stats = vae_loss(vae, x, recipe.scales, recipe.commit, keep)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        bar.set_postfix(psnr=f"{stats['psnr']:.1f}", l1=f"{stats['l1']:.4f}")
+        if step % 25 == 0 or step == stage.steps - 1:
+            log(stage="vae", step=step, lr=lr_at(step, stage), keep=keep, **stats)
+    return vae.eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage 3: Infinity (and T5), teacher-forced over all scales at once
+# --------------------------------------------------------------------------------------------------
+def init_t5(t5: T5Encoder) -> T5Encoder:
+    """T5's initialisation: attention scores are not scaled by 1/sqrt(d_kv), so q starts small."""
+    cfg = t5.cfg
+    for name, p in t5.named_parameters():
+        if name.endswith("layer_norm.weight"):
+            continue
+        fan_in = {"q": cfg.d_model * cfg.d_kv, "o": cfg.num_heads * cfg.d_kv, "wo": cfg.d_ff}
+        key = name.split(".")[-2]
+        std = 1.0 if name == "shared.weight" else fan_in.get(key, cfg.d_model) ** -0.5
+        nn.init.normal_(p, std=std)
+    return t5
+
+
+def init_infinity(model: Infinity) -> Infinity:
+    """Small normal weights and zero biases everywhere; the bit head starts at zero (every bit at 50%)."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    nn.init.normal_(model.lvl_embed.weight, std=0.02)
+    nn.init.zeros_(model.head.weight)
+    return model
+
+
+def block_causal_mask(scales: list[tuple[int, int]]) -> torch.Tensor:
+    """(L, L) bool: a token may attend to every token of its own scale and of the scales before it."""
+    ids = torch.cat([torch.full((h * w,), si) for si, (h, w) in enumerate(scales)])
+    return ids[:, None] >= ids[None, :]
+
+
+def encode_text(t5: T5Encoder, model: Infinity, tok: Tokenizer, captions: list[str], drop: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """Packed text rows (N, Ct) and each image's segment; dropped captions become cfg_uncond rows,
+    as many as the caption has tokens (what the pipeline feeds the unconditional branch)."""
+    ids, mask = tok(captions, max_length=64)
+    n = mask.sum(-1).tolist()
+    width = max(n)
+    hidden = t5(ids[:, :width], mask[:, :width])                    # (B, width, Ct)
+    rows = [model.cfg_uncond[:k] if dropped else h[:k] for h, k, dropped in zip(hidden, n, drop.tolist())]
+    bounds = [0]
+    for k in n:
+        bounds.append(bounds[-1] + k)
+    return torch.cat(rows), list(zip(bounds[:-1], bounds[1:]))
+
+
+def teacher_inputs(model: Infinity, c: Conditioning, next_inputs: list[torch.Tensor]) -> torch.Tensor:
+    """The whole input sequence (B, L, C): the start token, then every later scale's input, which is
+    the running latent of the scales before it (VAE side, area-downsampled), embedded; each scale
+    gets its level embedding."""
+    parts = [model.first_tokens(c)]                                  # (B, 1, C)
+    for t in next_inputs:                                            # (B, d, 1, h, w)
+        parts.append(model.word_embed(t.flatten(2).transpose(1, 2)))  # (B, h*w, C)
+    return torch.cat([p + model.lvl_embed.weight[si] for si, p in enumerate(parts)], dim=1)
+
+
+def self_correcting_bits(h: torch.Tensor, scales: list[tuple[int, int]], flip: torch.Tensor,
+                         gen: torch.Generator) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Targets and inputs for teacher forcing, with Infinity's bitwise self-correction.
+
+    bsq.quantize_multiscale of h (B, d, H, W), except that before a scale's codes enter the running
+    latent, each of its bits is flipped with probability flip[b] (per image). The flipped latent is
+    what later scales see as input and what their targets correct, just as at sampling time later
+    scales must correct the bits the sampler got wrong. The target of each scale is its unflipped
+    bits. With flip = 0 this is exactly quantize_multiscale's bits and next-scale inputs.
+    Returns bits per scale (B, 1, h, w, d) and next-scale inputs (B, d, 1, h', w').
+    """
+    x = h.unsqueeze(2)                                               # (B, d, 1, H, W)
+    full, residual, z = tuple(x.shape[2:]), x, torch.zeros_like(x)
+    targets, inputs = [], []
+    for si, (hh, ww) in enumerate(scales):
+        scale = (1, hh, ww)
+        r = residual if scale == full else F.interpolate(residual, size=scale, mode=DOWN_MODE)
+        codes, bits = quantize_one_scale(r)                          # (B, d, 1, h, w), (B, 1, h, w, d)
+        targets.append(bits)
+        if si == len(scales) - 1:
+            break
+        noisy = torch.rand(bits.shape, generator=gen) < flip.view(-1, 1, 1, 1, 1)
+        if noisy.any():
+            codes = bits_to_codes(bits ^ noisy.long())
+        codes = F.interpolate(codes, size=full, mode=UP_MODE).contiguous()
+        residual, z = residual - codes, z + codes
+        inputs.append(F.interpolate(z, size=(1, *scales[si + 1]), mode=DOWN_MODE).contiguous())
+    return targets, inputs
+
+
+def infinity_loss(model: Infinity, c: Conditioning, next_inputs, bits, scales, rope, mask) -> tuple[torch.Tensor, list[float]]:
+    """Bitwise cross-entropy of teacher-forced predictions, averaged per scale, then over scales
+    (so the few tokens that fix the layout are not drowned by the many of the last scale)."""
+    x = teacher_inputs(model, c, next_inputs)
+    for block in model.blocks:
+        x = block(x, c.gss, c.text, Attn(None, rope, mask=mask))
+    logits = model.logits(x, c.cond)                                 # (B, L, 2d)
+    B, L = logits.shape[:2]
+    target = torch.cat([b.reshape(B, -1, b.shape[-1]) for b in bits], dim=1)  # (B, L, d)
+    ce = F.cross_entropy(logits.view(B, L, -1, 2).permute(0, 3, 1, 2), target, reduction="none")  # (B, L, d)
+    per_scale = [part.mean() for part in ce.split([h * w for h, w in scales], dim=1)]
+    return torch.stack(per_scale).mean(), [p.item() for p in per_scale]
+
+
+def train_infinity(recipe: Recipe, vae: BSQVAE, tok: Tokenizer, log: Log) -> tuple[Infinity, T5Encoder]:
+    torch.manual_seed(recipe.seed + 2)
+    rng, stage, scales = random.Random(recipe.seed + 3), recipe.gpt_stage, recipe.scales
+    gen = torch.Generator().manual_seed(recipe.seed + 4)
+    t5 = init_t5(T5Encoder(replace(recipe.t5, vocab_size=tok.vocab_size))).train()
+    model = init_infinity(Infinity(replace(recipe.infinity, d_vae=recipe.vae.codebook_dim))).train()
+    rope = torch.cat([model.rope.table(1.0, h, w, "cpu") for h, w in scales], dim=1)  # (2, L, hd/2)
+    mask = block_causal_mask(scales)
+    params = list(model.parameters()) + list(t5.parameters())
+    opt = optimizer(params, stage)
+    bar = tqdm(range(stage.steps), desc="infinity", unit="step")
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, stage)
+        captions, x = pixels_batch(rng, stage.batch, recipe.res)
+        with torch.no_grad():
+            flip = torch.rand(len(captions), generator=gen) * recipe.self_correct
+            bits, next_inputs = self_correcting_bits(vae.encode(x), scales, flip, gen)
+        drop = torch.rand(len(captions), generator=gen) < recipe.caption_drop
+        kv, segments = encode_text(t5, model, tok, captions, drop)
+        loss, per_scale = infinity_loss(model, model.condition(kv, segments), next_inputs, bits, scales, rope, mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}", last=f"{per_scale[-1]:.4f}")
+        if step % 25 == 0 or step == stage.steps - 1:
+            log(stage="infinity", step=step, lr=lr_at(step, stage), loss=loss.item(), per_scale=per_scale)
+    return model.eval().requires_grad_(False), t5.eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving in the formats of the real checkpoints
+# --------------------------------------------------------------------------------------------------
+def chunked_block_keys(sd: dict[str, torch.Tensor], chunks: int) -> dict[str, torch.Tensor]:
+    """The inverse of transformer.flatten_block_keys: `blocks.{n}.*` -> `block_chunks.{c}.module.{i}.*`."""
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    per_chunk = depth // chunks
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("blocks."):
+            _, n, rest = k.split(".", 2)
+            k = f"block_chunks.{int(n) // per_chunk}.module.{int(n) % per_chunk}.{rest}"
+        out[k] = v
+    return out
+
+
+def storage(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Floating tensors in the storage dtype (the loaders cast back to the compute dtype)."""
+    return {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+
+
+def save_infinity(model: Infinity, recipe: Recipe, out: Path, dtype: torch.dtype) -> None:
+    cfg = model.cfg
+    assert cfg.depth % cfg.block_chunks == 0, "block_chunks must divide depth"
+    torch.save(storage(chunked_block_keys(model.state_dict(), cfg.block_chunks), dtype), out / "infinity.pth")
+    args = {  # upstream Infinity's constructor arguments (the ones that shape this model)
+        "depth": cfg.depth, "embed_dim": cfg.embed_dim, "num_heads": cfg.num_heads, "mlp_ratio": cfg.mlp_ratio,
+        "text_channels": cfg.text_channels, "text_maxlen": cfg.text_maxlen, "norm_eps": cfg.norm_eps,
+        "block_chunks": cfg.block_chunks, "pn": recipe.budget, "apply_spatial_patchify": 0,
+        "cond_drop_rate": recipe.caption_drop, "shared_aln": True, "head_aln": True, "cos_attn": True,
+        "use_bit_label": 1, "rope2d_each_sa_layer": 1, "rope2d_normalized_by_hw": 2,
+        "add_lvl_embeding_only_first_block": 1, "train_h_div_w_list": [1.0],
+    }
+    meta = {"upstream_class": "infinity.models.infinity.Infinity", "constructor_kwargs": args,
+            "derived": {"d_vae": cfg.d_vae}, "storage_dtype": str(dtype).removeprefix("torch."),
+            "trained_by": "python -m minivar.train"}
+    (out / "infinity_config.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def save_vae(vae: BSQVAE, out: Path, dtype: torch.dtype) -> None:
+    cfg = vae.cfg
+    torch.save({"vae": storage(vae.state_dict(), dtype)}, out / "vae.pth")
+    call = {"schedule_mode": "dynamic", "codebook_dim": cfg.codebook_dim, "codebook_size": 2**cfg.codebook_dim,
+            "patch_size": cfg.patch_size, "encoder_ch_mult": list(cfg.ch_mult), "decoder_ch_mult": list(cfg.ch_mult)}
+    meta = {"vae_type": cfg.codebook_dim, "base_ch": cfg.base_ch, "num_res_blocks": cfg.num_res_blocks,
+            "vae_model_call": call, "quantizer_type": "MultiScaleBSQ", "storage_dtype": str(dtype).removeprefix("torch."),
+            "trained_by": "python -m minivar.train"}
+    (out / "vae_config.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def save_t5(t5: T5Encoder, out: Path) -> None:
+    """A Hugging Face T5EncoderModel directory (spiece.model is already there)."""
+    from safetensors.torch import save_file
+
+    cfg = t5.cfg
+    sd = {k: v.contiguous() for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"}  # tied
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = {"architectures": ["T5EncoderModel"], "model_type": "t5", **asdict(cfg),
+              "dense_act_fn": "gelu_new", "is_gated_act": cfg.feed_forward_proj.startswith("gated"),
+              "decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 1, "n_positions": 512,
+              "tie_word_embeddings": False, "torch_dtype": "float32"}
+    (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+def run(recipe: Recipe, out: Path, dtype: torch.dtype = torch.bfloat16) -> dict[str, float]:
+    """All three stages into the model directory `out`; returns the seconds each took."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_log.jsonl").unlink(missing_ok=True)
+    log, seconds, t0 = Log(out / "train_log.jsonl"), {}, time.perf_counter()
+    tok = train_tokenizer(recipe, out / "t5")
+    seconds["tokenizer"] = time.perf_counter() - t0
+    vae = train_vae(recipe, log)
+    save_vae(vae, out, dtype)
+    seconds["vae"] = time.perf_counter() - t0 - sum(seconds.values())
+    model, t5 = train_infinity(recipe, vae, tok, log)
+    save_infinity(model, recipe, out, dtype)
+    save_t5(t5, out / "t5")
+    seconds["infinity"] = time.perf_counter() - t0 - sum(seconds.values())
+    seconds["total"] = time.perf_counter() - t0
+    log(stage="done", seconds=seconds, threads=torch.get_num_threads())
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m minivar.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("recipe", choices=sorted(RECIPES), help="'toy' makes weights/toy; 'tiny' is a seconds-long smoke run")
+    p.add_argument("--out", type=Path, required=True, help="model directory to write")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    seconds = run(RECIPES[args.recipe], args.out)
+    print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
+
+
+if __name__ == "__main__":
+    main()
