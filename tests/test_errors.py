@@ -72,7 +72,7 @@ def test_pickle_with_code_is_refused(tmp_path):
         load_with(transformer=bad)
 
 
-@pytest.mark.parametrize("res", [300, 4096, "2M", None])
+@pytest.mark.parametrize("res", [300, 4096, "2M", "1x"])
 def test_unknown_resolution_names_the_supported_ones(res):
     with pytest.raises(ValueError) as err:
         tiny_pipeline().generate("a cat", res=res)
@@ -136,3 +136,10 @@ def test_no_warnings_for_an_ordinary_prompt():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tiny_pipeline().generate("a cat", res=256, seed=0)
+
+
+def test_res_none_means_the_models_own_budget():
+    pipe = tiny_pipeline()
+    assert pipe.transformer.cfg.pn == "1M"   # an Infinity config: trained at 1024 x 1024
+    assert pipe.schedule(None, 1.0) == pipe.schedule(1024, 1.0)
+    assert pipe.schedule(None, 1.0) != pipe.schedule(256, 1.0)
