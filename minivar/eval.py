@@ -168,12 +168,11 @@ def label_components(mask: np.ndarray) -> np.ndarray:
         if np.array_equal(nxt, ids):
             break
         ids = nxt
-    first = {}
-    for v in ids[mask]:                       # number components in scan order of their first pixel
-        first.setdefault(int(v), len(first) + 1)
+    values, first = np.unique(ids[mask], return_index=True)  # each component's number and first pixel
+    rank = np.empty(len(values), dtype=ids.dtype)
+    rank[np.argsort(first)] = np.arange(1, len(values) + 1)   # 1..n in scan order of first pixels
     out = np.zeros_like(ids)
-    for v, k in first.items():
-        out[ids == v] = k
+    out[mask] = rank[np.searchsorted(values, ids[mask])]
     return out
 
 
