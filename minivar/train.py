@@ -71,7 +71,7 @@ class Recipe:
     infinity: InfinityConfig = field(default_factory=lambda: InfinityConfig(depth=4, embed_dim=128, num_heads=2,
                                                                             text_channels=128, block_chunks=2))
     vae_stage: Stage = field(default_factory=lambda: Stage(steps=2500, batch=8, lr=2e-3, warmup=50))
-    gpt_stage: Stage = field(default_factory=lambda: Stage(steps=1200, batch=16, lr=2e-3, warmup=50))
+    gpt_stage: Stage = field(default_factory=lambda: Stage(steps=2000, batch=16, lr=2e-3, warmup=50))
     commit: float = 0.25             # weight of the VAE's commitment loss
     truncate: float = 0.25           # share of VAE steps that decode only the first scales ...
     truncate_to: tuple[int, ...] = (5, 6)  # ... this many of them (up to 8x8 or 12x12)
@@ -226,8 +226,17 @@ def train_vae(recipe: Recipe, log: Log) -> BSQVAE:
 # --------------------------------------------------------------------------------------------------
 # Stage 3: Infinity (and T5), teacher-forced over all scales at once
 # --------------------------------------------------------------------------------------------------
-def init_t5(t5: T5Encoder) -> T5Encoder:
-    """T5's initialisation: attention scores are not scaled by 1/sqrt(d_kv), so q starts small."""
+def init_t5(t5: T5Encoder, position_std: float = 3.0) -> T5Encoder:
+    """T5's initialisation (attention scores are not scaled by 1/sqrt(d_kv), so q starts small), except
+    for the relative position biases, drawn with std `position_std` instead of d_model^-0.5.
+
+    Why: a caption's meaning is in which word sits next to which ("a purple circle on a green
+    background"). With T5's usual tiny position biases every head starts out position-blind, and a
+    from-scratch two-layer encoder takes thousands of steps to learn to look at its neighbours: with
+    them, the 1x1 scale's bits (fixed by the background colour) stayed at 0.37 nats/bit after 600
+    steps where 0.05 is possible; with std 3 each head starts with a strong (random) preference for
+    some nearby offsets, and the same run reaches 0.06.
+    """
     cfg = t5.cfg
     for name, p in t5.named_parameters():
         if name.endswith("layer_norm.weight"):
@@ -235,7 +244,7 @@ def init_t5(t5: T5Encoder) -> T5Encoder:
         fan_in = {"q": cfg.d_model * cfg.d_kv, "o": cfg.num_heads * cfg.d_kv, "wo": cfg.d_ff}
         key = name.split(".")[-2]
         std = 1.0 if name == "shared.weight" else fan_in.get(key, cfg.d_model) ** -0.5
-        nn.init.normal_(p, std=std)
+        nn.init.normal_(p, std=position_std if key == "relative_attention_bias" else std)
     return t5
 
 
@@ -446,7 +455,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m minivar.train", description=__doc__.split("\n\n")[0])
     p.add_argument("recipe", choices=sorted(RECIPES), help="'toy' makes weights/toy; 'tiny' is a seconds-long smoke run")
     p.add_argument("--out", type=Path, required=True, help="model directory to write")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch CPU threads (default: %(default)s; results are bit-exact for a given thread count)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     seconds = run(RECIPES[args.recipe], args.out)
