@@ -1,7 +1,7 @@
 """The shipped toy model (weights/toy): real checkpoint formats, offline loading, and pictures the
 generation offline.
 
-The shipped weights do not yet reach issue 5's quality bar (mini-GenEval overall 0.00, see
+The shipped weights do not yet reach issue 5's quality bar (mini-GenEval overall 0.015, see
 weights/toy/README.md), so no test claims the checker accepts their pictures."""
 import json
 from pathlib import Path
@@ -62,3 +62,15 @@ def test_loads_by_name_and_by_files_alike(pipe):
 def test_sample_api_offline():
     image = minivar.sample("a blue triangle on a white background", model="toy", seed=SEED, progress=False)
     assert image.size == (64, 64)
+
+
+def test_named_backgrounds_are_drawn(pipe):
+    """The part of the checker's verdict the shipped weights do meet: the background colour a caption
+    names (95 % of the 107 such mini-GenEval prompts; a caption-blind model gets about 1 in 7)."""
+    from minivar.eval import detect
+    from minivar.scenes import eval_specs
+
+    specs = [s for s in eval_specs(60) if s.background][:10]
+    images = pipe.generate([s.caption for s in specs], seed=SEED, prune=False).images
+    right = sum(detect(im)[0] == s.background for s, im in zip(specs, images))
+    assert right >= 8, f"{right}/10 backgrounds right"
