@@ -26,6 +26,28 @@ def test_a_grating_peaks_at_its_frequency():
         assert int(power.argmax()) == k
 
 
+def test_a_gaussian_blob_has_the_gaussian_spectrum():
+    # A blob exp(-r^2 / 2 s^2) on an N x N grid has power (2 pi s^2)^2 / N^2 * exp(-4 pi^2 s^2 f^2 / N^2) at f
+    # cycles per image side: a straight line in log power against f^2, and its mean squared at f = 0.
+    N, s = 64, 3.0
+    y, x = torch.meshgrid(torch.arange(N, dtype=torch.float64), torch.arange(N, dtype=torch.float64), indexing="ij")
+    blob = torch.exp(-((x - N / 2) ** 2 + (y - N / 2) ** 2) / (2 * s * s))
+    freq, power = radial_power_spectrum(blob)
+    assert math.isclose(power[0].item(), (2 * math.pi * s * s) ** 2 / N**2, rel_tol=1e-9)
+    assert bool((power[1:16] < power[:15]).all())                 # falls steadily
+    f2 = freq[1:11] ** 2
+    slope = torch.linalg.lstsq(torch.stack([f2, torch.ones_like(f2)], 1), power[1:11].log()[:, None]).solution[0, 0]
+    assert math.isclose(float(slope), -4 * math.pi**2 * s * s / N**2, rel_tol=0.03)
+
+
+def test_band_energy_separates_a_coarse_from_a_fine_grating():
+    x = torch.arange(32.0, dtype=torch.float64).expand(32, 32)
+    coarse, fine = torch.cos(2 * math.pi * 2 * x / 32), torch.cos(2 * math.pi * 12 * x / 32)   # 2 and 12 of 16 cycles
+    (lo_c, hi_c), (lo_f, hi_f) = band_energy(coarse), band_energy(fine)
+    assert math.isclose(lo_c, 0.5, rel_tol=1e-9) and hi_c < 1e-20
+    assert math.isclose(hi_f, 0.5, rel_tol=1e-9) and lo_f < 1e-20
+
+
 def test_parseval_and_white_noise_is_flat():
     torch.manual_seed(0)
     noise = torch.randn(64, 32, 32)
@@ -53,6 +75,16 @@ def test_attention_probe_records_and_then_turns_off():
     assert torch.allclose(p.sum(-1), torch.ones(2, 256), atol=1e-4)
     block = previous_scale_attention(p[0], out.scales, 6)   # (256 queries, 12x12 keys)
     assert block.shape == (256, 144) and 0 <= diagonal_strength(block, (16, 16), (12, 12)) <= 1
+
+
+def test_attention_probe_is_off_by_default_and_does_not_change_the_result():
+    pipe = tiny_pipeline()
+    assert all(b.sa.probe is None for b in pipe.transformer.blocks)
+    plain = pipe.generate(PROMPT, res=256, output_type="latent", **SETTINGS).summed_codes
+    with capture_attention(pipe.transformer, [0, 2], rows=1) as maps:
+        probed = pipe.generate(PROMPT, res=256, output_type="latent", **SETTINGS).summed_codes
+    assert torch.equal(plain, probed)
+    assert [m.shape[0] for m in maps[2]] == [1] * len(maps[2])     # only the conditional row is kept
 
 
 def test_change_spectra_see_moved_content_that_power_spectra_miss():
