@@ -177,12 +177,16 @@ def label_components(mask: np.ndarray) -> np.ndarray:
 
 
 def bounding_boxes(labels: np.ndarray) -> list[tuple[slice, slice]]:
-    """(rows, cols) slices of each component 1..n of label_components' output."""
-    boxes = []
-    for k in range(1, int(labels.max()) + 1):
-        ys, xs = np.nonzero(labels == k)
-        boxes.append((slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1)))
-    return boxes
+    """(rows, cols) slices of each component 1..n of label_components' output, in one pass over the
+    labelled pixels (not one pass per component: noisy large images have thousands)."""
+    n = int(labels.max())
+    ys, xs = np.nonzero(labels)
+    k = labels[ys, xs] - 1
+    lo_y, lo_x = np.full(n, labels.shape[0]), np.full(n, labels.shape[1])
+    hi_y, hi_x = np.full(n, -1), np.full(n, -1)
+    np.minimum.at(lo_y, k, ys), np.minimum.at(lo_x, k, xs)
+    np.maximum.at(hi_y, k, ys), np.maximum.at(hi_x, k, xs)
+    return [(slice(a, b + 1), slice(c, d + 1)) for a, b, c, d in zip(lo_y, hi_y, lo_x, hi_x)]
 
 
 # --------------------------------------------------------------------------------------------------
