@@ -294,10 +294,11 @@ class BSQVAE(nn.Module):
 # the statistics of a whole map, so a band of the image cannot be decoded on its own. Instead each
 # map is produced band by band and its GroupNorm statistics are merged from its bands before the next
 # pass normalises it. A residual block makes two passes over the bands (conv1, then conv2 plus the
-# residual); only its input and conv1's output are stored whole, while the normalised, activated and
-# padded copies exist for one band at a time. A 3x3 convolution reads one halo row above and below
-# its band, so no output is computed twice. The result equals the whole-map decode up to float
-# rounding (the statistics are summed in a different order).
+# residual); only its input and conv1's output are stored whole, while the normalised and activated
+# copies exist for one band at a time. A 3x3 convolution reads one halo row above and below its band,
+# so no output is computed twice. The result equals the whole-map decode up to float rounding (the
+# statistics are summed in another order, and in float64 where ATen's channels-last GroupNorm sums
+# in float32, so the bands are in fact the closer of the two to a float64 decode).
 
 TILE_ABOVE = 512 * 512  # output pixels above which BSQVAE.decode decodes in bands by default
 BAND_ELEMS = 1 << 24    # input elements (channels x rows x width) per band: 64 MiB in float32
