@@ -11,6 +11,9 @@ Subjects:
 Shape models build `Infinity` at the real widths with fewer layers (deterministic init), feed random
 text features straight to `model.condition` (no T5), and decode with a randomly initialised VAE at real
 widths unless --no-vae. Their per-layer times are extrapolated to the real depth (`extrapolate`).
+--weight-dtype bf16 stores the transformer's weights in bfloat16, as `minivar.load(dtype=torch.bfloat16)`
+does (on CPU the matmuls still run in float32 on a per-call copy of each weight); --decode picks the
+VAE's row-band or whole-map decoding (default: bands above 512x512 pixels, as `BSQVAE.decode`).
 
 Cases are every combination of --res, --prune and --cfg-stop. After --warmup untimed rounds, each of
 --repeats rounds runs every case once, in order (A/B/A/B), so drifts of a shared machine hit all
@@ -70,25 +73,32 @@ class Subject:
     text_rows: Callable[[bool], tuple[torch.Tensor, list[tuple[int, int]]]]  # cfg_on -> packed rows, segments
     full_cfg: InfinityConfig      # the real config: its depth is what results are extrapolated to
     text_tokens: int
+    tiled_decode: bool | None = None  # BSQVAE.decode(tiled=...): None lets it choose by image size
 
     @property
     def weight_bytes(self) -> int:
         return sum(t.nbytes for t in self.model.state_dict().values())
 
 
-def shape_subject(name: str, depth: int | None, with_vae: bool, text_tokens: int = 32, seed: int = 0) -> Subject:
+def shape_subject(name: str, depth: int | None, with_vae: bool, text_tokens: int = 32, seed: int = 0,
+                  weight_dtype: torch.dtype = torch.float32) -> Subject:
     """Real widths of `name`, `depth` layers, deterministic random weights and text features."""
     full = PRESETS[SHAPES[name]]
     vae = VAE_PRESETS["d56" if full.spatial_patchify else "d32"] if with_vae else None
-    return random_subject(name, SHAPES[name], full, depth or full.depth, vae, text_tokens, seed)
+    return random_subject(name, SHAPES[name], full, depth or full.depth, vae, text_tokens, seed, weight_dtype)
 
 
 def random_subject(name: str, family: str, full: InfinityConfig, depth: int, vae: VAEConfig | None,
-                   text_tokens: int, seed: int = 0) -> Subject:
+                   text_tokens: int, seed: int = 0, weight_dtype: torch.dtype = torch.float32) -> Subject:
     """`Infinity(full)` cut to `depth` layers with seeded random weights, random T5-width text
-    features fed straight to `model.condition`, and a random VAE of config `vae` (or none)."""
+    features fed straight to `model.condition`, and a random VAE of config `vae` (or none).
+
+    `weight_dtype` is the transformer's storage, as `minivar.load(dtype=...)` gives it: every
+    floating tensor is cast (bf16 halves the weights; CPU matmuls still compute in float32). The
+    VAE stays float32, as `load` keeps it on CPU.
+    """
     torch.manual_seed(seed)
-    model = Infinity(replace(full, depth=depth)).eval().requires_grad_(False)
+    model = Infinity(replace(full, depth=depth)).eval().requires_grad_(False).to(weight_dtype)
     decoder = BSQVAE(vae).eval().requires_grad_(False) if vae is not None else None
     feats = torch.randn(text_tokens, full.text_channels, generator=torch.Generator().manual_seed(seed))
 
@@ -99,14 +109,15 @@ def random_subject(name: str, family: str, full: InfinityConfig, depth: int, vae
     return Subject(name, family, model, decoder, text_rows, full, text_tokens)
 
 
-def pipeline_subject(name: str, with_vae: bool) -> Subject | None:
+def pipeline_subject(name: str, with_vae: bool, weight_dtype: torch.dtype = torch.float32) -> Subject | None:
     """A real pipeline: the tiny-a fixture, or the toy model (None when weights/toy is absent)."""
     import minivar
 
     if name == "tiny":
         t = TINY_DIR
         pipe = minivar.load(transformer=t / "infinity.pth", vae=t / "vae.pth", text_encoder=t / "t5",
-                            config=t / "infinity_config.json", vae_config=t / "vae_config.json")
+                            config=t / "infinity_config.json", vae_config=t / "vae_config.json",
+                            dtype=weight_dtype)
     else:
         from .hub import weights_home
 
@@ -114,7 +125,7 @@ def pipeline_subject(name: str, with_vae: bool) -> Subject | None:
             print(f"skipping toy: {weights_home() / 'toy'} does not exist")
             return None
         try:
-            pipe = minivar.load("toy")
+            pipe = minivar.load("toy", dtype=weight_dtype)
         except Exception as e:  # the toy model is optional: report why and go on
             print(f"skipping toy: {type(e).__name__}: {str(e)[:200]}")
             return None
@@ -123,12 +134,21 @@ def pipeline_subject(name: str, with_vae: bool) -> Subject | None:
                    lambda cfg_on: pipe.text_rows([PROMPT], None, cfg_on), pipe.transformer.cfg, tokens)
 
 
+WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DECODE_MODES = {"auto": None, "banded": True, "whole": False}
+
+
 def make_subject(name: str, args) -> Subject | None:
+    dtype = WEIGHT_DTYPES[args.weight_dtype]
     if name in SHAPES:
-        return shape_subject(name, args.depth, not args.no_vae, args.text_tokens)
-    if name in ("tiny", "toy"):
-        return pipeline_subject(name, not args.no_vae)
-    raise ValueError(f"unknown subject {name!r}: choose from tiny, toy, {', '.join(SHAPES)}")
+        subj = shape_subject(name, args.depth, not args.no_vae, args.text_tokens, weight_dtype=dtype)
+    elif name in ("tiny", "toy"):
+        subj = pipeline_subject(name, not args.no_vae, dtype)
+    else:
+        raise ValueError(f"unknown subject {name!r}: choose from tiny, toy, {', '.join(SHAPES)}")
+    if subj is not None:
+        subj.tiled_decode = DECODE_MODES[args.decode]
+    return subj
 
 
 # --------------------------------------------------------------------------------------------------
@@ -310,13 +330,18 @@ def generate_once(subj: Subject, plan: Plan) -> dict:
         t2 = time.perf_counter()
         del cond
         peak_transformer = mem.take()
-        if subj.vae is not None:
-            subj.vae.decode(summed.squeeze(-3))
-        sync(device)
+        # The KV caches are freed; hand their pages back so that the decoder's peak is its own,
+        # not the heap the transformer left behind (glibc keeps it, see keep_freed_memory).
+        release_memory()
+        mem.take()
         t3 = time.perf_counter()
+        if subj.vae is not None:
+            subj.vae.decode(summed.squeeze(-3), tiled=subj.tiled_decode)
+        sync(device)
+        t4 = time.perf_counter()
         peak_vae = mem.take() if subj.vae is not None else 0
     scale_s, layer_s = clock.per_scale(t1, t2)
-    return {"total": t3 - t0, "text": t1 - t0, "transformer": t2 - t1, "vae": t3 - t2,
+    return {"total": t2 - t0 + t4 - t3, "text": t1 - t0, "transformer": t2 - t1, "vae": t4 - t3,
             "scales": scale_s, "layers": layer_s, "rss_before": base,
             "peak": {"text": peak_text, "transformer": peak_transformer, "vae": peak_vae}}
 
@@ -399,21 +424,39 @@ def restore_cache_bytes(cfg: InfinityConfig, plan: Plan, rows: int = 2) -> int:
 
 
 def memory_estimate(subj: Subject, result: dict, full: Plan) -> dict:
-    """Per-phase peak at real depth = measured peak + growth of weights, KV cache and restoration cache."""
+    """Peak memory of the real-depth model, per phase, from the parts that make it up.
+
+    Measured at depth k (medians over rounds): the process before generating (`base`, which holds
+    the depth-k weights; the rest of it is `other`: torch, the VAE's weights, text features) and
+    each phase's peak above it. What grows with depth is replaced by its real-depth size:
+        transformer = weights + other + KV cache + restoration cache + activations
+        vae         = weights + other + decoder
+        text        = weights + other + text
+    where activations = transformer peak - base - KV(k) - restoration(k) (it includes the
+    per-matmul float32 copy of a bf16 weight), and decoder = VAE peak - base.
+    """
     plan, cfg = result["plan"], subj.model.cfg
-    w_now, w_full = subj.weight_bytes, param_count(subj.full_cfg) * subj.model.pos_start.element_size()
-    grow_weights = w_full - w_now
-    grow_kv = full.kv_bytes - plan.kv_bytes
-    grow_restore = restore_cache_bytes(subj.full_cfg, full) - restore_cache_bytes(cfg, plan)
-    peaks = {ph: statistics.median([s["peak"][ph] for s in result["samples"]]) for ph in PHASES}
-    est = {"text": peaks["text"] + grow_weights,
-           "transformer": peaks["transformer"] + grow_weights + grow_kv + grow_restore,
-           "vae": peaks["vae"] + grow_weights if subj.vae is not None else 0}
+    itemsize = subj.model.pos_start.element_size()
+    w_now, w_full = subj.weight_bytes, param_count(subj.full_cfg) * itemsize
+    restore_now, restore_full = restore_cache_bytes(cfg, plan), restore_cache_bytes(subj.full_cfg, full)
+    samples = result["samples"]
+    base = statistics.median(s["rss_before"] for s in samples)
+    peaks = {ph: statistics.median([s["peak"][ph] for s in samples]) for ph in PHASES}
+    parts = {"weights": w_full, "other": base - w_now, "kv_cache": full.kv_bytes, "restore_cache": restore_full,
+             "activations": peaks["transformer"] - base - plan.kv_bytes - restore_now,
+             "decoder": peaks["vae"] - base if subj.vae is not None else 0, "text": peaks["text"] - base}
+    fixed = parts["weights"] + parts["other"]
+    est = {"text": fixed + parts["text"],
+           "transformer": fixed + parts["kv_cache"] + parts["restore_cache"] + parts["activations"],
+           "vae": fixed + parts["decoder"] if subj.vae is not None else 0}
+    upcast = max(p.numel() for p in subj.model.parameters()) * 4 if itemsize < 4 else 0
     return {"peak_bytes": max(est.values()), "peak_by_phase": est,
-            "memory_arithmetic": {"measured_peaks": peaks, "weights_now": w_now, "weights_full": w_full,
-                                  "kv_now": plan.kv_bytes, "kv_full": full.kv_bytes,
-                                  "restore_now": restore_cache_bytes(cfg, plan),
-                                  "restore_full": restore_cache_bytes(subj.full_cfg, full)}}
+            "memory_arithmetic": {"parts": parts, "measured_peaks": peaks, "rss_before": base,
+                                  "weight_dtype": str(subj.model.pos_start.dtype), "weights_now": w_now,
+                                  "weights_full": w_full, "kv_now": plan.kv_bytes, "kv_full": full.kv_bytes,
+                                  "kv_per_layer_full": full.kv_bytes / subj.full_cfg.depth,
+                                  "restore_now": restore_now, "restore_full": restore_full,
+                                  "largest_weight_upcast": upcast}}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -575,7 +618,8 @@ def markdown(report: dict) -> str:
              f"({m['cpu_capability']} kernels), {m['torch_threads']} threads; load average "
              f"{m['loadavg'][0]:.2f} at start, {m['loadavg_end'][0]:.2f} at end. Matmul peak "
              f"(fp32, measured {len(peak['samples'])} times during the run) median {peak['median']:.1f}, "
-             f"max {peak['max']:.1f} GFLOP/s; '% of peak' is against the median.", "",
+             f"max {peak['max']:.1f} GFLOP/s; '% of peak' is against the median. Transformer weights "
+             f"{report['args'].get('weight_dtype', 'fp32')}, VAE decoding {report['args'].get('decode', 'auto')}.", "",
              "| case | depth | total s | spread | text s | transformer s | VAE s | transformer TFLOP | "
              "GFLOP/s | % of peak | peak RSS GiB | KV cache GiB |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -595,6 +639,7 @@ def markdown(report: dict) -> str:
             e = c["full_depth_estimate"]
             lines.append(f"| {c['label']} | {e['depth']} | {e['total']:.1f} | {e['transformer']:.1f} | {e['vae']:.1f} | "
                          f"{e['transformer_flops'] / 1e12:.2f} | {e['peak_bytes'] / GiB:.2f} |")
+        lines += memory_lines(est)
     if report["comparisons"]:
         lines += ["", "| A/B | speedup total | speedup transformer | transformer FLOP ratio | memory B/A |"
                   " real depth: speedup total | transformer | FLOP ratio | memory B/A |",
@@ -607,6 +652,23 @@ def markdown(report: dict) -> str:
             lines.append(f"| {r['baseline']} -> {r['variant'].split(' ', 2)[-1]} | "
                          + " | ".join("" if x is None else f"{x:.2f}" for x in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def memory_lines(cases: list[dict]) -> list[str]:
+    """The real-depth memory estimate of each case as a sum of its parts (see `memory_estimate`)."""
+    lines = ["", "Peak memory at the real depth, GiB: transformer phase = weights + other + KV + restoration "
+             "+ activations; VAE phase = weights + other + decoder (`bench.memory_estimate`):", "",
+             "| case | weights | other | KV (per layer x depth) | restoration | activations | transformer phase | "
+             "decoder | VAE phase | peak |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in cases:
+        e = c["full_depth_estimate"]
+        a, ph = e["memory_arithmetic"], e["peak_by_phase"]
+        p = {k: v / GiB for k, v in a["parts"].items()}
+        lines.append(f"| {c['label']} | {p['weights']:.2f} ({a['weight_dtype'].removeprefix('torch.')}) | "
+                     f"{p['other']:.2f} | {p['kv_cache']:.2f} ({a['kv_per_layer_full'] / GiB:.3f} x {e['depth']}) | "
+                     f"{p['restore_cache']:.2f} | {p['activations']:.2f} | {ph['transformer'] / GiB:.2f} | "
+                     f"{p['decoder']:.2f} | {ph['vae'] / GiB:.2f} | {e['peak_bytes'] / GiB:.2f} |")
+    return lines
 
 
 def plot(report: dict, path: Path) -> bool:
@@ -660,6 +722,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--cfg-stop", type=on_off, default=[False], help="stage-aware CFG: off (default), on or both")
     ap.add_argument("--depth", type=int, default=2, help="layers of the shape models (extrapolated to the real depth)")
     ap.add_argument("--no-vae", action="store_true", help="skip VAE decoding")
+    ap.add_argument("--decode", choices=list(DECODE_MODES), default="auto",
+                    help="VAE decoding: in row bands, of whole maps, or auto (bands above 512x512 pixels)")
+    ap.add_argument("--weight-dtype", choices=list(WEIGHT_DTYPES), default="fp32",
+                    help="transformer weight storage; bf16 is storage only on CPU (matmuls run in float32)")
     ap.add_argument("--text-tokens", type=int, default=32, help="text tokens per prompt of the shape models")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)

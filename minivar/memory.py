@@ -14,6 +14,7 @@ import torch
 
 from .config import InfinityConfig
 from .pruning import PruneSchedule
+from .vae import TILE_ABOVE, banded_decode_bytes
 
 GiB = 1024**3
 F32 = 4
@@ -58,12 +59,20 @@ def activation_bytes(cfg: InfinityConfig, scales, prune: PruneSchedule, rows: in
     return (stream + joined + logits + cache) * F32
 
 
-def vae_decode_bytes(vae_cfg, scales, images: int, patchify: bool) -> int:
-    """The decoder's last level: a few feature maps of base_ch * ch_mult[0] channels at full resolution."""
+def vae_decode_bytes(vae_cfg, scales, images: int, patchify: bool, tiled: bool | None = None) -> int:
+    """The decoder at full resolution. Whole-map decoding (all images at once) holds the last level's
+    first block input and its norm, sigmoid and product temporaries (base_ch * ch_mult[1] channels
+    each) and conv1's output; banded decoding (`vae.decode_in_bands`, one image at a time, chosen
+    as BSQVAE.decode does when `tiled` is None) holds a few whole maps and a few bands."""
     h, w = scales[-1]
-    side = vae_cfg.patch_size * (2 if patchify else 1)
-    pixels = h * side * w * side
-    return 5 * images * vae_cfg.base_ch * vae_cfg.ch_mult[0] * pixels * F32
+    if patchify:
+        h, w = 2 * h, 2 * w  # the 8B's latent grid is twice the transformer's
+    pixels = h * w * vae_cfg.patch_size**2
+    images_out = 3 * images * pixels * F32
+    if tiled if tiled is not None else pixels > TILE_ABOVE:
+        return banded_decode_bytes(vae_cfg, h, w, F32) + images_out
+    ch = vae_cfg.base_ch
+    return images * (4 * ch * vae_cfg.ch_mult[1] + ch * vae_cfg.ch_mult[0]) * pixels * F32 + images_out
 
 
 def estimate(cfg: InfinityConfig, vae_cfg, scales, prune: PruneSchedule, images: int, cfg_on: bool) -> MemoryEstimate:

@@ -3,6 +3,7 @@ import json
 import statistics
 
 import pytest
+import torch
 
 from minivar import bench
 from minivar.config import InfinityConfig
@@ -54,3 +55,34 @@ def test_default_cfg_stop_is_the_first_scale_with_an_eighth_of_the_final_tokens(
     from minivar.config import scale_schedule
 
     assert scale_schedule(1024)[bench.default_cfg_stop(scale_schedule(1024))] == (24, 24)
+
+
+def test_bf16_weights_and_banded_decode_enter_the_memory_arithmetic():
+    """--weight-dtype bf16 halves the weights in the real-depth estimate, and every phase's estimate
+    is the sum of the parts the report lists."""
+    import torch
+
+    from minivar.flops import param_count
+    from minivar.vae import VAEConfig
+
+    vae = VAEConfig(codebook_dim=32, base_ch=24, num_res_blocks=1, ch_mult=(1, 2, 4, 4, 4), patch_size=16)
+    subj = bench.random_subject("tiny-shape", "custom", TINY, depth=2, vae=vae, text_tokens=4,
+                                weight_dtype=torch.bfloat16)
+    subj.tiled_decode = True
+    assert all(t.dtype == torch.bfloat16 for t in subj.model.state_dict().values() if t.is_floating_point())
+    case = bench.Case("tiny-shape", 256, True, False)
+    results = bench.run_cases(subj, [case], warmup=0, repeats=1)
+    est = bench.extrapolate(subj, case, results[case], bench.layer_table(list(results.values())))
+    arith, parts, phase = est["memory_arithmetic"], est["memory_arithmetic"]["parts"], est["peak_by_phase"]
+    assert arith["weight_dtype"] == "torch.bfloat16" and arith["weights_full"] == 2 * param_count(TINY)
+    assert arith["largest_weight_upcast"] == 4 * 6 * TINY.embed_dim**2  # shared_ada_lin: the largest matrix
+    fixed = parts["weights"] + parts["other"]
+    assert phase["transformer"] == fixed + parts["kv_cache"] + parts["restore_cache"] + parts["activations"]
+    assert phase["vae"] == fixed + parts["decoder"] and est["peak_bytes"] == max(phase.values())
+    assert "bfloat16" in "\n".join(bench.memory_lines([{"label": "x", "full_depth_estimate": est}]))
+
+
+def test_cli_options_for_weights_and_decoding():
+    args = bench.parse_args(["--quick", "--weight-dtype", "bf16", "--decode", "banded"])
+    assert (args.weight_dtype, args.decode, args.subjects) == ("bf16", "banded", ["tiny"])
+    assert bench.DECODE_MODES[args.decode] is True and bench.WEIGHT_DTYPES[args.weight_dtype] is torch.bfloat16

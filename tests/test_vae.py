@@ -8,6 +8,7 @@ import torch
 from conftest import FIXTURES, rel_err
 from PIL import Image
 
+from minivar import vae as vae_module
 from minivar.bsq import bits_to_codes, codes_from_bits, quantize_multiscale
 from minivar.vae import (VAE_PRESETS, BSQVAE, VAEConfig, image_to_pixels, load_vae, pixels_to_image)
 from minivar.weights import CheckpointError
@@ -181,3 +182,56 @@ def test_wrong_model(tiny_dir):
 def test_bad_config(tiny_dir):
     with pytest.raises(ValueError, match="preset"):
         load_vae(tiny_dir / "vae.pth", "d99")
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding in row bands
+
+
+# 2**24 elements: every map in one band; 1152: one-row bands of the 24-channel maps and 3-row bands of
+# the 96-channel latent-sized ones (128 x 96 pixels, so the last band is shorter than the others).
+@pytest.mark.parametrize("band_elems, hw", [(1 << 24, (16, 16)), (24 * 16 * 3, (8, 6))])
+def test_banded_decode_equals_whole_map_decode(vae, run256, monkeypatch, band_elems, hw):
+    """Bands of any height give the whole-map image up to float rounding: the GroupNorm statistics
+    are merged from the bands."""
+    monkeypatch.setattr(vae_module, "BAND_ELEMS", band_elems)
+    z = run256["summed_codes"].squeeze(2)[:, :, : hw[0], : hw[1]].contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        banded, whole = vae.decode(z, tiled=True), vae.decode(z, tiled=False)
+    assert banded.shape == whole.shape == (1, 3, 16 * hw[0], 16 * hw[1])
+    assert (banded - whole).abs().max() <= 2e-4
+    if hw == (16, 16):
+        assert (banded - run256["decoded"]).abs().max() <= 1e-4
+
+
+def test_banded_decode_is_as_close_to_float64_as_the_whole_map_decode(vae, monkeypatch):
+    """Against the decoder run in float64: banded decoding of a batch of two odd-sized latents is
+    no less accurate than the float32 whole-map decode (ATen's channels-last GroupNorm rounds more)."""
+    import copy
+    monkeypatch.setattr(vae_module, "BAND_ELEMS", 24 * 16 * 5)
+    z = torch.randn(2, 32, 5, 3, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        exact = copy.deepcopy(vae.decoder).double()(z.double()).clamp(-1, 1)
+        banded, whole = vae.decode(z, tiled=True).double(), vae.decode(z, tiled=False).double()
+    assert (banded - exact).abs().max() <= max(2e-5, 1.5 * (whole - exact).abs().max())
+
+
+def test_decode_chooses_bands_above_the_threshold(vae, monkeypatch):
+    calls = []
+    monkeypatch.setattr(vae_module, "decode_in_bands", lambda dec, z: calls.append(z.shape) or dec(z))
+    z = torch.randn(2, 32, 2, 3)
+    with torch.no_grad():
+        vae.decode(z)
+        assert calls == []
+        monkeypatch.setattr(vae_module, "TILE_ABOVE", 32 * 48 - 1)
+        vae.decode(z)
+        vae.decode(z, tiled=False)
+    assert calls == [(1, 32, 2, 3)] * 2  # one image at a time, and only when chosen
+
+
+def test_banded_decode_memory_estimate():
+    """The maps kept whole at 1024x1024 with the 2B's VAE: the last level's first block holds its
+    256-channel input, and 128-channel conv1 and block outputs, at full resolution."""
+    from minivar.vae import BAND_ELEMS, banded_decode_bytes
+    assert banded_decode_bytes(VAE_PRESETS["d32"], 64, 64) == ((256 + 128 + 128) * 1024**2 + 4 * BAND_ELEMS) * 4
+    assert banded_decode_bytes(VAE_PRESETS["d32"], 128, 128) < 9 * 2**30
