@@ -14,7 +14,7 @@ import torch
 
 from .config import InfinityConfig
 from .pruning import PruneSchedule
-from .vae import TILE_ABOVE, banded_decode_bytes
+from .vae import banded_decode_bytes, use_bands
 
 GiB = 1024**3
 F32 = 4
@@ -69,7 +69,7 @@ def vae_decode_bytes(vae_cfg, scales, images: int, patchify: bool, tiled: bool |
         h, w = 2 * h, 2 * w  # the 8B's latent grid is twice the transformer's
     pixels = h * w * vae_cfg.patch_size**2
     images_out = 3 * images * pixels * F32
-    if tiled if tiled is not None else pixels > TILE_ABOVE:
+    if use_bands(pixels, tiled):
         return banded_decode_bytes(vae_cfg, h, w, F32) + images_out
     ch = vae_cfg.base_ch
     return images * (4 * ch * vae_cfg.ch_mult[1] + ch * vae_cfg.ch_mult[0]) * pixels * F32 + images_out
