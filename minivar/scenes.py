@@ -29,15 +29,21 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "blue": (35, 75, 225), "purple": (145, 50, 195), "white": (245, 245, 245), "black": (20, 20, 20),
 }
 SHAPES = ("circle", "square", "triangle", "diamond")
-# Side of an object's bounding box as a fraction of the image side. Even a small object spans about
-# four tokens of the toy's final 16 x 16 grid: fewer, and its corners are lost in the VAE.
-SIZES: dict[str, float] = {"small": 0.24, "medium": 0.32, "big": 0.40}
-SIZE_JITTER = 0.02
+# Objects sit on a GRID x GRID lattice of the image: their bounding boxes start and end on grid
+# lines. The lattice is the toy's final 16 x 16 token grid (4 x 4 pixels per token at 64 px), so every
+# token sees one of a few edge patterns, and the fine scale's bits follow from the coarse layout
+# instead of from sub-token positions that a 1 M-parameter transformer cannot pin down (with free
+# positions it rounds every corner off).
+GRID = 16
+# Side of an object's bounding box, in grid cells. Even a small object spans four tokens of the
+# toy's final 16 x 16 grid: fewer, and its corners are lost in the VAE.
+SIZE_CELLS: dict[str, int] = {"small": 4, "medium": 5, "big": 6}
+SIZES: dict[str, float] = {name: cells / GRID for name, cells in SIZE_CELLS.items()}  # fractions of the side
 RELATIONS = ("left of", "right of", "above", "below")
 COUNT_WORDS = {1: "a", 2: "two", 3: "three"}
 CATEGORIES = ("single_object", "colour", "counting", "position", "two_objects")
-MARGIN = 0.03  # free border around the image, as a fraction of its side
-GAP = 0.03     # minimum free space between two objects' bounding boxes
+MARGIN = 1 / GRID  # free border around the image, as a fraction of its side
+GAP = 1 / GRID     # minimum free space between two objects' bounding boxes
 
 
 # --------------------------------------------------------------------------------------------------
@@ -165,7 +171,7 @@ def make_scene(spec: Spec, rng: random.Random, max_tries: int = 200) -> Scene:
         for gi, g in enumerate(spec.groups):
             colour = g.colour or rng.choice(free)
             for _ in range(g.count):
-                side = SIZES[g.size or rng.choice(list(SIZES))] + rng.uniform(-SIZE_JITTER, SIZE_JITTER)
+                side = SIZES[g.size or rng.choice(list(SIZES))]
                 objects.append(Obj(g.shape, colour, side, 0.0, 0.0, gi))
         if _place(objects, spec.relation, rng):
             return Scene(spec, background, objects)
@@ -173,13 +179,15 @@ def make_scene(spec: Spec, rng: random.Random, max_tries: int = 200) -> Scene:
 
 
 def _place(objects: list[Obj], relation: str | None, rng: random.Random, tries: int = 100) -> bool:
-    """Drop objects one by one at random free positions; retry the whole layout if one does not fit."""
+    """Drop objects one by one at random free grid positions; retry the whole layout if one does not fit."""
+    margin = round(MARGIN * GRID)
     for _ in range(tries):
         ok = True
         for i, o in enumerate(objects):
-            lo, hi = MARGIN + o.side / 2, 1 - MARGIN - o.side / 2
-            for _ in range(50):
-                o.cx, o.cy = rng.uniform(lo, hi), rng.uniform(lo, hi)
+            cells = round(o.side * GRID)
+            for _ in range(50):  # the box's first row and column, in cells, then its centre
+                left, top = (rng.randint(margin, GRID - margin - cells) for _ in range(2))
+                o.cx, o.cy = (left + cells / 2) / GRID, (top + cells / 2) / GRID
                 if all(_apart(o, p) and _related(o, p, relation) for p in objects[:i]):
                     break
             else:
@@ -191,8 +199,8 @@ def _place(objects: list[Obj], relation: str | None, rng: random.Random, tries: 
 
 
 def _apart(a: Obj, b: Obj) -> bool:
-    reach = (a.side + b.side) / 2 + GAP
-    return abs(a.cx - b.cx) > reach or abs(a.cy - b.cy) > reach
+    reach = (a.side + b.side) / 2 + GAP - 1e-9  # grid positions: exactly GAP apart is apart
+    return abs(a.cx - b.cx) >= reach or abs(a.cy - b.cy) >= reach
 
 
 def _related(a: Obj, b: Obj, relation: str | None) -> bool:

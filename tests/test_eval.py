@@ -48,6 +48,8 @@ def test_scenes_honour_their_spec():
             g = spec.groups[o.group]
             assert o.shape == g.shape and g.colour in (None, o.colour)
             assert scenes.MARGIN <= o.cx - o.side / 2 and o.cx + o.side / 2 <= 1 - scenes.MARGIN
+            edges = np.array([o.cx - o.side / 2, o.cy - o.side / 2, o.side]) * scenes.GRID  # on grid lines
+            assert np.allclose(edges, edges.round()) and o.side in scenes.SIZES.values()
 
 
 def test_render_is_antialiased_and_deterministic():
