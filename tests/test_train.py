@@ -82,6 +82,25 @@ def test_teacher_forced_forward_matches_the_scale_loop():
     assert torch.allclose(logits, loop, atol=1e-4)
 
 
+def test_losses_of_the_first_scales_alone_equal_those_of_the_whole_sequence():
+    """What the coarse batch relies on: under the block-causal mask, running only the first k scales
+    gives those scales exactly the losses they get inside the whole sequence."""
+    torch.manual_seed(0)
+    cfg = InfinityConfig(depth=2, embed_dim=64, num_heads=2, text_channels=128, text_maxlen=16, d_vae=8, block_chunks=1)
+    model = minivar.transformer.Infinity(cfg).eval()  # default init: the head is not zero
+    scales, k = [(1, 1), (2, 2), (3, 3), (4, 4)], 2
+    bits = [torch.randint(0, 2, (2, 1, h, w, 8)) for h, w in scales]
+    inputs = [torch.randn(2, 8, 1, h, w) for h, w in scales[1:]]
+    c = model.condition(torch.randn(7, 128), [(0, 3), (3, 7)])
+    rope = torch.cat([model.rope.table(1.0, h, w, "cpu") for h, w in scales], dim=1)
+    mask, L = train.block_causal_mask(scales), sum(h * w for h, w in scales[:k])
+    with torch.no_grad():
+        whole = train.scale_losses(model, c, inputs, bits, scales, rope, mask)
+        prefix = train.scale_losses(model, c, inputs[: k - 1], bits[:k], scales[:k], rope[:, :L], mask[:L, :L])
+    assert len(prefix) == k and torch.allclose(torch.stack(prefix), torch.stack(whole[:k]), atol=1e-6)
+    assert not torch.allclose(whole[k], whole[0])  # the losses differ by scale: the comparison means something
+
+
 def test_vae_loss_goes_down():
     """A few steps on one fixed batch: reconstruction improves through the quantiser."""
     torch.manual_seed(0)
