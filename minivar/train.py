@@ -6,15 +6,17 @@ Three stages, each seeded, each with a progress bar and a loss log (train_log.js
 
 1. tokenizer  a sentencepiece model trained on captions from scenes.py
 2. VAE        a small BSQ VAE: encoder -> multi-scale residual bit quantiser with a straight-through
-              estimator -> decoder, trained on reconstruction (plus a commitment term). A quarter of
-              the steps decode only the first 5 or 6 scales, so that coarse scales carry the shapes
-              and a latent whose last scales were skipped (pruning) still decodes to a clean picture.
+              estimator -> decoder, trained on reconstruction (plus a commitment term). 40 % of the
+              steps decode only the first 5 or 6 scales, so that coarse scales carry the shapes and
+              a latent whose last scales were skipped (pruning) still decodes to a clean picture.
 3. Infinity   a small transformer and a tiny T5 encoder trained together by teacher-forced next-scale
               bit prediction: all scales run as one sequence under a block-causal mask, and each scale
               predicts its bits from the VAE's running latent of the scales before it (bitwise
               cross-entropy), with Infinity's bitwise self-correction (random bit flips in the inputs
               that later scales learn to undo). Captions are dropped 10% of the time in favour of the
               learned `cfg_uncond` rows, which is what classifier-free guidance needs at sampling time.
+              Each step also trains a second batch on the first 5 scales alone, where the layout is
+              decided (exact under the block-causal mask, and a quarter of the tokens).
 
 The output directory is a model directory that `minivar.load(path)` reads like any other:
 infinity.pth + infinity_config.json (upstream keys and constructor arguments), vae.pth +
