@@ -30,6 +30,7 @@ layer doing the same work (same scale, tokens, keys and batch rows) anywhere in 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import json
@@ -336,7 +337,8 @@ def generate_once(subj: Subject, plan: Plan) -> dict:
         mem.take()
         t3 = time.perf_counter()
         if subj.vae is not None:
-            subj.vae.decode(summed.squeeze(-3), tiled=subj.tiled_decode)
+            with system_malloc_for_large_buffers():
+                subj.vae.decode(summed.squeeze(-3), tiled=subj.tiled_decode)
         sync(device)
         t4 = time.perf_counter()
         peak_vae = mem.take() if subj.vae is not None else 0
@@ -462,6 +464,9 @@ def memory_estimate(subj: Subject, result: dict, full: Plan) -> dict:
 # --------------------------------------------------------------------------------------------------
 # Running cases A/B/A/B
 # --------------------------------------------------------------------------------------------------
+HEAP_KEPT = False  # whether keep_freed_memory is in force
+
+
 def keep_freed_memory() -> bool:
     """Ask glibc to keep freed buffers in the process (returns False where that is not possible).
 
@@ -475,7 +480,29 @@ def keep_freed_memory() -> bool:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
-    return bool(libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**62))
+    global HEAP_KEPT
+    HEAP_KEPT = bool(libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**62))
+    return HEAP_KEPT
+
+
+@contextlib.contextmanager
+def system_malloc_for_large_buffers():
+    """Within the block, glibc serves buffers of 1 MiB and more with their own mmap again (its
+    default), and unmaps them on free; afterwards the keep_freed_memory settings are back.
+
+    For the VAE decoder: its whole-resolution maps are gigabytes each and of ever-changing sizes, so
+    in a kept heap the hole one leaves cannot hold the next and RSS grows past the bytes alive (by
+    about 2.8 GiB at 2048x2048); with mmap, RSS is what a normal process would hold."""
+    M_MMAP_THRESHOLD, M_MMAP_MAX = -3, -4
+    libc = ctypes.CDLL("libc.so.6") if HEAP_KEPT else None
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+        libc.mallopt(M_MMAP_MAX, 1 << 16)
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.mallopt(M_MMAP_MAX, 0)
 
 
 def run_cases(subj: Subject, cases: list[Case], warmup: int, repeats: int,
