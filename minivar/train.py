@@ -377,9 +377,8 @@ def train_infinity(recipe: Recipe, vae: BSQVAE, tok: Tokenizer, log: Log) -> tup
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, stage)
-        full = scale_losses(model, *teacher_batch(recipe, vae, t5, model, tok, stage.batch, scales, rng, gen),
-                            scales, rope, mask)
-        per_scale = full
+        per_scale = full = scale_losses(model, *teacher_batch(recipe, vae, t5, model, tok, stage.batch, scales, rng, gen),
+                                        scales, rope, mask)
         if recipe.coarse_batch:
             part = scale_losses(model, *teacher_batch(recipe, vae, t5, model, tok, recipe.coarse_batch, coarse, rng, gen),
                                 coarse, rope[:, :Lc], mask[:Lc, :Lc])
@@ -390,10 +389,10 @@ def train_infinity(recipe: Recipe, vae: BSQVAE, tok: Tokenizer, log: Log) -> tup
         loss.backward()
         nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        per_scale = [p.item() for p in per_scale]
-        bar.set_postfix(loss=f"{loss.item():.4f}", last=f"{per_scale[-1]:.4f}")
+        logged = [p.item() for p in per_scale]
+        bar.set_postfix(loss=f"{loss.item():.4f}", last=f"{logged[-1]:.4f}")
         if step % 25 == 0 or step == stage.steps - 1:
-            log(stage="infinity", step=step, lr=lr_at(step, stage), loss=loss.item(), per_scale=per_scale)
+            log(stage="infinity", step=step, lr=lr_at(step, stage), loss=loss.item(), per_scale=logged)
     return model.eval().requires_grad_(False), t5.eval().requires_grad_(False)
 
 

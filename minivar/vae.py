@@ -270,7 +270,8 @@ class BSQVAE(nn.Module):
         if z.ndim != 4 or z.shape[1] != self.d:
             raise ValueError(f"expected a latent (B, {self.d}, h, w), got {tuple(z.shape)}")
         z = z.to(self.decoder.conv_in.conv.weight.dtype)
-        if use_bands(z.shape[2] * z.shape[3] * self.cfg.patch_size**2, tiled):  # one image at a time: the bands of one image already bound the memory
+        if use_bands(z.shape[2] * z.shape[3] * self.cfg.patch_size**2, tiled):
+            # one image at a time: the bands of one image already bound the memory
             x = torch.cat([decode_in_bands(self.decoder, z[i : i + 1]) for i in range(z.shape[0])])
         else:
             x = self.decoder(z)
@@ -305,6 +306,8 @@ TILE_ABOVE = 512 * 512  # output pixels above which BSQVAE.decode decodes in ban
 def use_bands(pixels: int, tiled: bool | None) -> bool:
     """Whether BSQVAE.decode(tiled=...) decodes an image of `pixels` output pixels in bands."""
     return pixels > TILE_ABOVE if tiled is None else tiled
+
+
 BAND_ELEMS = 1 << 24    # input elements (channels x rows x width) per band: 64 MiB in float32
 
 
