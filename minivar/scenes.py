@@ -3,8 +3,9 @@
 A *spec* is what a caption says: one or two groups of objects (count, shape, and optionally colour
 and size), an optional spatial relation between the groups, and an optional background colour. A
 *scene* makes a spec concrete: it picks whatever the caption leaves open (colours, sizes, the
-background) and places every object. Rendering draws the scene with PIL, anti-aliased by drawing
-at 4x and downsampling.
+background) and places every object: at random, or in the "canonical" layout that the toy's
+transformer learns from, where positions, unnamed sizes and an unnamed background follow from the
+caption. Rendering draws the scene with PIL, anti-aliased by drawing at 4x and downsampling.
 
     rng = random.Random(0)
     spec = random_spec(rng)             # Spec: two red circles above a blue square ...
@@ -162,20 +163,63 @@ class Scene:
     objects: list[Obj] = field(default_factory=list)
 
 
-def make_scene(spec: Spec, rng: random.Random, max_tries: int = 200) -> Scene:
-    """Fill in open attributes and place the objects so that none overlap and the relation holds."""
-    background = spec.background or rng.choice([c for c in PALETTE if c not in {g.colour for g in spec.groups}])
+LAYOUTS = ("random", "canonical")
+
+
+def make_scene(spec: Spec, rng: random.Random, layout: str = "random", max_tries: int = 200) -> Scene:
+    """Fill in open attributes and place the objects so that none overlap and the relation holds.
+
+    layout="random" picks every open attribute and position at random. layout="canonical" makes the
+    picture a function of the caption except for the object colours it leaves open: objects go to
+    fixed slots (`_place_canonical`), an unnamed size is medium and an unnamed background is white
+    (black if an object is said to be white)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}: choose one of {LAYOUTS}")
+    named = {g.colour for g in spec.groups}
+    if spec.background:
+        background = spec.background
+    elif layout == "canonical":
+        background = next(c for c in ("white", "black", *PALETTE) if c not in named)
+    else:
+        background = rng.choice([c for c in PALETTE if c not in named])
     free = [c for c in PALETTE if c != background]
     for _ in range(max_tries):
         objects = []
         for gi, g in enumerate(spec.groups):
             colour = g.colour or rng.choice(free)
             for _ in range(g.count):
-                side = SIZES[g.size or rng.choice(list(SIZES))]
-                objects.append(Obj(g.shape, colour, side, 0.0, 0.0, gi))
+                size = g.size or ("medium" if layout == "canonical" else rng.choice(list(SIZES)))
+                objects.append(Obj(g.shape, colour, SIZES[size], 0.0, 0.0, gi))
+        if layout == "canonical":
+            _place_canonical(objects, spec.relation)
+            return Scene(spec, background, objects)
         if _place(objects, spec.relation, rng):
             return Scene(spec, background, objects)
     raise RuntimeError(f"could not lay out {spec.caption!r}")
+
+
+def _place_canonical(objects: list[Obj], relation: str | None) -> None:
+    """Fixed slots on each axis: "lo" ends one cell before the middle line, "hi" starts one cell after
+    it, "mid" is centred. One group: 1 object in the middle, 2 side by side, 3 as two over one. Two
+    groups: each takes a half (left/right, or top/bottom for above/below) in caption order unless
+    the relation says otherwise, and a group of two splits its half across the other axis."""
+    def start(slot: str, cells: int) -> int:
+        return {"lo": GRID // 2 - 1 - cells, "hi": GRID // 2 + 1, "mid": (GRID - cells) // 2}[slot]
+
+    groups = [[o for o in objects if o.group == gi] for gi in sorted({o.group for o in objects})]
+    if len(groups) == 1:
+        slots = {1: [("mid", "mid")], 2: [("lo", "mid"), ("hi", "mid")],
+                 3: [("lo", "lo"), ("hi", "lo"), ("mid", "hi")]}[len(objects)]
+    else:
+        first = "hi" if relation in ("right of", "below") else "lo"
+        halves = (first, "hi" if first == "lo" else "lo")
+        across = {1: ["mid"], 2: ["lo", "hi"]}
+        slots = [(half, other) for half, g in zip(halves, groups) for other in across[len(g)]]
+        if relation in ("above", "below"):
+            slots = [(y, x) for x, y in slots]
+    for o, (sx, sy) in zip([o for g in groups for o in g], slots):
+        cells = round(o.side * GRID)
+        o.cx, o.cy = (start(sx, cells) + cells / 2) / GRID, (start(sy, cells) + cells / 2) / GRID
 
 
 def _place(objects: list[Obj], relation: str | None, rng: random.Random, tries: int = 100) -> bool:
@@ -251,11 +295,11 @@ def render(scene: Scene, res: int = 128) -> Image.Image:
     return img.resize((res, res), Image.Resampling.BOX)
 
 
-def batch(rng: random.Random, n: int, res: int = 128) -> tuple[list[str], np.ndarray]:
+def batch(rng: random.Random, n: int, res: int = 128, layout: str = "random") -> tuple[list[str], np.ndarray]:
     """n random captioned scenes: (captions, uint8 images (n, res, res, 3))."""
     captions, images = [], []
     for _ in range(n):
         spec = random_spec(rng)
         captions.append(spec.caption)
-        images.append(np.asarray(render(make_scene(spec, rng), res)))
+        images.append(np.asarray(render(make_scene(spec, rng, layout), res)))
     return captions, np.stack(images)

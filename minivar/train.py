@@ -16,7 +16,10 @@ Three stages, each seeded, each with a progress bar and a loss log (train_log.js
               that later scales learn to undo). Captions are dropped 10% of the time in favour of the
               learned `cfg_uncond` rows, which is what classifier-free guidance needs at sampling time.
               Each step also trains a second batch on the first 5 scales alone, where the layout is
-              decided (exact under the block-causal mask, and a quarter of the tokens).
+              decided (exact under the block-causal mask, and a quarter of the tokens). Its scenes
+              use the canonical layout (scenes.make_scene): where objects go, an unnamed size and an
+              unnamed background follow from the caption, so a layout never has to be invented by
+              bits that are sampled independently of each other.
 
 The output directory is a model directory that `minivar.load(path)` reads like any other:
 infinity.pth + infinity_config.json (upstream keys and constructor arguments), vae.pth +
@@ -81,6 +84,9 @@ class Recipe:
     self_correct: float = 0.2        # bits flipped in teacher-forced inputs: up to this share (per image)
     coarse_batch: int = 16           # extra scenes per step trained on the first scales only ...
     coarse_scales: int = 5           # ... this many (1x1 ... 8x8), where the layout is decided
+    # Scenes the transformer learns from: "canonical" places objects in slots that follow from the
+    # caption (scenes.make_scene); the VAE always sees "random" layouts, the wider distribution.
+    layout: str = "canonical"
 
     @property
     def scales(self) -> list[tuple[int, int]]:
@@ -128,9 +134,9 @@ class Log:
                 f.write(json.dumps(row) + "\n")
 
 
-def pixels_batch(rng: random.Random, n: int, res: int) -> tuple[list[str], torch.Tensor]:
+def pixels_batch(rng: random.Random, n: int, res: int, layout: str = "random") -> tuple[list[str], torch.Tensor]:
     """Captions and images (n, 3, res, res) in [-1, 1]."""
-    captions, images = scenes.batch(rng, n, res)
+    captions, images = scenes.batch(rng, n, res, layout)
     return captions, image_to_pixels(torch.from_numpy(images))
 
 
@@ -345,7 +351,7 @@ def teacher_batch(recipe: Recipe, vae: BSQVAE, t5: T5Encoder, model: Infinity, t
                   rng: random.Random, gen: torch.Generator):
     """n captioned scenes as (conditioning, next-scale inputs, target bits) for the given scales, with
     self-correction flips and caption dropout."""
-    captions, x = pixels_batch(rng, n, recipe.res)
+    captions, x = pixels_batch(rng, n, recipe.res, recipe.layout)
     with torch.no_grad():
         flip = torch.rand(n, generator=gen) * recipe.self_correct
         bits, next_inputs = self_correcting_bits(vae.encode(x), recipe.scales, flip, gen)

@@ -36,12 +36,15 @@ def test_captions_read_like_the_grammar():
     assert spec.caption == "a diamond and a circle"
 
 
-def test_scenes_honour_their_spec():
+@pytest.mark.parametrize("layout", scenes.LAYOUTS)
+def test_scenes_honour_their_spec(layout):
     rng = random.Random(3)
     for _ in range(300):
         spec = scenes.random_spec(rng)
-        scene = scenes.make_scene(spec, rng)
+        scene = scenes.make_scene(spec, rng, layout)
         assert len(scene.objects) == spec.n_objects
+        for i, a in enumerate(scene.objects):  # no overlaps, and the relation holds between groups
+            assert all(scenes._apart(a, b) and scenes._related(a, b, spec.relation) for b in scene.objects[:i])
         assert scene.background not in {o.colour for o in scene.objects}
         assert spec.background in (None, scene.background)
         for o in scene.objects:
@@ -50,6 +53,29 @@ def test_scenes_honour_their_spec():
             assert scenes.MARGIN <= o.cx - o.side / 2 and o.cx + o.side / 2 <= 1 - scenes.MARGIN
             edges = np.array([o.cx - o.side / 2, o.cy - o.side / 2, o.side]) * scenes.GRID  # on grid lines
             assert np.allclose(edges, edges.round()) and o.side in scenes.SIZES.values()
+
+
+def test_canonical_layout_follows_from_the_caption():
+    """Only the colours a caption leaves open vary between draws; everything else is fixed by it."""
+    rng = random.Random(5)
+    for _ in range(200):
+        spec = scenes.random_spec(rng)
+        a, b = (scenes.make_scene(spec, random.Random(seed), "canonical") for seed in (1, 2))
+        assert [(o.shape, o.side, o.cx, o.cy) for o in a.objects] == [(o.shape, o.side, o.cx, o.cy) for o in b.objects]
+        assert a.background == b.background == (spec.background or a.background)
+        if not any(g.size for g in spec.groups):
+            assert {o.side for o in a.objects} == {scenes.SIZES["medium"]}
+    spec = Spec((Group("circle", 1, "red"), Group("square", 1, "blue")), "above", None, "position")
+    top, bottom = scenes.make_scene(spec, random.Random(0), "canonical").objects
+    assert top.cy < 0.5 < bottom.cy and top.cx == bottom.cx == 0.5 - 0.5 / scenes.GRID
+    with pytest.raises(ValueError, match="unknown layout"):
+        scenes.make_scene(spec, random.Random(0), "grid")
+
+
+def test_checker_accepts_canonical_scenes():
+    specs = scenes.eval_specs(200)
+    images = [scenes.render(scenes.make_scene(s, random.Random(i), "canonical"), RES) for i, s in enumerate(specs)]
+    assert accuracy(specs, [check(s, im) for s, im in zip(specs, images)])["overall"] >= 0.98
 
 
 def test_render_is_antialiased_and_deterministic():
