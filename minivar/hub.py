@@ -57,7 +57,7 @@ SPECS: dict[str, ModelSpec] = {
 }
 
 # Model directories that ship with the checkout, found by name whatever $MINIVAR_HOME says.
-# "toy" is trained by `python -m minivar.train toy --out weights/toy` (see weights/toy/README.md).
+# "toy" is trained by `python -m minivar.toy.train --out weights/toy` (see weights/toy/README.md).
 SHIPPED = {"toy": REPO_ROOT / "weights" / "toy"}
 
 # What the text encoder needs from its repo, besides the shards that hold encoder tensors.
@@ -126,7 +126,7 @@ def find_directory(name: str | os.PathLike) -> Path:
     for path in (SHIPPED.get(str(name)), Path(name).expanduser(), weights_home() / str(name)):
         if path is not None and path.is_dir():
             return path
-    hint = "; build the toy model with `python -m minivar.train toy --out weights/toy`" if str(name) == "toy" else ""
+    hint = "; build the toy model with `python -m minivar.toy.train --out weights/toy`" if str(name) == "toy" else ""
     raise ValueError(f"unknown model {str(name)!r}: it is not a preset ({', '.join(sorted(SPECS))}) and there is "
                      f"no model directory {Path(name).expanduser()} or {weights_home() / str(name)}{hint}")
 

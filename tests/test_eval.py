@@ -5,9 +5,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from minivar import scenes
-from minivar.eval import accuracy, check, detect
-from minivar.scenes import CATEGORIES, PALETTE, RELATIONS, SHAPES, Group, Obj, Scene, Spec
+from minivar.toy import scenes
+from minivar.toy.geneval import accuracy, check, detect
+from minivar.toy.scenes import CATEGORIES, PALETTE, RELATIONS, SHAPES, Group, Obj, Scene, Spec
 
 RES = 64  # the toy model's resolution
 

@@ -69,8 +69,8 @@ def test_sample_api_offline():
 def test_named_backgrounds_are_drawn(pipe):
     """The part of the checker's verdict the shipped weights do meet: the background colour a caption
     names (95 % of the 107 such mini-GenEval prompts; a caption-blind model gets about 1 in 7)."""
-    from minivar.eval import detect
-    from minivar.scenes import eval_specs
+    from minivar.toy.geneval import detect
+    from minivar.toy.scenes import eval_specs
 
     specs = [s for s in eval_specs(60) if s.background][:10]
     images = pipe.generate([s.caption for s in specs], seed=SEED, prune=False).images
@@ -82,8 +82,8 @@ def test_single_objects_pass_the_checker(pipe):
     """Ten single-object prompts (colour + shape), seed 0: the checker accepts at least three (27.5 %
     of the 40 such mini-GenEval prompts pass; the previous weights passed 1 of these 10), and at least
     six show exactly one object."""
-    from minivar.eval import check
-    from minivar.scenes import eval_specs
+    from minivar.toy.geneval import check
+    from minivar.toy.scenes import eval_specs
 
     specs = [s for s in eval_specs(200) if s.category == "single_object"][:10]
     images = pipe.generate([s.caption for s in specs], seed=SEED, prune=False).images

@@ -1,14 +1,16 @@
 """Training code on a tiny recipe: the pieces agree with inference, losses go down, files load back."""
+import json
 import random
 from dataclasses import replace
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 import minivar
-from minivar import train
 from minivar.bsq import quantize_multiscale
 from minivar.config import InfinityConfig
+from minivar.toy import train
 from minivar.transformer import Attn, flatten_block_keys
 from minivar.vae import BSQVAE
 
@@ -141,3 +143,37 @@ def test_infinity_loss_goes_down_and_the_files_load_back(tmp_path):
     assert all(torch.equal(sd_loaded[k], v.to(torch.bfloat16).float()) for k, v in model.state_dict().items())
     out = pipe.generate("a red circle", res="0.06M", seed=0)
     assert out.image.size == (32, 32)
+
+
+def test_set_changes_one_recipe_field():
+    r = train.override(TINY, "t5.num_layers=3")
+    assert r.t5.num_layers == 3 and r.t5.d_model == TINY.t5.d_model and r.infinity == TINY.infinity
+    assert train.override(TINY, "layout=random").layout == "random"
+    assert train.override(TINY, "truncate_to=[4]").truncate_to == (4,)
+    assert train.override(TINY, "gpt_stage.lr=0.001").gpt_stage.lr == 0.001
+    for bad, words in [("layuot=random", "no field 'layuot'"), ("t5.layers=4", "no field 'layers'"), ("steps", "FIELD=VALUE")]:
+        with pytest.raises(ValueError, match=words):
+            train.override(TINY, bad)
+
+
+def test_short_run_reuses_the_tokenizer_and_vae(tmp_path, capsys):
+    """The short-run protocol: a first full run, then a transformer-only run on top of its VAE that
+    copies the VAE and tokenizer byte for byte, honours --steps and --set, and scores itself."""
+    recipe = replace(TINY, vae_stage=train.Stage(steps=2, batch=2, lr=1e-3, warmup=1),
+                     gpt_stage=train.Stage(steps=2, batch=2, lr=1e-3, warmup=1))
+    train.run(recipe, tmp_path / "base")
+    train.RECIPES["tiny-test"] = recipe
+    try:
+        train.main(["tiny-test", "--out", str(tmp_path / "short"), "--reuse-vae", str(tmp_path / "base"),
+                    "--steps", "3", "--set", "caption_drop=0.5", "--eval", "5", "--threads", "1"])
+    finally:
+        del train.RECIPES["tiny-test"]
+    for name in ("vae.pth", "t5/spiece.model"):
+        assert (tmp_path / "short" / name).read_bytes() == (tmp_path / "base" / name).read_bytes()
+    rows = [json.loads(line) for line in (tmp_path / "short" / "train_log.jsonl").read_text().splitlines()]
+    assert not any(r["stage"] == "vae" for r in rows)
+    assert max(r["step"] for r in rows if r["stage"] == "infinity") == 2
+    assert json.loads((tmp_path / "short" / "infinity_config.json").read_text())["constructor_kwargs"]["cond_drop_rate"] == 0.5
+    scores = json.loads((tmp_path / "short" / "geneval.json").read_text())
+    assert scores["n"] == 5 and 0.0 <= scores["overall"] <= 1.0
+    assert "mini-GenEval" in capsys.readouterr().out

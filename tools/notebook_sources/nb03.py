@@ -163,7 +163,7 @@ for lab, b, l in zip(labels, bit_diff, lat_diff):
 ("md", """
 ## 4. How much can be dropped? A sweep of the keep ratio
 
-We generate a set of mini-GenEval prompts (`minivar.eval`: an analytic checker of colour, shape,
+We generate a set of mini-GenEval prompts (`minivar.toy.geneval`: an analytic checker of colour, shape,
 count and position in the toy's world of flat shapes) with several keep ratios at the last two
 scales, once with pivotal-token selection and once with the same number of randomly chosen tokens;
 also with the two scales skipped entirely (keep 0) and with the `prune=True` preset. Quality is
@@ -178,7 +178,7 @@ stays above random selection at the same cost, which is the case for choosing to
 what skipping the scales, the cheapest option, costs in detail.
 """),
 ("code", '''
-from minivar import eval as mini_geneval
+from minivar.toy import geneval as mini_geneval
 
 N_EVAL, BATCH = (16, 8) if model == "toy" else (8, 4)
 specs = mini_geneval.eval_specs(N_EVAL)

@@ -14,7 +14,7 @@ caption. Rendering draws the scene with PIL, anti-aliased by drawing at 4x and d
     spec.caption                        # "two red circles above a blue square on a white background"
 
 Everything is deterministic given the seed of the `random.Random` that drives it, and nothing is
-downloaded. eval.py checks generated images against the spec that produced the prompt.
+downloaded. geneval.py checks generated images against the spec that produced the prompt.
 """
 from __future__ import annotations
 

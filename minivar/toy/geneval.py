@@ -8,8 +8,8 @@ image shows exactly the objects the spec asks for: every group with its count (a
 when the caption names them), no extra objects, the named background, and the relation between the
 groups' centroids.
 
-    python -m minivar.eval toy --n 200 --json scores.json        # unpruned
-    python -m minivar.eval toy --prune                           # with the toy pruning preset
+    python -m minivar.toy.eval --n 200 --json scores.json        # the shipped toy, unpruned
+    python -m minivar.toy.eval --prune                           # with the toy pruning preset
 
 Categories follow GenEval's: single object (colour + shape), colour attribution (two objects, each
 with its colour), counting, position, and two objects (shapes only). The overall score is the mean
@@ -254,7 +254,7 @@ def generate_all(pipe, specs: list[Spec], prune, batch: int = 8, seed: int = 0, 
 def recon_psnr(vae, scales: list[tuple[int, int]], n: int = 64, seed: int = 987_654, res: int = 128) -> float:
     """Mean PSNR (dB) of VAE round trips (encode, multi-scale bits, decode) of held-out scenes."""
     from .scenes import random_spec
-    from .vae import image_to_pixels, pixels_to_image
+    from ..vae import image_to_pixels, pixels_to_image
 
     rng = random.Random(seed)
     images = np.stack([np.asarray(render(make_scene(random_spec(rng), rng), res)) for _ in range(n)])
@@ -269,7 +269,7 @@ def recon_psnr(vae, scales: list[tuple[int, int]], n: int = 64, seed: int = 987_
 
 def cost(pipe, scales: list[tuple[int, int]], schedule, cfg_on: bool, text_tokens: int) -> dict:
     """Analytic transformer FLOPs (flops.py) and token-layer evaluations per image, for one schedule."""
-    from .flops import summary, transformer_count
+    from ..flops import summary, transformer_count
 
     counts = transformer_count(pipe.transformer.cfg, scales, schedule, cfg_on=cfg_on, text_tokens=text_tokens)
     return {"transformer_gflops": summary(counts)["transformer_flops"] / 1e9,
@@ -280,7 +280,7 @@ def cost(pipe, scales: list[tuple[int, int]], schedule, cfg_on: bool, text_token
 def evaluate(pipe, n: int = 200, prune=False, batch: int = 8, seed: int = 0, cfg: float = 3.0,
              tau: float = 0.5, psnr_scenes: int = 64) -> dict:
     """mini-GenEval of a pipeline on the toy world: scores, cost of the schedule and VAE PSNR."""
-    from .presets import resolve_prune
+    from ..presets import resolve_prune
 
     specs = eval_specs(n)
     t0 = time.perf_counter()
@@ -317,7 +317,7 @@ def format_report(name: str, r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m minivar.eval", description="mini-GenEval on the toy world")
+    p = argparse.ArgumentParser(prog="python -m minivar.toy.eval", description="mini-GenEval on the toy world")
     p.add_argument("model", nargs="?", default="toy", help="model name or directory (default: toy)")
     p.add_argument("--prune", action=argparse.BooleanOptionalAction, default=False,
                    help="use the model's pruning preset (prune=True) (default: off)")
@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tau", type=float, default=0.5)
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write scores and costs as JSON")
     a = p.parse_args(argv)
-    from .pipeline import load
+    from ..pipeline import load
 
     pipe = load(a.model)
     r = evaluate(pipe, a.n, a.prune, a.batch, a.seed, a.cfg, a.tau)

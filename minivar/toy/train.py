@@ -1,6 +1,13 @@
 """Train the toy Infinity from scratch on procedural shape scenes, in the real checkpoint formats.
 
-    python -m minivar.train toy --out weights/toy
+    python -m minivar.toy.train --out weights/toy                     # the shipped toy, all three stages
+    python -m minivar.toy.train --reuse-vae weights/toy --steps 1050 --eval 100 --out /tmp/run \
+        --set t5.num_layers=4                                         # a short A/B run (about 20 min)
+
+The short-run protocol keeps the tokenizer and VAE of an existing model directory, trains only the
+transformer and T5 for `--steps`, then scores the result with mini-GenEval (`--eval N` prompts).
+`--set` changes one field of the recipe (dotted for nested configs), so two runs that differ in one
+`--set` are a controlled comparison; docs/toy/experiments.md records every one.
 
 Three stages, each seeded, each with a progress bar and a loss log (train_log.jsonl):
 
@@ -32,8 +39,9 @@ import io
 import json
 import math
 import random
+import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -42,12 +50,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import scenes
-from .bsq import DOWN_MODE, UP_MODE, bits_to_codes, quantize_one_scale
-from .config import InfinityConfig, scale_schedule
-from .t5 import T5Config, T5Encoder
-from .tokenizer import Tokenizer
-from .transformer import Attn, Conditioning, Infinity
-from .vae import BSQVAE, VAEConfig, image_to_pixels
+from ..bsq import DOWN_MODE, UP_MODE, bits_to_codes, quantize_one_scale
+from ..config import InfinityConfig, scale_schedule
+from ..t5 import T5Config, T5Encoder
+from ..tokenizer import Tokenizer
+from ..transformer import Attn, Conditioning, Infinity
+from ..vae import BSQVAE, VAEConfig, image_to_pixels
 
 
 @dataclass
@@ -437,7 +445,7 @@ def save_infinity(model: Infinity, recipe: Recipe, out: Path, dtype: torch.dtype
     }
     meta = {"upstream_class": "infinity.models.infinity.Infinity", "constructor_kwargs": args,
             "derived": {"d_vae": cfg.d_vae}, "storage_dtype": str(dtype).removeprefix("torch."),
-            "trained_by": "python -m minivar.train"}
+            "trained_by": "python -m minivar.toy.train"}
     (out / "infinity_config.json").write_text(json.dumps(meta, indent=1) + "\n")
 
 
@@ -448,7 +456,7 @@ def save_vae(vae: BSQVAE, out: Path, dtype: torch.dtype) -> None:
             "patch_size": cfg.patch_size, "encoder_ch_mult": list(cfg.ch_mult), "decoder_ch_mult": list(cfg.ch_mult)}
     meta = {"vae_type": cfg.codebook_dim, "base_ch": cfg.base_ch, "num_res_blocks": cfg.num_res_blocks,
             "vae_model_call": call, "quantizer_type": "MultiScaleBSQ", "storage_dtype": str(dtype).removeprefix("torch."),
-            "trained_by": "python -m minivar.train"}
+            "trained_by": "python -m minivar.toy.train"}
     (out / "vae_config.json").write_text(json.dumps(meta, indent=1) + "\n")
 
 
@@ -469,35 +477,93 @@ def save_t5(t5: T5Encoder, out: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------
-def run(recipe: Recipe, out: Path, dtype: torch.dtype = torch.bfloat16) -> dict[str, float]:
-    """All three stages into the model directory `out`; returns the seconds each took."""
+def run(recipe: Recipe, out: Path, dtype: torch.dtype = torch.bfloat16, reuse: Path | None = None) -> dict[str, float]:
+    """All three stages into the model directory `out`, or (with `reuse`, a model directory) only the
+    transformer and T5 on top of that directory's tokenizer and VAE; returns the seconds each took."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_log.jsonl").unlink(missing_ok=True)
     log, seconds, t0 = Log(out / "train_log.jsonl"), {}, time.perf_counter()
-    tok = train_tokenizer(recipe, out / "t5")
-    seconds["tokenizer"] = time.perf_counter() - t0
-    vae = train_vae(recipe, log)
-    save_vae(vae, out, dtype)
+    if reuse is None:
+        tok = train_tokenizer(recipe, out / "t5")
+        seconds["tokenizer"] = time.perf_counter() - t0
+        vae = train_vae(recipe, log)
+        save_vae(vae, out, dtype)
+    else:
+        tok, vae = reuse_tokenizer_and_vae(reuse, out, recipe)
     seconds["vae"] = time.perf_counter() - t0 - sum(seconds.values())
     model, t5 = train_infinity(recipe, vae, tok, log)
     save_infinity(model, recipe, out, dtype)
     save_t5(t5, out / "t5")
     seconds["infinity"] = time.perf_counter() - t0 - sum(seconds.values())
     seconds["total"] = time.perf_counter() - t0
-    log(stage="done", seconds=seconds, threads=torch.get_num_threads())
+    log(stage="done", seconds=seconds, threads=torch.get_num_threads(), reused=str(reuse) if reuse else None)
     return seconds
 
 
+def reuse_tokenizer_and_vae(src: Path, out: Path, recipe: Recipe) -> tuple[Tokenizer, BSQVAE]:
+    """Copy an existing model directory's tokenizer and VAE files into `out` and load them."""
+    from ..pipeline import load
+
+    pipe = load(src)
+    if pipe.vae.cfg.codebook_dim != recipe.vae.codebook_dim:
+        raise ValueError(f"--reuse-vae {src}: its VAE has {pipe.vae.cfg.codebook_dim} bits per token, "
+                         f"the recipe {recipe.vae.codebook_dim}; drop --reuse-vae or match vae.codebook_dim")
+    (out / "t5").mkdir(parents=True, exist_ok=True)
+    for name in ("vae.pth", "vae_config.json", "t5/spiece.model"):
+        shutil.copyfile(src / name, out / name)
+    return Tokenizer(out / "t5" / "spiece.model"), pipe.vae.float().eval().requires_grad_(False)
+
+
+def override(recipe: Recipe, assignment: str) -> Recipe:
+    """recipe with one field changed: "layout=random", "gpt_stage.steps=800", "t5.num_layers=4".
+    The value is parsed as JSON when it can be (numbers, lists), else taken as a string."""
+    key, sep, text = assignment.partition("=")
+    if not sep:
+        raise ValueError(f"--set {assignment!r}: expected FIELD=VALUE, e.g. t5.num_layers=4")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    head, _, rest = key.partition(".")
+    if head not in {f.name for f in fields(recipe)}:
+        raise ValueError(f"--set {assignment!r}: the recipe has no field {head!r}; "
+                         f"fields: {', '.join(f.name for f in fields(recipe))}")
+    if rest:
+        value = override(getattr(recipe, head), f"{rest}={text}")
+    elif isinstance(getattr(recipe, head), tuple) and isinstance(value, list):
+        value = tuple(value)
+    return replace(recipe, **{head: value})
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m minivar.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("recipe", choices=sorted(RECIPES), help="'toy' makes weights/toy; 'tiny' is a seconds-long smoke run")
+    p = argparse.ArgumentParser(prog="python -m minivar.toy.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("recipe", nargs="?", default="toy", choices=sorted(RECIPES),
+                   help="'toy' makes weights/toy; 'tiny' is a seconds-long smoke run (default: toy)")
     p.add_argument("--out", type=Path, required=True, help="model directory to write")
     p.add_argument("--threads", type=int, default=2,
                    help="torch CPU threads (default: %(default)s; results are bit-exact for a given thread count)")
+    p.add_argument("--reuse-vae", type=Path, default=None, metavar="DIR",
+                   help="keep DIR's tokenizer and VAE, train only the transformer and T5")
+    p.add_argument("--steps", type=int, default=None, help="transformer + T5 steps (default: the recipe's)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="overrides",
+                   help="change one recipe field, e.g. t5.num_layers=4 or layout=random (repeatable)")
+    p.add_argument("--eval", type=int, default=0, metavar="N", help="score N mini-GenEval prompts at the end")
     args = p.parse_args(argv)
+    recipe = RECIPES[args.recipe]
+    try:
+        for assignment in args.overrides:
+            recipe = override(recipe, assignment)
+    except (ValueError, TypeError) as e:
+        p.error(str(e))
+    if args.steps is not None:
+        recipe = replace(recipe, gpt_stage=replace(recipe.gpt_stage, steps=args.steps))
     torch.set_num_threads(args.threads)
-    seconds = run(RECIPES[args.recipe], args.out)
+    seconds = run(recipe, args.out, reuse=args.reuse_vae)
     print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
+    if args.eval:
+        from .geneval import main as geneval
+
+        geneval([str(args.out), "--n", str(args.eval), "--json", str(args.out / "geneval.json")])
 
 
 if __name__ == "__main__":
