@@ -58,9 +58,12 @@ def test_scenes_honour_their_spec(layout):
 def test_canonical_layout_follows_from_the_caption():
     """Only the colours a caption leaves open vary between draws; everything else is fixed by it."""
     rng = random.Random(5)
-    for _ in range(200):
+    for _ in range(2000):
         spec = scenes.random_spec(rng)
         a, b = (scenes.make_scene(spec, random.Random(seed), "canonical") for seed in (1, 2))
+        for i, o in enumerate(a.objects):  # no overlaps, the relation holds, inside the margins
+            assert all(scenes._apart(o, p) and scenes._related(o, p, spec.relation) for p in a.objects[:i])
+            assert scenes.MARGIN <= o.cx - o.side / 2 and o.cx + o.side / 2 <= 1 - scenes.MARGIN
         assert [(o.shape, o.side, o.cx, o.cy) for o in a.objects] == [(o.shape, o.side, o.cx, o.cy) for o in b.objects]
         assert a.background == b.background == (spec.background or a.background)
         if not any(g.size for g in spec.groups):

@@ -172,7 +172,15 @@ def make_scene(spec: Spec, rng: random.Random, layout: str = "random", max_tries
     layout="random" picks every open attribute and position at random. layout="canonical" makes the
     picture a function of the caption except for the object colours it leaves open: objects go to
     fixed slots (`_place_canonical`), an unnamed size is medium and an unnamed background is white
-    (black if an object is said to be white)."""
+    (black if an object is said to be white).
+
+    Why canonical layouts exist: a VAR model samples all bits of one scale independently given the
+    scales before it, so the coarse scales (1x1 ... 8x8) must commit to one layout. When a caption
+    allows many layouts, each token's bits average over them and the picture comes out as blobs
+    that merge, split or vanish; when the caption fixes the layout, the coarse scales have one
+    answer to learn. The only global choice left open, an unnamed colour, is made once by the 1x1
+    scale. The checker (geneval.py) judges colour, shape, count and the relation of centroids, never
+    exact positions, so it scores both layouts alike."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}: choose one of {LAYOUTS}")
     named = {g.colour for g in spec.groups}
@@ -200,7 +208,8 @@ def make_scene(spec: Spec, rng: random.Random, layout: str = "random", max_tries
 
 def _place_canonical(objects: list[Obj], relation: str | None) -> None:
     """Fixed slots on each axis: "lo" ends one cell before the middle line, "hi" starts one cell after
-    it, "mid" is centred. One group: 1 object in the middle, 2 side by side, 3 as two over one. Two
+    it, "mid" is centred. One group: 1 object in the middle, 2 side by side, 3 as two over one (a row
+    of three medium objects needs 15 cells plus two gaps, more than the 14 inside the margins). Two
     groups: each takes a half (left/right, or top/bottom for above/below) in caption order unless
     the relation says otherwise, and a group of two splits its half across the other axis."""
     def start(slot: str, cells: int) -> int:
