@@ -22,7 +22,8 @@ from .pruning import PruneSchedule
 from .sampling import Settings, Trace, run_scale_loop
 from .t5 import T5Encoder, load_t5
 from .tokenizer import Tokenizer
-from .transformer import Infinity, image_batch, load_infinity
+from .numerics import image_batch
+from .transformer import Infinity, load_infinity
 from .vae import BSQVAE, VAEConfig, load_vae, pixels_to_image
 
 MAX_PROMPT_CHARS = 20_000  # far beyond T5's 512 tokens; longer input is almost surely a mistake

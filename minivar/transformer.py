@@ -1,7 +1,8 @@
 """The Infinity transformer: text conditioning, blocks with self- and cross-attention, and the bit head.
 
-Reading order: `attend` (the one attention kernel choice), `Rope2D`, `KVCache`, the three sub-layers
-(`SelfAttention`, `CrossAttention`, `FFN`), `Block`, then `Infinity`. The scale loop that drives the
+Reading order: `Rope2D`, `KVCache`, the three sub-layers (`SelfAttention`, `CrossAttention`, `FFN`),
+`Block`, then `Infinity`. The dtype and batch-invariance details that make CPU results equal
+upstream's (`Linear`, `attend`, `text_attention`, `image_batch`) live in numerics.py. The scale loop that drives the
 model lives in sampling.py; this file only knows how to run one scale through the blocks.
 
 Every Infinity block runs three sub-layers on the residual stream x (B, L, C):
@@ -19,119 +20,18 @@ from __future__ import annotations
 
 import math
 import re
-from contextlib import contextmanager, nullcontext
-from contextvars import ContextVar
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
-
-from pathlib import Path
 
 from .config import InfinityConfig, rope_grid_for
+from .numerics import LayerNorm, Linear, attend, image_batch, images_in_batch, linear, text_attention, text_kv
 from .weights import assign_state_dict, read_state_dict
-
-try:  # optional CUDA kernel; never required
-    from flash_attn import flash_attn_func as _flash_attn_func
-except ImportError:
-    _flash_attn_func = None
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-           mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Softmax attention, q (B, H, Lq, hd), k and v (B, H, Lk, hd) -> (B, H, Lq, hd) in q's dtype.
-
-    `mask` (Lq, Lk) is boolean, True where attention is allowed (used for uncached, whole-sequence
-    forwards). flash-attn is used only when it is installed, the tensors are half precision on CUDA
-    and there is no mask. Otherwise torch SDPA runs in float32 (half inputs are upcast, the output
-    cast back), which is also what upstream's numbers were recorded with on CPU.
-    """
-    if _flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and mask is None:
-        out = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale)
-        return out.transpose(1, 2)  # (B, Lq, H, hd) -> (B, H, Lq, hd)
-    out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=scale)
-    return out.to(q.dtype)
-
-
-def segment_attention(q: torch.Tensor, kv: list[torch.Tensor], segments: list[tuple[int, int, int]],
-                      scale: float) -> torch.Tensor:
-    """Each batch row attends only to its own text segment.
-
-    q (R, Lq, H, hd); kv[b] (N_b, 2, H, hd) are image b's keys and values; segments[r] = (b, start, end)
-    for row r. Returns (R, Lq, H, hd). One attention call per row keeps the arithmetic identical
-    whatever the other rows hold. Off CUDA this uses SDPA's plain (math) kernel: upstream's text
-    attention is a varlen flash kernel, and its CPU reference numbers were recorded with the math
-    formulation.
-    """
-    outs = []
-    with sdpa_kernel(SDPBackend.MATH) if not q.is_cuda else nullcontext():
-        for r, (b, s, e) in enumerate(segments):
-            k, v = kv[b][s:e].unbind(1)                # (n, H, hd) each
-            out = attend(q[r].transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], scale)
-            outs.append(out[0].transpose(0, 1))        # (Lq, H, hd)
-    return torch.stack(outs)
-
-
-def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """CPUs run half-precision matmuls far slower than fp32, so they compute in the input's dtype
-    (fp32); accelerators compute in the weights' storage dtype."""
-    return x.dtype if x.device.type == "cpu" else weight.dtype
-
-
-# Batch invariance. BLAS libraries compute matmuls with few rows (here: fewer than 12, other than 4
-# and 8) with "tail" kernels whose rounding depends on the row count, so without care an image's
-# numbers would change with its batch-mates. While `image_batch(n)` is active, row-wise ops over such
-# small inputs are computed one image at a time: rows b, b + n, b + 2n ... belong to image b
-# (conditional rows first, then unconditional ones). A batch of one is computed as a whole.
-_IMAGES: ContextVar[int] = ContextVar("images", default=1)
-SMALL_ROWS = 12
-
-
-@contextmanager
-def image_batch(n: int):
-    token = _IMAGES.set(n)
-    try:
-        yield
-    finally:
-        _IMAGES.reset(token)
-
-
-def per_image(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """fn applied row-wise to x (R, ...), one image's rows at a time when x is small (see above)."""
-    n, R = _IMAGES.get(), x.shape[0]
-    if n == 1 or R % n or x[..., 0].numel() >= SMALL_ROWS:
-        return fn(x)
-    groups = torch.arange(R, device=x.device).view(R // n, n).t()  # (n, R/n): the rows of each image
-    outs = [fn(x[rows]) for rows in groups]
-    out = outs[0].new_empty(R, *outs[0].shape[1:])
-    for rows, o in zip(groups, outs):
-        out[rows] = o
-    return out
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear in `compute_dtype`, batch-invariant for small inputs."""
-    dt = compute_dtype(x, weight)
-    w, b = weight.to(dt), None if bias is None else bias.to(dt)
-    return per_image(lambda t: F.linear(t, w, b), x.to(dt))
-
-
-class Linear(nn.Linear):
-    """nn.Linear computed by `linear`: bf16-stored weights give fp32 math on CPU."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
-
-
-class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32 whatever the storage dtype of its parameters."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
-
 
 def ada_layer_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
     """LayerNorm without affine, then the AdaLN modulation x * (1 + scale) + shift, in float32."""
@@ -140,6 +40,9 @@ def ada_layer_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, ep
 
 
 class RMSNorm(nn.Module):
+    """Root-mean-square norm in fp32, weight applied in fp32. (t5.py's differs on purpose: Hugging Face's
+    T5 casts back to the weight's dtype before applying the weight, and its numbers follow that.)"""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
@@ -281,7 +184,7 @@ class Attn:
     mask: torch.Tensor | None = None  # (L, L) bool, for whole-sequence forwards without a cache
 
 
-MAX_LOG_SCALE = torch.log(torch.tensor(100.0)).item()  # log(100) rounded to float32, as upstream clamps
+MAX_LOG_SCALE = float(np.float32(math.log(100.0)))  # log(100) rounded to float32, as upstream clamps (no kernel at import)
 
 
 class SelfAttention(nn.Module):
@@ -328,7 +231,7 @@ class SelfAttention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Attention from queries to text tokens. q, k, v go through bfloat16, as in upstream's kernel.
+    """Attention from queries to text tokens (numerics.text_attention: through bf16, as upstream's kernel).
 
     With `pool=True` the query is a learned parameter (one query per image), which turns this into
     attention pooling of the text into a single vector.
@@ -351,18 +254,16 @@ class CrossAttention(nn.Module):
         if self not in text.kv:  # keys and values of the text, once per generation, image by image
             bias = torch.cat((self.zero_k_bias, self.v_bias))
             with image_batch(1):
-                text.kv[self] = [linear(t, self.mat_kv.weight, bias).view(t.shape[0], 2, self.heads, self.head_dim)
-                                 .to(torch.bfloat16) for t in text.tokens]
+                text.kv[self] = [text_kv(linear(t, self.mat_kv.weight, bias).view(t.shape[0], 2, self.heads, self.head_dim))
+                                 for t in text.tokens]
         if self.pool:
             R, L = rows, 1
             q = self.mat_q.float().repeat(R, 1, 1)[:, None]  # (R, 1, H, hd)
         else:
             R, L = x.shape[:2]
             q = self.mat_q(x).view(R, L, self.heads, self.head_dim)
-        # Upstream always runs this attention in bfloat16 (its flash kernel); the rounding of q, k, v
-        # and of the output is part of the model's numbers, so we keep it on every device.
-        out = segment_attention(q.to(torch.bfloat16), text.kv[self], text.row_segments(R), 1 / math.sqrt(self.head_dim))
-        return self.proj(out.reshape(R, L, -1).float())
+        out = text_attention(q, text.kv[self], text.row_segments(R), 1 / math.sqrt(self.head_dim))  # (R, L, H, hd)
+        return self.proj(out.reshape(R, L, -1))
 
 
 class FFN(nn.Module):
@@ -467,7 +368,7 @@ class Infinity(nn.Module):
         unconditional ones; segments[r] = (start, end) of batch row r. Inside `image_batch(n)` the rows form
         n images and the text is processed image by image.
         """
-        n_images = _IMAGES.get()
+        n_images = images_in_batch()
         raw = Text.from_rows(kv, segments, n_images)
         with image_batch(1):
             normed = raw.map(self.text_norm)

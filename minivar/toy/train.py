@@ -488,6 +488,7 @@ def run(recipe: Recipe, out: Path, dtype: torch.dtype = torch.bfloat16, reuse: P
         seconds["tokenizer"] = time.perf_counter() - t0
         vae = train_vae(recipe, log)
         save_vae(vae, out, dtype)
+        vae.load_state_dict(storage(vae.state_dict(), dtype))  # the transformer learns the VAE as stored
     else:
         tok, vae = reuse_tokenizer_and_vae(reuse, out, recipe)
     seconds["vae"] = time.perf_counter() - t0 - sum(seconds.values())
