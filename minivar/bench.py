@@ -2,25 +2,37 @@
 
     python -m minivar.bench --quick                                     # CI smoke test (tiny-a, < 1 min)
     python -m minivar.bench --subjects infinity-2b-shape --res 1024 --depth 4 --out bench/2b-1024
+    python -m minivar.bench --direct --subjects infinity-2b-shape --res 1024 --depth 32 --out bench/direct
 
 Subjects:
     tiny               the golden fixture tests/fixtures/tiny-a: real T5, transformer and VAE
     toy                the toy model in weights/toy, skipped when it is not there
     infinity-2b-shape  Infinity-2B widths with random weights and --depth layers; random T5-width text
     infinity-8b-shape  the same for Infinity-8B (VAE d56)
-Shape models build `Infinity` at the real widths with fewer layers (deterministic init), feed random
-text features straight to `model.condition` (no T5), and decode with a randomly initialised VAE at real
+Shape models build `Infinity` at the real widths with fewer layers (deterministic init), read fixed
+random text features instead of T5's (`RandomText`), and decode with a randomly initialised VAE at real
 widths unless --no-vae. Their per-layer times are extrapolated to the real depth (`extrapolate`).
 --weight-dtype bf16 stores the transformer's weights in bfloat16, as `minivar.load(dtype=torch.bfloat16)`
-does (on CPU the matmuls still run in float32 on a per-call copy of each weight); --decode picks the
-VAE's row-band or whole-map decoding (default: bands above 512x512 pixels, as `BSQVAE.decode`).
+does (on CPU the matmuls still run in float32 on a per-call copy of each weight); --decode pins the
+VAE's row-band or whole-map decoding (default auto: what `BSQVAE.decode` picks, bands above 512x512).
 
-Cases are every combination of --res, --prune and --cfg-stop. After --warmup untimed rounds, each of
---repeats rounds runs every case once, in order (A/B/A/B), so drifts of a shared machine hit all
-cases alike. Reported per case: median and spread (min..max) of the total, text / transformer / VAE
-split and every scale; per-layer times; achieved GFLOP/s (analytic FLOPs from minivar.flops) against
-a matmul peak measured in the same process; peak memory per phase (RSS sampled every few ms on CPU,
-torch.cuda.max_memory_allocated on CUDA); KV-cache bytes. Output: bench.json, bench.md, bench.png.
+Every subject is a `Pipeline`, and every timed generation is one `Pipeline.generate` call: the phase
+split (text / transformer / VAE) is its `Output.timings`, per-scale times come from the scale loop's
+`progress` hook and per-layer times from forward hooks on the blocks. Nothing else differs from a
+user's call: the same allocator (glibc's defaults, unless --keep-heap changes them for the whole run),
+the same latent layout, the same decoder path and the conversion to PIL images.
+
+Cases are every combination of --res, --prune and --cfg-stop (--res is Infinity's pixel side, passed to
+generate as its budget name, so the toy runs the same token grids). After --warmup untimed rounds, each
+of --repeats rounds runs every case once, in order (A/B/A/B), so drifts of a shared machine hit all
+cases alike. Peak memory is measured afterwards, in one separate untimed generation per case (RSS
+sampled every few ms on CPU, torch.cuda.max_memory_allocated on CUDA), so the sampling thread never
+runs during a timed generation. Reported per case: median and spread (min..max) of the total, text /
+transformer / VAE split and every scale; per-layer times; achieved GFLOP/s (analytic FLOPs from
+minivar.flops) of the transformer against a matmul peak and of the VAE decoder against a 3x3
+convolution peak, both measured in the same process; peak memory per phase; KV-cache bytes. Output:
+bench.json, bench.md, bench.png. --direct instead times plain `Pipeline.generate` calls (no hooks, no
+memory pass, no peaks) and writes direct.json and direct.md: the check of the bench's figures.
 
 For a --depth k shape model, prune=True uses the preset computed for depth k, which scales FastVAR's
 layer window 3..27 of 32 to round(3k/32)..round(27k/32). The full-depth estimate instead places each
@@ -32,6 +44,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import functools
 import gc
 import json
 import os
@@ -39,19 +52,22 @@ import platform
 import statistics
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from .config import PRESETS, InfinityConfig, scale_schedule
+from .config import PRESETS, InfinityConfig, budget_for_res, scale_schedule
 from .flops import block_count, param_count, transformer_count, vae_decode_count
 from .flops import summary as flop_summary
 from .memory import kv_cache_bytes
+from .pipeline import Pipeline
 from .presets import resolve_prune
 from .pruning import PruneSchedule
-from .sampling import Settings, run_scale_loop
+from .sampling import Settings
 from .transformer import Infinity
 from .vae import VAE_PRESETS, BSQVAE, VAEConfig
 
@@ -63,51 +79,89 @@ PHASES = ("text", "transformer", "vae")
 
 
 # --------------------------------------------------------------------------------------------------
-# Subjects: a transformer, an optional VAE and a way to get text rows
+# Subjects: a pipeline, whether its VAE decodes, and the real config it stands for
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class Subject:
     name: str
-    family: str                   # model name for prune presets ("infinity-2b", or "custom")
-    model: Infinity
-    vae: BSQVAE | None
-    text_rows: Callable[[bool], tuple[torch.Tensor, list[tuple[int, int]]]]  # cfg_on -> packed rows, segments
+    pipe: Pipeline                # every generation is pipe.generate; pipe.name picks the prune preset
     full_cfg: InfinityConfig      # the real config: its depth is what results are extrapolated to
     text_tokens: int
-    tiled_decode: bool | None = None  # BSQVAE.decode(tiled=...): None lets it choose by image size
+    with_vae: bool = True         # False: generate(output_type="latent"), the VAE phase is empty
+
+    @property
+    def model(self) -> Infinity:
+        return self.pipe.transformer
+
+    @property
+    def vae(self) -> BSQVAE | None:
+        return self.pipe.vae if self.with_vae else None
+
+    @property
+    def family(self) -> str:
+        return self.pipe.name
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     @property
     def weight_bytes(self) -> int:
         return sum(t.nbytes for t in self.model.state_dict().values())
 
 
+class RandomText(nn.Module):
+    """Stands in for T5 in the shape models: the same fixed feature rows (n, Ct) for every prompt."""
+
+    def __init__(self, feats: torch.Tensor):
+        super().__init__()
+        self.register_buffer("feats", feats)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """ids, mask (B, n) -> features (B, n, Ct)."""
+        return self.feats.expand(ids.shape[0], -1, -1)
+
+
+class FixedLengthTokenizer:
+    """Stands in for the T5 tokenizer in the shape models: every prompt is `n` tokens long."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (len(prompts), self.n)
+        return torch.zeros(shape, dtype=torch.long), torch.ones(shape, dtype=torch.long)
+
+
 def shape_subject(name: str, depth: int | None, with_vae: bool, text_tokens: int = 32, seed: int = 0,
                   weight_dtype: torch.dtype = torch.float32) -> Subject:
     """Real widths of `name`, `depth` layers, deterministic random weights and text features."""
     full = PRESETS[SHAPES[name]]
-    vae = VAE_PRESETS["d56" if full.spatial_patchify else "d32"] if with_vae else None
-    return random_subject(name, SHAPES[name], full, depth or full.depth, vae, text_tokens, seed, weight_dtype)
+    vae = VAE_PRESETS["d56" if full.spatial_patchify else "d32"]
+    return random_subject(name, SHAPES[name], full, depth or full.depth, vae, text_tokens, seed, weight_dtype,
+                          with_vae=with_vae)
 
 
 def random_subject(name: str, family: str, full: InfinityConfig, depth: int, vae: VAEConfig | None,
-                   text_tokens: int, seed: int = 0, weight_dtype: torch.dtype = torch.float32) -> Subject:
-    """`Infinity(full)` cut to `depth` layers with seeded random weights, random T5-width text
-    features fed straight to `model.condition`, and a random VAE of config `vae` (or none).
+                   text_tokens: int, seed: int = 0, weight_dtype: torch.dtype = torch.float32,
+                   with_vae: bool = True) -> Subject:
+    """A pipeline of `Infinity(full)` cut to `depth` layers with seeded random weights, random T5-width
+    text features (`RandomText`) and a random VAE of config `vae`.
 
     `weight_dtype` is the transformer's storage, as `minivar.load(dtype=...)` gives it: every
     floating tensor is cast (bf16 halves the weights; CPU matmuls still compute in float32). The
-    VAE stays float32, as `load` keeps it on CPU.
+    VAE stays float32, as `load` keeps it on CPU. Without a VAE to decode (`vae` None or not
+    `with_vae`) the pipeline gets one on the meta device: generate reads only its config.
     """
     torch.manual_seed(seed)
     model = Infinity(replace(full, depth=depth)).eval().requires_grad_(False).to(weight_dtype)
-    decoder = BSQVAE(vae).eval().requires_grad_(False) if vae is not None else None
+    decodes = with_vae and vae is not None
+    vae = vae or VAEConfig(codebook_dim=full.d_vae // (4 if full.spatial_patchify else 1))
+    with torch.device("cpu" if decodes else "meta"):
+        decoder = BSQVAE(vae).eval().requires_grad_(False)
     feats = torch.randn(text_tokens, full.text_channels, generator=torch.Generator().manual_seed(seed))
-
-    def text_rows(cfg_on: bool):
-        rows = [feats, model.cfg_uncond[:text_tokens].float()] if cfg_on else [feats]
-        return torch.cat(rows), [(i * text_tokens, (i + 1) * text_tokens) for i in range(len(rows))]
-
-    return Subject(name, family, model, decoder, text_rows, full, text_tokens)
+    pipe = Pipeline(model, decoder, RandomText(feats), FixedLengthTokenizer(text_tokens), name=family)
+    return Subject(name, pipe, full, text_tokens, decodes)
 
 
 def pipeline_subject(name: str, with_vae: bool, weight_dtype: torch.dtype = torch.float32) -> Subject | None:
@@ -131,8 +185,7 @@ def pipeline_subject(name: str, with_vae: bool, weight_dtype: torch.dtype = torc
             print(f"skipping toy: {type(e).__name__}: {str(e)[:200]}")
             return None
     tokens = pipe.encode_text([PROMPT])[1][0]
-    return Subject(name, pipe.name, pipe.transformer, pipe.vae if with_vae else None,
-                   lambda cfg_on: pipe.text_rows([PROMPT], None, cfg_on), pipe.transformer.cfg, tokens)
+    return Subject(name, pipe, pipe.transformer.cfg, tokens, with_vae)
 
 
 WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -148,16 +201,42 @@ def make_subject(name: str, args) -> Subject | None:
     else:
         raise ValueError(f"unknown subject {name!r}: choose from tiny, toy, {', '.join(SHAPES)}")
     if subj is not None:
-        subj.tiled_decode = DECODE_MODES[args.decode]
+        pin_decode_mode(subj.pipe.vae, DECODE_MODES[args.decode])
     return subj
 
 
+def pin_decode_mode(vae: BSQVAE, tiled: bool | None) -> None:
+    """--decode banded/whole: every `vae.decode` of this instance gets `tiled`. The default (None, auto)
+    leaves the method alone, so generate decodes exactly as it does for a user."""
+    if tiled is not None:
+        vae.decode = functools.partial(BSQVAE.decode, vae, tiled=tiled)
+
+
 # --------------------------------------------------------------------------------------------------
-# Measuring: a layer clock, a peak-memory sampler and a matmul peak
+# Measuring: a scale clock, a layer clock, a peak-memory sampler, matmul and convolution peaks
 # --------------------------------------------------------------------------------------------------
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class ScaleClock:
+    """generate's `progress` hook: stamps the start of every scale that runs, and the loop's end."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.stamps = device, []
+
+    def __call__(self, ran: list[int]) -> Iterable[int]:
+        for si in ran:
+            sync(self.device)
+            self.stamps.append(time.perf_counter())
+            yield si
+        sync(self.device)
+        self.stamps.append(time.perf_counter())
+
+    def per_scale(self) -> list[float]:
+        """Seconds per scale that ran: blocks, logits, sampling and the next scale's input."""
+        return [b - a for a, b in zip(self.stamps[:-1], self.stamps[1:])]
 
 
 class LayerClock:
@@ -187,17 +266,14 @@ class LayerClock:
         sync(self.device)
         self.events.append((li, self._start, time.perf_counter()))
 
-    def per_scale(self, loop_start: float, loop_end: float) -> tuple[list[float], list[list[float]]]:
-        """Seconds per scale that ran (layer-0 start to the next one) and per (scale, layer)."""
-        starts = [t0 for li, t0, _ in self.events if li == 0]
-        bounds = [loop_start, *starts[1:], loop_end]
-        scale_s = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    def per_scale(self) -> list[list[float]]:
+        """Seconds per (scale, layer)."""
         layers: list[list[float]] = []
         for li, t0, t1 in self.events:
             if li == 0:
                 layers.append([])
             layers[-1].append(t1 - t0)
-        return scale_s, layers
+        return layers
 
 
 def rss_bytes() -> int:
@@ -244,22 +320,44 @@ class PeakMemory:
         return peak
 
 
+def best_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Fastest of `repeats` timed calls of fn, after one untimed call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
 def matmul_peak(device: torch.device, repeats: int = 3, quick: bool = False) -> dict:
     """Best fp32 GFLOP/s of torch matmuls at the transformer's shapes on this machine, now."""
     shapes = [(1024, 1024, 1024)] if quick else [(2048, 2048, 2048), (8192, 2048, 8192), (4096, 4096, 4096)]
     best = {}
     for m, k, n in shapes:
         a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
-        a @ b
-        times = []
-        for _ in range(repeats):
-            sync(device)
-            t0 = time.perf_counter()
-            a @ b
-            sync(device)
-            times.append(time.perf_counter() - t0)
-        best[f"{m}x{k}x{n}"] = 2 * m * k * n / min(times) / 1e9
+        best[f"{m}x{k}x{n}"] = 2 * m * k * n / best_seconds(lambda: a @ b, device, repeats) / 1e9
     return {"gflops": max(best.values()), "by_shape": best}
+
+
+def conv_peak(device: torch.device, repeats: int = 3, quick: bool = False) -> dict:
+    """Best fp32 GFLOP/s of one 3x3 convolution shaped like the VAE decoder's: 256 -> 256 channels
+    over a 64-row band of a 1024-wide map (a band of `vae.decode_in_bands`), with one halo row on
+    each side. `gflops` is the channels-last rate, the layout the decoder computes in; NCHW is listed
+    for comparison. On CPU torch hands it to oneDNN, which runs a direct convolution (no Winograd or
+    FFT), so the analytic count 2 * 9 * C_in * C_out * rows * width is the work done."""
+    c, rows, width = (128, 16, 256) if quick else (256, 64, 1024)
+    x = torch.randn(1, c, rows + 2, width, device=device)
+    w = torch.randn(c, c, 3, 3, device=device)
+    best = {}
+    for layout, fmt in (("channels-last", torch.channels_last), ("nchw", torch.contiguous_format)):
+        xl = x.contiguous(memory_format=fmt)
+        seconds = best_seconds(lambda: F.conv2d(xl, w, padding=(0, 1)), device, repeats)
+        best[f"{c}x{c}x3x3 over {rows}x{width} {layout}"] = 2 * 9 * c * c * rows * width / seconds / 1e9
+    return {"gflops": next(iter(best.values())), "by_shape": best}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -292,6 +390,7 @@ class Plan:
     counts: list            # flops.ScaleCount per scale that runs
     flops: dict             # flops.summary
     kv_bytes: int
+    generate_kwargs: dict   # the Pipeline.generate arguments that compute exactly this
 
 
 def plan_case(subj: Subject, case: Case, cfg: InfinityConfig | None = None) -> Plan:
@@ -300,11 +399,15 @@ def plan_case(subj: Subject, case: Case, cfg: InfinityConfig | None = None) -> P
     scales = scale_schedule(case.res)
     prune = resolve_prune(case.prune, subj.family, cfg, scales)
     stop = default_cfg_stop(scales) if case.cfg_stop else None
+    settings = Settings(cfg=3.0, tau=0.5, seed=1, cfg_stop_scale=stop)
     counts = transformer_count(cfg, scales, prune, batch=1, cfg_on=True, cfg_stop_scale=stop,
                                text_tokens=subj.text_tokens)
     vae = vae_decode_count(subj.vae.cfg, vae_latent_hw(cfg, scales)) if subj.vae is not None else None
-    return Plan(scales, prune, Settings(cfg=3.0, tau=0.5, seed=1, cfg_stop_scale=stop), counts,
-                flop_summary(counts, vae), kv_cache_bytes(cfg, scales, prune, rows=2))
+    kwargs = dict(res=budget_for_res(case.res), prune=case.prune, cfg=settings.cfg, tau=settings.tau,
+                  top_k=settings.top_k, top_p=settings.top_p, seed=settings.seed, cfg_stop_scale=stop,
+                  output_type="pil" if subj.vae is not None else "latent")
+    return Plan(scales, prune, settings, counts, flop_summary(counts, vae), kv_cache_bytes(cfg, scales, prune, rows=2),
+                kwargs)
 
 
 def vae_latent_hw(cfg: InfinityConfig, scales) -> tuple[int, int]:
@@ -312,40 +415,51 @@ def vae_latent_hw(cfg: InfinityConfig, scales) -> tuple[int, int]:
     return (2 * h, 2 * w) if cfg.spatial_patchify else (h, w)
 
 
-@torch.no_grad()
-def generate_once(subj: Subject, plan: Plan) -> dict:
-    """Text -> transformer -> VAE decode, timed per phase, per scale and per layer, with peak memory."""
-    model, device = subj.model, next(subj.model.parameters()).device
+def timed_once(subj: Subject, plan: Plan) -> dict:
+    """One `Pipeline.generate` call: its own phase split, per-scale and per-layer times."""
+    release_memory()  # start from a trimmed heap, as a fresh process does
+    scales = ScaleClock(subj.device)
+    with LayerClock(subj.model) as layers:
+        out = subj.pipe.generate(PROMPT, progress=scales, **plan.generate_kwargs)
+    t = out.timings
+    return {"total": sum(t[ph] for ph in PHASES), **{ph: t[ph] for ph in PHASES},
+            "scales": scales.per_scale(), "layers": layers.per_scale()}
+
+
+def memory_once(subj: Subject, plan: Plan) -> dict:
+    """Peak memory of each phase in one untimed `Pipeline.generate` call.
+
+    Phases are cut where the scale loop starts and where generate calls `Pipeline.decode`. Before the
+    decoder the freed KV caches are handed back to the OS, so the VAE phase's peak is the decoder's own
+    rather than the heap the transformer left behind; with --keep-heap the decoder runs under glibc's
+    mmap for large buffers (`system_malloc_for_large_buffers`). Neither happens in a timed call.
+    """
+    pipe, peaks = subj.pipe, {}
     release_memory()
     base = rss_bytes()
-    with PeakMemory(device) as mem, LayerClock(model) as clock:
-        mem.take()
-        t0 = time.perf_counter()
-        kv, segments = subj.text_rows(True)
-        cond = model.condition(kv.to(device), segments)
-        sync(device)
-        t1 = time.perf_counter()
-        peak_text = mem.take()
-        summed = run_scale_loop(model, cond, 1, plan.scales, 1.0, plan.settings, plan.prune)
-        sync(device)
-        t2 = time.perf_counter()
-        del cond
-        peak_transformer = mem.take()
-        # The KV caches are freed; hand their pages back so that the decoder's peak is its own,
-        # not the heap the transformer left behind (glibc keeps it, see keep_freed_memory).
-        release_memory()
-        mem.take()
-        t3 = time.perf_counter()
-        if subj.vae is not None:
+    with PeakMemory(subj.device) as mem:
+        def loop_starts(ran: list[int]) -> Iterable[int]:
+            peaks["text"] = mem.take()
+            yield from ran
+
+        def decode(summed: torch.Tensor):
+            peaks["transformer"] = mem.take()
+            release_memory()
+            mem.take()
             with system_malloc_for_large_buffers():
-                subj.vae.decode(summed.squeeze(-3), tiled=subj.tiled_decode)
-        sync(device)
-        t4 = time.perf_counter()
-        peak_vae = mem.take() if subj.vae is not None else 0
-    scale_s, layer_s = clock.per_scale(t1, t2)
-    return {"total": t2 - t0 + t4 - t3, "text": t1 - t0, "transformer": t2 - t1, "vae": t4 - t3,
-            "scales": scale_s, "layers": layer_s, "rss_before": base,
-            "peak": {"text": peak_text, "transformer": peak_transformer, "vae": peak_vae}}
+                return Pipeline.decode(pipe, summed)
+
+        mem.take()
+        pipe.decode = decode
+        try:
+            pipe.generate(PROMPT, progress=loop_starts, **plan.generate_kwargs)
+        finally:
+            del pipe.decode
+        if subj.vae is None:
+            peaks["transformer"], peaks["vae"] = mem.take(), 0
+        else:
+            peaks["vae"] = mem.take()
+    return {"rss_before": base, "peak": peaks}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -428,7 +542,7 @@ def restore_cache_bytes(cfg: InfinityConfig, plan: Plan, rows: int = 2) -> int:
 def memory_estimate(subj: Subject, result: dict, full: Plan) -> dict:
     """Peak memory of the real-depth model, per phase, from the parts that make it up.
 
-    Measured at depth k (medians over rounds): the process before generating (`base`, which holds
+    Measured at depth k (medians over the memory passes): the process before generating (`base`, which holds
     the depth-k weights; the rest of it is `other`: torch, the VAE's weights, text features) and
     each phase's peak above it. What grows with depth is replaced by its real-depth size:
         transformer = weights + other + KV cache + restoration cache + activations
@@ -441,9 +555,9 @@ def memory_estimate(subj: Subject, result: dict, full: Plan) -> dict:
     itemsize = subj.model.pos_start.element_size()
     w_now, w_full = subj.weight_bytes, param_count(subj.full_cfg) * itemsize
     restore_now, restore_full = restore_cache_bytes(cfg, plan), restore_cache_bytes(subj.full_cfg, full)
-    samples = result["samples"]
-    base = statistics.median(s["rss_before"] for s in samples)
-    peaks = {ph: statistics.median([s["peak"][ph] for s in samples]) for ph in PHASES}
+    passes = result["memory"]
+    base = statistics.median(m["rss_before"] for m in passes)
+    peaks = {ph: statistics.median([m["peak"][ph] for m in passes]) for ph in PHASES}
     parts = {"weights": w_full, "other": base - w_now, "kv_cache": full.kv_bytes, "restore_cache": restore_full,
              "activations": peaks["transformer"] - base - plan.kv_bytes - restore_now,
              "decoder": peaks["vae"] - base if subj.vae is not None else 0, "text": peaks["text"] - base}
@@ -469,6 +583,8 @@ HEAP_KEPT = False  # whether keep_freed_memory is in force
 
 def keep_freed_memory() -> bool:
     """Ask glibc to keep freed buffers in the process (returns False where that is not possible).
+    Only with --keep-heap: it changes the allocator for the rest of the process, timed calls
+    included, which then no longer time what a plain `Pipeline.generate` call costs.
 
     By default glibc serves every large buffer with a fresh mmap and unmaps it on free, so every
     sub-layer of every scale faults its activations back in page by page; in this VM that costs
@@ -507,24 +623,27 @@ def system_malloc_for_large_buffers():
 
 def run_cases(subj: Subject, cases: list[Case], warmup: int, repeats: int,
               after_round: Callable[[], None] = lambda: None) -> dict[Case, dict]:
-    """Warm-up rounds, then `repeats` rounds of every case in turn (A/B/A/B)."""
+    """Warm-up rounds, then `repeats` rounds of every case in turn (A/B/A/B), then one untimed
+    memory pass per case (`memory_once`)."""
     plans = {case: plan_case(subj, case) for case in cases}
-    results = {case: {"plan": plans[case], "samples": []} for case in cases}
+    results = {case: {"plan": plans[case], "samples": [], "memory": []} for case in cases}
     for rnd in range(warmup + repeats):
         for case in cases:
-            sample = generate_once(subj, plans[case])
+            sample = timed_once(subj, plans[case])
             tag = "warm-up" if rnd < warmup else f"round {rnd - warmup + 1}/{repeats}"
             print(f"  {tag:12s} {case.label:44s} total {sample['total']:8.2f} s  transformer "
                   f"{sample['transformer']:8.2f} s  vae {sample['vae']:7.2f} s", flush=True)
             if rnd >= warmup:
                 results[case]["samples"].append(sample)
         after_round()
+    for case in cases:
+        results[case]["memory"].append(memory_once(subj, plans[case]))
     return results
 
 
 def summarize(subj: Subject, case: Case, result: dict) -> dict:
     """JSON-ready summary of one case: times with spread, per scale and layer, FLOP rates, memory."""
-    plan, samples = result["plan"], result["samples"]
+    plan, samples, passes = result["plan"], result["samples"], result["memory"]
     times = {k: stats([s[k] for s in samples]) for k in ("total", *PHASES)}
     rate = {"transformer": plan.flops["transformer_flops"] / times["transformer"]["median"] / 1e9,
             "vae": plan.flops["vae_flops"] / times["vae"]["median"] / 1e9 if subj.vae is not None else None}
@@ -540,8 +659,8 @@ def summarize(subj: Subject, case: Case, result: dict) -> dict:
         "layer_time": [[statistics.median(s["layers"][i][li] for s in samples) for li in range(len(row))]
                        for i, row in enumerate(samples[0]["layers"])],
         "gflops": rate,
-        "peak_bytes": {ph: stats([s["peak"][ph] for s in samples]) for ph in PHASES},
-        "rss_before": statistics.median(s["rss_before"] for s in samples),
+        "peak_bytes": {ph: stats([m["peak"][ph] for m in passes]) for ph in PHASES},
+        "rss_before": statistics.median(m["rss_before"] for m in passes),
     }
 
 
@@ -586,19 +705,30 @@ def machine_info() -> dict:
 
 
 class PeakLog:
-    """The matmul peak, measured at the start, after every round and at the end of a run: on a shared
-    machine the rate a plain matmul gets changes, and the transformer is compared with the same moments."""
+    """Matmul and convolution peaks, measured at the start and after every round of a run: on a shared
+    machine the rate a plain kernel gets changes, and the phases are compared with the same moments."""
 
     def __init__(self, device: torch.device, quick: bool):
-        self.device, self.quick, self.samples = device, quick, []
+        self.device, self.quick = device, quick
+        self.samples: dict[str, list[dict]] = {"matmul": [], "conv": []}
 
     def measure(self) -> None:
-        self.samples.append({**matmul_peak(self.device, quick=self.quick), "loadavg": os.getloadavg()})
-        print(f"matmul peak {self.samples[-1]['gflops']:.1f} GFLOP/s; load {os.getloadavg()[0]:.2f}", flush=True)
+        load = os.getloadavg()
+        for kind, peak in (("matmul", matmul_peak), ("conv", conv_peak)):
+            self.samples[kind].append({**peak(self.device, quick=self.quick), "loadavg": load})
+        print(f"matmul peak {self.samples['matmul'][-1]['gflops']:.1f} GFLOP/s, 3x3 conv peak "
+              f"{self.samples['conv'][-1]['gflops']:.1f} GFLOP/s; load {load[0]:.2f}", flush=True)
 
-    def summary(self) -> dict:
-        rates = [s["gflops"] for s in self.samples]
-        return {"median": statistics.median(rates), "max": max(rates), "samples": self.samples}
+    def summary(self, kind: str) -> dict:
+        rates = [s["gflops"] for s in self.samples[kind]]
+        return {"median": statistics.median(rates), "max": max(rates), "samples": self.samples[kind]}
+
+
+def to_device(subj: Subject, device: torch.device) -> None:
+    subj.pipe.device = device
+    for module in (subj.model, subj.pipe.text_encoder, subj.vae):
+        if module is not None:  # a VAE that does not decode stays on the meta device
+            module.to(device)
 
 
 def run(args) -> dict:
@@ -612,9 +742,7 @@ def run(args) -> dict:
         subj = make_subject(name, args)
         if subj is None:
             continue
-        subj.model.to(device)
-        if subj.vae is not None:
-            subj.vae.to(device)
+        to_device(subj, device)
         cases = [Case(name, r, p, s) for r in args.res for p in args.prune for s in args.cfg_stop]
         results = run_cases(subj, cases, args.warmup, args.repeats, after_round=peaks.measure)
         table = layer_table(list(results.values()))
@@ -625,11 +753,46 @@ def run(args) -> dict:
             summaries.append(summary)
         del subj, results
         release_memory()
-    report["matmul_peak"] = peak = peaks.summary()
-    for c in summaries:  # the share of the median matmul rate seen during this run
-        c["pct_of_peak"] = {k: (100 * v / peak["median"] if v else None) for k, v in c["gflops"].items()}
+    report["matmul_peak"], report["conv_peak"] = mm, conv = peaks.summary("matmul"), peaks.summary("conv")
+    for c in summaries:  # shares of the median peak rates seen during this run
+        rate = c["gflops"]
+        c["pct_of_peak"] = {"transformer": 100 * rate["transformer"] / mm["median"],
+                            "vae": 100 * rate["vae"] / conv["median"] if rate["vae"] else None,
+                            "vae_vs_matmul": 100 * rate["vae"] / mm["median"] if rate["vae"] else None}
     report["machine"]["loadavg_end"] = os.getloadavg()
     report["cases"], report["comparisons"] = summaries, compare(summaries)
+    return report
+
+
+def run_direct(args) -> dict:
+    """Plain `Pipeline.generate` calls, timed from outside with nothing attached (no hooks, no memory
+    pass, no peak measurements): what a user's script sees, to check the benchmark's figures against."""
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    report = {"args": vars(args), "machine": machine_info(), "keep_freed_memory": args.keep_heap and keep_freed_memory(),
+              "runs": []}
+    for name in args.subjects:
+        subj = make_subject(name, args)
+        if subj is None:
+            continue
+        to_device(subj, device)
+        cases = [Case(name, r, p, s) for r in args.res for p in args.prune for s in args.cfg_stop]
+        plans = {case: plan_case(subj, case) for case in cases}
+        for rnd in range(args.warmup + args.repeats):
+            for case in cases:
+                release_memory()
+                t0 = time.perf_counter()
+                out = subj.pipe.generate(PROMPT, **plans[case].generate_kwargs)
+                wall = time.perf_counter() - t0
+                print(f"  {'warm-up' if rnd < args.warmup else 'timed':8s} {case.label:44s} wall {wall:8.2f} s  "
+                      + "  ".join(f"{k} {v:.2f} s" for k, v in out.timings.items()), flush=True)
+                if rnd >= args.warmup:
+                    report["runs"].append({"label": case.label, "depth": subj.model.cfg.depth,
+                                           "full_depth": subj.full_cfg.depth, "wall": wall, "timings": out.timings,
+                                           "loadavg": os.getloadavg()})
+        del subj
+        release_memory()
+    report["machine"]["loadavg_end"] = os.getloadavg()
     return report
 
 
@@ -639,16 +802,37 @@ def run(args) -> dict:
 GiB = 2**30
 
 
+def machine_line(report: dict) -> str:
+    m = report["machine"]
+    return (f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']} "
+            f"({m['cpu_capability']} kernels), {m['torch_threads']} threads; load average "
+            f"{m['loadavg'][0]:.2f} at start, {m['loadavg_end'][0]:.2f} at end.")
+
+
+def method_lines(report: dict) -> list[str]:
+    """How the figures were taken, in words: what is timed, with which allocator, and the memory pass."""
+    kept = report.get("keep_freed_memory")
+    allocator = ("glibc told to keep freed memory in the heap for the whole run (--keep-heap), timed calls "
+                 "included" if kept else "glibc's defaults, as in any process")
+    memory = ("one separate, untimed generation per case after the timed rounds; RSS sampled every 2 ms, "
+              "phases cut where the scale loop starts and where generate calls `Pipeline.decode`; freed "
+              "memory is handed back to the OS (malloc_trim) before the decoder")
+    if kept:
+        memory += ", which runs with glibc's mmap for buffers of 1 MiB and more (`system_malloc_for_large_buffers`)"
+    return ["", f"Timing: every round is one `Pipeline.generate` call; the text / transformer / VAE split is its "
+            f"`Output.timings` (the VAE phase includes the conversion to PIL images). Allocator: {allocator}. "
+            f"Memory: {memory}.", ""]
+
+
 def markdown(report: dict) -> str:
-    m, peak = report["machine"], report["matmul_peak"]
-    lines = [f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']} "
-             f"({m['cpu_capability']} kernels), {m['torch_threads']} threads; load average "
-             f"{m['loadavg'][0]:.2f} at start, {m['loadavg_end'][0]:.2f} at end. Matmul peak "
-             f"(fp32, measured {len(peak['samples'])} times during the run) median {peak['median']:.1f}, "
-             f"max {peak['max']:.1f} GFLOP/s; '% of peak' is against the median. Transformer weights "
-             f"{report['args'].get('weight_dtype', 'fp32')}, VAE decoding {report['args'].get('decode', 'auto')}.", "",
+    mm, conv = report["matmul_peak"], report["conv_peak"]
+    lines = [machine_line(report) + f" Matmul peak (fp32, measured {len(mm['samples'])} times during the run) "
+             f"median {mm['median']:.1f}, max {mm['max']:.1f} GFLOP/s; 3x3 convolution peak (`bench.conv_peak`, "
+             f"channels-last) median {conv['median']:.1f}, max {conv['max']:.1f} GFLOP/s; '% of peak' is against "
+             f"the medians. Transformer weights {report['args'].get('weight_dtype', 'fp32')}, VAE decoding "
+             f"{report['args'].get('decode', 'auto')}.", *method_lines(report),
              "| case | depth | total s | spread | text s | transformer s | VAE s | transformer TFLOP | "
-             "GFLOP/s | % of peak | peak RSS GiB | KV cache GiB |",
+             "GFLOP/s | % of matmul peak | peak RSS GiB | KV cache GiB |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in report["cases"]:
         t = c["time"]
@@ -667,6 +851,7 @@ def markdown(report: dict) -> str:
             lines.append(f"| {c['label']} | {e['depth']} | {e['total']:.1f} | {e['transformer']:.1f} | {e['vae']:.1f} | "
                          f"{e['transformer_flops'] / 1e12:.2f} | {e['peak_bytes'] / GiB:.2f} |")
         lines += memory_lines(est)
+    lines += vae_lines(report["cases"])
     if report["comparisons"]:
         lines += ["", "| A/B | speedup total | speedup transformer | transformer FLOP ratio | memory B/A |"
                   " real depth: speedup total | transformer | FLOP ratio | memory B/A |",
@@ -678,6 +863,34 @@ def markdown(report: dict) -> str:
                      f.get("memory_ratio")]
             lines.append(f"| {r['baseline']} -> {r['variant'].split(' ', 2)[-1]} | "
                          + " | ".join("" if x is None else f"{x:.2f}" for x in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def vae_lines(cases: list[dict]) -> list[str]:
+    """The decoder's analytic FLOPs and its rate against the convolution and the matmul peak."""
+    decoded = [c for c in cases if c["gflops"]["vae"]]
+    if not decoded:
+        return []
+    lines = ["", "VAE decoder: FLOPs counted per convolution (2 k^2 C_in C_out H W, `flops.vae_decode_count`, "
+             "equal to torch's FlopCounterMode in tests/test_flops.py); oneDNN runs them as direct "
+             "convolutions, so the count is the work done:", "",
+             "| case | VAE s | TFLOP | GFLOP/s | % of conv peak | % of matmul peak |", "|---|---:|---:|---:|---:|---:|"]
+    for c in decoded:
+        pct = c["pct_of_peak"]
+        lines.append(f"| {c['label']} | {c['time']['vae']['median']:.2f} | {c['flops']['vae_flops'] / 1e12:.3f} | "
+                     f"{c['gflops']['vae']:.1f} | {pct['vae']:.0f} % | {pct['vae_vs_matmul']:.0f} % |")
+    return lines
+
+
+def direct_markdown(report: dict) -> str:
+    """The --direct runs: wall time and `Output.timings` of each plain `Pipeline.generate` call."""
+    lines = [machine_line(report) + " Plain `Pipeline.generate` calls timed from outside (`bench --direct`); "
+             f"allocator: {'kept heap (--keep-heap)' if report.get('keep_freed_memory') else 'glibc defaults'}.", "",
+             "| case | depth | wall s | text s | transformer s | VAE s | load |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in report["runs"]:
+        t = r["timings"]
+        lines.append(f"| {r['label']} | {r['depth']} of {r['full_depth']} | {r['wall']:.2f} | {t['text']:.2f} | "
+                     f"{t['transformer']:.2f} | {t['vae']:.2f} | {r['loadavg'][0]:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -725,6 +938,12 @@ def plot(report: dict, path: Path) -> bool:
 
 def write(report: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    if "runs" in report:  # --direct
+        (out / "direct.json").write_text(json.dumps(report, indent=1, default=str))
+        (out / "direct.md").write_text(direct_markdown(report))
+        print(direct_markdown(report))
+        print(f"wrote {out / 'direct.json'}, direct.md")
+        return
     (out / "bench.json").write_text(json.dumps(report, indent=1, default=str))
     (out / "bench.md").write_text(markdown(report))
     plot(report, out / "bench.png")
@@ -758,8 +977,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--system-malloc", dest="keep_heap", action="store_false",
-                    help="leave glibc's default (unmap large freed buffers) instead of keeping freed memory")
+    ap.add_argument("--keep-heap", action="store_true",
+                    help="make glibc keep freed memory for the whole run (fewer page faults; timings then "
+                         "differ from a plain Pipeline.generate in a default process)")
+    ap.add_argument("--direct", action="store_true",
+                    help="time plain Pipeline.generate calls (no hooks, memory pass or peaks): direct.json/md")
     ap.add_argument("--out", type=Path, default=Path("bench-out"))
     ap.add_argument("--quick", action="store_true", help="CI smoke test: tiny-a at 512, one round, no warm-up")
     args = ap.parse_args(argv)
@@ -771,7 +993,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    report = run(args)
+    report = run_direct(args) if args.direct else run(args)
     write(report, args.out)
     return report
 

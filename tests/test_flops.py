@@ -9,7 +9,8 @@ from minivar.flops import param_count, totals, transformer_count, vae_decode_cou
 from minivar.pruning import PruneSchedule
 from minivar.sampling import Settings, run_scale_loop
 from minivar.transformer import Infinity
-from minivar.vae import BSQVAE, VAEConfig
+from minivar import vae as vae_mod
+from minivar.vae import VAE_PRESETS, BSQVAE, VAEConfig
 
 TINY = InfinityConfig(depth=4, embed_dim=128, num_heads=2, mlp_ratio=4, text_channels=128, d_vae=32)
 TINY_VAE = VAEConfig(codebook_dim=32, base_ch=24, num_res_blocks=1, ch_mult=(1, 2, 4, 4, 4), patch_size=16)
@@ -85,3 +86,42 @@ def test_param_count_matches_the_model():
     with torch.device("meta"):
         model = Infinity(TINY)
     assert param_count(TINY) == sum(p.numel() for p in model.parameters())
+
+
+def test_real_2b_decoder_at_1024_by_hand_and_by_torch():
+    """Infinity-2B's d32 decoder for a 1024x1024 image (latent 64x64), counted three ways: by hand
+    from its layers, by `vae_decode_count`, and by FlopCounterMode on the real-size model on the
+    meta device (shapes only, no compute). 9.85 TFLOP, all direct convolutions."""
+    def conv(c_in, c_out, side, k=3):
+        return 2 * k * k * c_in * c_out * side * side
+
+    same = {side: 6 * conv(c, c, side) for c, side in ((512, 64), (512, 128), (512, 256))}  # 3 blocks x 2
+    hand = (conv(32, 512, 64) + 4 * conv(512, 512, 64)                                  # conv_in, mid
+            + same[64] + conv(512, 512, 128) + same[128] + conv(512, 512, 256)          # levels 4, 3
+            + same[256] + conv(512, 512, 512)                                           # level 2
+            + conv(512, 256, 512) + conv(256, 256, 512) + conv(512, 256, 512, 1)        # level 1: block 0
+            + 4 * conv(256, 256, 512) + conv(256, 256, 1024)                            # blocks 1, 2, upsample
+            + conv(256, 128, 1024) + conv(128, 128, 1024) + conv(256, 128, 1024, 1)     # level 0: block 0
+            + 4 * conv(128, 128, 1024) + conv(128, 3, 1024))                            # blocks 1, 2, conv_out
+    with torch.device("meta"):
+        vae = BSQVAE(VAE_PRESETS["d32"]).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        vae.decode(torch.empty(1, 32, 64, 64, device="meta"), tiled=False)
+    assert fc.get_total_flops() == vae_decode_count(VAE_PRESETS["d32"], (64, 64)).flops == hand
+    assert round(hand / 1e12, 2) == 9.85
+
+
+@pytest.mark.parametrize("band_elems", [1 << 24, 20_000])
+def test_banded_decoder_does_the_counted_work(monkeypatch, band_elems):
+    """Decoding in row bands runs the same convolutions: exactly the count with one band per map, and
+    a little more with many bands (a band at the image's top or bottom edge computes one row it drops)."""
+    torch.manual_seed(0)
+    monkeypatch.setattr(vae_mod, "BAND_ELEMS", band_elems)
+    vae = BSQVAE(TINY_VAE).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        vae.decode(torch.randn(1, 32, 4, 3), tiled=True)
+    counted = vae_decode_count(TINY_VAE, (4, 3)).flops
+    if band_elems == 1 << 24:
+        assert fc.get_total_flops() == counted
+    else:
+        assert counted < fc.get_total_flops() < 1.1 * counted
