@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .bsq import MultiScaleBSQ, Scale, make_mask
-from .weights import assign_state_dict, read_state_dict, remap_keys
+from .weights import assign_state_dict, read_state_dict, remap_names
 
 
 @dataclass(frozen=True)
@@ -485,15 +485,17 @@ def _resolve_config(config: VAEConfig | str | Path | dict[str, Any]) -> VAEConfi
     return VAEConfig.from_upstream_json(config)
 
 
-def _vae_state_dict(path: str | Path, d: int) -> dict[str, Tensor]:
-    """Read a checkpoint ({'vae': sd} or a bare state dict), rename flat keys, add derived buffers."""
+def _vae_state_dict(path: str | Path, d: int) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Read a checkpoint ({'vae': sd} or a bare state dict), rename flat keys, add derived buffers.
+    Also returns each tensor's name in the file, for error messages."""
     sd = read_state_dict(path, what="VAE checkpoint")
     if isinstance(sd.get("vae"), dict):
         sd = sd["vae"]
-    sd = remap_keys(sd, FLAT_KEY_RULES)
+    names = remap_names(sd, FLAT_KEY_RULES)
+    sd = {new: sd[old] for new, old in names.items()}
     for name in ("quantizer.lfq.mask", "quantize.lfq.mask"):
         sd.setdefault(name, make_mask(d))  # a constant the model can rebuild; some exports drop it
-    return sd
+    return sd, names
 
 
 def load_vae(path: str | Path, config: VAEConfig | str | Path | dict[str, Any], device: str | torch.device = "cpu",
@@ -501,8 +503,9 @@ def load_vae(path: str | Path, config: VAEConfig | str | Path | dict[str, Any], 
     """Build the VAE of `config` (a VAEConfig, a preset name, an upstream JSON path or dict) on the meta
     device and assign the checkpoint's tensors to it (strict: raises CheckpointError on any mismatch)."""
     cfg = _resolve_config(config)
-    sd = _vae_state_dict(path, cfg.codebook_dim)
+    sd, names = _vae_state_dict(path, cfg.codebook_dim)
     with torch.device("meta"):
         model = BSQVAE(cfg)
-    assign_state_dict(model, sd, source=f"VAE checkpoint {path}", dtype=dtype, device=device)
+    assign_state_dict(model, sd, source=f"VAE checkpoint {path}", dtype=dtype, device=device,
+                      file_name=lambda k: names.get(k, k))
     return model.eval().requires_grad_(False)

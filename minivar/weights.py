@@ -96,17 +96,23 @@ def read_state_dict(path: str | Path, keep: Callable[[str], bool] = lambda k: Tr
     return {k: v for k, v in sd.items() if keep(k)}
 
 
-def remap_keys(sd: dict[str, torch.Tensor], rules: Iterable[tuple[str, str]]) -> dict[str, torch.Tensor]:
-    """Apply regex `(pattern, replacement)` rules, in order, to every key."""
+def remap_names(keys: Iterable[str], rules: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Apply regex `(pattern, replacement)` rules, in order, to every key: new name -> the file's name."""
     import re
 
     compiled = [(re.compile(p), r) for p, r in rules]
     out = {}
-    for k, v in sd.items():
+    for key in keys:
+        name = key
         for pat, rep in compiled:
-            k = pat.sub(rep, k)
-        out[k] = v
+            name = pat.sub(rep, name)
+        out[name] = key
     return out
+
+
+def remap_keys(sd: dict[str, torch.Tensor], rules: Iterable[tuple[str, str]]) -> dict[str, torch.Tensor]:
+    """`sd` with every key renamed by `remap_names`."""
+    return {name: sd[key] for name, key in remap_names(sd, rules).items()}
 
 
 def _summarise(keys: list[str], n: int = 4) -> str:
@@ -114,36 +120,76 @@ def _summarise(keys: list[str], n: int = 4) -> str:
     return shown + (f", ... (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
-def check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str,
-                     strict: bool = True) -> None:
-    """Raise one CheckpointError listing missing / unexpected keys and shape mismatches."""
+def _same_kind(stored: torch.Tensor, wanted: torch.Tensor) -> bool:
+    """Floating tensors go to floating parameters, integer and bool buffers keep their exact dtype."""
+    if wanted.is_floating_point():
+        return stored.is_floating_point()
+    return stored.dtype == wanted.dtype
+
+
+def check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str, strict: bool = True,
+                     file_name: Callable[[str], str] = lambda k: k) -> None:
+    """Raise one CheckpointError listing missing / unexpected keys, shape and dtype mismatches.
+
+    Keys are named as the file names them (`file_name` maps minivar's name to the file's), with
+    minivar's own name beside it when the two differ.
+    """
+    def named(k: str) -> str:
+        return file_name(k) if file_name(k) == k else f"{file_name(k)} (minivar: {k})"
+
     expected = model.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    shapes = [f"{k} {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in expected.items() if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    missing = [named(k) for k in expected if k not in sd]
+    unexpected = [named(k) for k in sd if k not in expected]
+    present = [k for k in expected if k in sd]
+    not_tensors = [f"{named(k)} is a {type(sd[k]).__name__}" for k in present if not isinstance(sd[k], torch.Tensor)]
+    present = [k for k in present if isinstance(sd[k], torch.Tensor)]
+    shapes = [f"{named(k)} {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in present if tuple(sd[k].shape) != tuple(expected[k].shape)]
+    dtypes = [f"{named(k)} {str(sd[k].dtype).removeprefix('torch.')} vs model "
+              f"{str(expected[k].dtype).removeprefix('torch.')}" for k in present if not _same_kind(sd[k], expected[k])]
     problems = []
+    if not_tensors:
+        problems.append(f"{len(not_tensors)} value(s) that are not tensors: {_summarise(not_tensors, 3)}")
     if shapes:
         problems.append(f"{len(shapes)} shape mismatch(es): {_summarise(shapes, 3)}")
+    if dtypes:
+        problems.append(f"{len(dtypes)} dtype mismatch(es): {_summarise(dtypes, 3)}")
     if strict and missing:
         problems.append(f"{len(missing)} missing key(s): {_summarise(missing)}")
     if strict and unexpected:
         problems.append(f"{len(unexpected)} unexpected key(s): {_summarise(unexpected)}")
     if problems:
         raise CheckpointError(f"{source} does not fit {type(model).__name__} ({'; '.join(problems)}); "
-                              "is it the checkpoint of another model or config?")
+                              "is it the checkpoint of another model or config, or a damaged file?")
+
+
+def check_size(params: int, sd: dict[str, torch.Tensor], source: str, config: str,
+               dtype: torch.dtype | None) -> None:
+    """Refuse a config that describes far more weights than the checkpoint holds, before building the model
+    (an absurd depth would otherwise take minutes and gigabytes just to build on the meta device). Near
+    misses pass, so that `check_state_dict` can name the tensors that differ."""
+    stored = sum(v.numel() for v in sd.values() if isinstance(v, torch.Tensor))
+    if stored == 0:
+        raise CheckpointError(f"{source} holds no tensors at its top level (its keys: {_summarise(list(sd))}); "
+                              "is it the checkpoint of another model?")
+    if params > 4 * stored:
+        dtype = dtype or torch.float32
+        need = params * torch.empty((), dtype=dtype).element_size()
+        raise CheckpointError(f"{config} describes {params:,} parameters (~{need / 2**30:,.1f} GiB of weights in "
+                              f"{str(dtype).removeprefix('torch.')}) but {source} holds only {stored:,} values; "
+                              "the config does not describe this checkpoint (check its numbers)")
 
 
 def assign_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str,
                       dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                      strict: bool = True) -> nn.Module:
+                      strict: bool = True, file_name: Callable[[str], str] = lambda k: k) -> nn.Module:
     """Check `sd` against `model` (built on the meta device), then assign its tensors in place.
 
     Floating tensors are cast to `dtype` when given; everything moves to `device`. Tensors that the
     state dict does not contain (non-strict mode) stay on the meta device and are reported by
     `check_state_dict` in strict mode.
     """
-    check_state_dict(model, sd, source, strict)
+    check_state_dict(model, sd, source, strict, file_name)
     expected = model.state_dict()
     ready = {}
     for k, v in sd.items():
