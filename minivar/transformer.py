@@ -555,8 +555,9 @@ def file_namer(names: dict[str, str]) -> Callable[[str], str]:
 
 
 def load_infinity(path: str | Path, cfg: InfinityConfig, device: str | torch.device = "cpu",
-                  dtype: torch.dtype = torch.float32, strict: bool = True) -> Infinity:
-    """Build on the meta device and assign the checkpoint's tensors (.pth, .safetensors or shard index)."""
+                  dtype: torch.dtype = torch.float32, strict: bool = True, config_name: str = "the Infinity config") -> Infinity:
+    """Build on the meta device and assign the checkpoint's tensors (.pth, .safetensors or shard index).
+    `config_name` says where `cfg` came from, for the error that refuses a config far larger than the file."""
     from .flops import param_count  # flops imports the model's neighbours; import it only when loading
 
     raw = read_state_dict(path, what="Infinity checkpoint")
@@ -564,7 +565,7 @@ def load_infinity(path: str | Path, cfg: InfinityConfig, device: str | torch.dev
     sd = {name: raw[key] for name, key in names.items()}
     source = f"Infinity checkpoint {path}"
     if strict:
-        check_size(param_count(cfg), sd, source, f"the Infinity config (depth={cfg.depth}, embed_dim={cfg.embed_dim}, "
+        check_size(param_count(cfg), sd, source, f"{config_name} (depth={cfg.depth}, embed_dim={cfg.embed_dim}, "
                    f"text_channels={cfg.text_channels}, text_maxlen={cfg.text_maxlen})", dtype)
     with torch.device("meta"):
         model = Infinity(cfg)

@@ -31,6 +31,21 @@ def _require(path: Path, what: str) -> Path:
     return path
 
 
+def read_json_object(path: Path, what: str) -> dict:
+    """A JSON file that must hold one object (a config): anything else is a CheckpointError naming the file."""
+    path = _require(Path(path), what)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{what} {path} is not valid JSON ({' '.join(str(e).split())[:160]})") from None
+    except OSError as e:
+        raise CheckpointError(f"{what} {path} cannot be read ({e.strerror or e})") from None
+    if not isinstance(obj, dict):
+        kind = {list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(obj), "null")
+        raise CheckpointError(f"{what} {path} holds a JSON {kind}, not an object of settings")
+    return obj
+
+
 def read_pth(path: str | Path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
     """Read a `.pth`/`.bin` state dict safely (weights_only) and memory-mapped."""
     path = _require(Path(path), what)
@@ -59,8 +74,9 @@ def read_safetensors(paths: Iterable[str | Path], keep: Callable[[str], bool] = 
                     if keep(k):
                         out[k] = f.get_tensor(k)
         except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{what} {p} is truncated or not a safetensors file ({e}); "
-                                  "re-download or re-convert it") from None
+            why = " ".join(str(e).split())
+            raise CheckpointError(f"{what} {p} is damaged, truncated or not a safetensors file "
+                                  f"({why[:200] + ('...' if len(why) > 200 else '')}); re-download or re-convert it") from None
     return out
 
 
