@@ -20,7 +20,8 @@ def partial_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.partial")
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], None], before_rename: Callable[[], None] = lambda: None) -> Path:
+def atomic_write(path: Path, write: Callable[[BinaryIO], None],
+                 before_rename: Callable[[], None] = lambda: None) -> Path:
     """Call `write(f)` on a temporary in `path`'s folder, fsync it, then rename it to `path`.
 
     On any error (or a kill) `path` keeps its old content, or stays absent, and the temporary is removed.

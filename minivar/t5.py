@@ -305,8 +305,9 @@ def load_t5(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
                               "(check the path, or run `minivar download MODEL`)")
     cfg = T5Config.from_json(path / "config.json")
     sd = tie_embedding(read_encoder_tensors(path), str(path))
-    check_size(cfg.param_count(), sd, f"T5 weights in {path}", f"the T5 config {path / 'config.json'} (num_layers={cfg.num_layers}, "
-               f"d_model={cfg.d_model}, d_ff={cfg.d_ff}, vocab_size={cfg.vocab_size})", dtype)
+    described = (f"the T5 config {path / 'config.json'} (num_layers={cfg.num_layers}, d_model={cfg.d_model}, "
+                 f"d_ff={cfg.d_ff}, vocab_size={cfg.vocab_size})")
+    check_size(cfg.param_count(), sd, f"T5 weights in {path}", described, dtype)
     with torch.device("meta"):
         model = set_dtype(T5Encoder(cfg), dtype)
     # without a dtype argument, every tensor is cast to the dtype of the parameter it is assigned to

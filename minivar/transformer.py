@@ -555,7 +555,8 @@ def file_namer(names: dict[str, str]) -> Callable[[str], str]:
 
 
 def load_infinity(path: str | Path, cfg: InfinityConfig, device: str | torch.device = "cpu",
-                  dtype: torch.dtype = torch.float32, strict: bool = True, config_name: str = "the Infinity config") -> Infinity:
+                  dtype: torch.dtype = torch.float32, strict: bool = True,
+                  config_name: str = "the Infinity config") -> Infinity:
     """Build on the meta device and assign the checkpoint's tensors (.pth, .safetensors or shard index).
     `config_name` says where `cfg` came from, for the error that refuses a config far larger than the file."""
     from .flops import param_count  # flops imports the model's neighbours; import it only when loading

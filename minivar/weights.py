@@ -75,8 +75,9 @@ def read_safetensors(paths: Iterable[str | Path], keep: Callable[[str], bool] = 
                         out[k] = f.get_tensor(k)
         except (SafetensorError, OSError) as e:
             why = " ".join(str(e).split())
-            raise CheckpointError(f"{what} {p} is damaged, truncated or not a safetensors file "
-                                  f"({why[:200] + ('...' if len(why) > 200 else '')}); re-download or re-convert it") from None
+            why = why[:200] + ("..." if len(why) > 200 else "")
+            raise CheckpointError(f"{what} {p} is damaged, truncated or not a safetensors file ({why}); "
+                                  "re-download or re-convert it") from None
     return out
 
 
