@@ -83,12 +83,16 @@ def read_safetensors(paths: Iterable[str | Path], keep: Callable[[str], bool] = 
 
 def shard_files(index_path: str | Path, keep: Callable[[str], bool] = lambda k: True) -> list[Path]:
     """The shard files named by a `*.safetensors.index.json` that hold at least one wanted tensor."""
-    index_path = _require(Path(index_path), "shard index")
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError) as e:
-        raise CheckpointError(f"shard index {index_path} is not a valid index.json ({e})") from None
+    index_path = Path(index_path)
+    weight_map = read_json_object(index_path, "shard index").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise CheckpointError(f"shard index {index_path} is not a valid index.json (it needs a \"weight_map\" object "
+                              "from tensor names to shard file names)")
     names = sorted({f for k, f in weight_map.items() if keep(k)})
+    for n in names:  # a shard lies next to its index: no absolute paths, no way out of the folder
+        if Path(n).is_absolute() or ".." in Path(n).parts or not n.endswith((".safetensors", ".bin")):
+            raise CheckpointError(f"shard index {index_path} names the shard {n!r}; shards are .safetensors or "
+                                  ".bin files inside the index's folder")
     return [index_path.parent / n for n in names]
 
 

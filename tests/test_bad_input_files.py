@@ -176,6 +176,11 @@ def edited_sd(edit: Callable[[dict], None], prefix: str = "") -> Callable[[Path]
     return make
 
 
+def index_file(tmp: Path, content) -> Path:
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(content))
+    return tmp / "model.safetensors.index.json"
+
+
 def flat_vae_with_wrong_conv_out(tmp: Path) -> Path:
     sd = torch.load(TINY / "vae.pth", weights_only=True)["vae"]
     sd = {k.replace(".conv.", ".", 1) if k.startswith("decoder.conv_out") else k: v for k, v in sd.items()}
@@ -240,6 +245,11 @@ LOADER_CASES = [
                     "module.block_chunks.1.module.1.ffn.fc1.weight (minivar: blocks.3.ffn.fc1.weight)"),
     checkpoint_case("wrapped-and-plain-twice", lambda tmp: saved(tmp, {**tiny_sd(), "module.head.weight": tiny_sd()["head.weight"]}),
                     "head.weight and module.head.weight"),
+    checkpoint_case("index-weight-map-list", lambda tmp: index_file(tmp, {"weight_map": ["a.safetensors"]}),
+                    "model.safetensors.index.json", "weight_map"),
+    checkpoint_case("index-shard-outside", lambda tmp: index_file(tmp, {"weight_map": {"head.weight": "../x.safetensors"}}),
+                    "model.safetensors.index.json", "'../x.safetensors'"),
+    checkpoint_case("index-not-object", lambda tmp: index_file(tmp, [1]), "model.safetensors.index.json", "JSON array"),
     checkpoint_case("vae-flat-key-shape", flat_vae_with_wrong_conv_out,
                     "decoder.conv_out.weight (minivar: decoder.conv_out.conv.weight)",
                     load=lambda p: load_vae(p, TINY / "vae_config.json")),
