@@ -237,6 +237,8 @@ def cmd_batch(args) -> int:
     check_writable(out_dir, f"--out {out_dir}")
     prompts, problems = batch.read_prompts(args.prompts)
     settings = {"model": model_id(args.model), **kwargs, "dtype": args.dtype, "device": args.device}
+    jobs = batch.make_jobs(prompts, seeds)
+    batch.check_prompts(out_dir, jobs)  # early, for a quick answer; run_batch checks again under the folder's lock
     batch.check_settings(out_dir, settings)
     batch.stop_on_sigterm()
     ranks = batch.init_ranks(args.device)
@@ -244,8 +246,10 @@ def cmd_batch(args) -> int:
         for msg in problems:
             print(f"minivar: warning: {msg}", file=sys.stderr)
     device = f"cuda:{ranks.local_rank}" if args.device == "cuda" else args.device
-    jobs = batch.make_jobs(prompts, seeds)
     result = batch.run_batch(lambda: load_pipeline(args, device), jobs, out_dir, kwargs, settings, ranks)
+    if result.stale_lock_pid is not None:
+        print(f"minivar: warning: took over the lock of an earlier run (pid {result.stale_lock_pid}) that no longer "
+              "runs", file=sys.stderr)
     if ranks.rank == 0:
         print(f"{result.manifest_records} of {len(jobs)} images done in {out_dir} "
               f"(rank 0 generated {result.generated}, found {result.skipped_done} finished); "

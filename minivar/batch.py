@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import sys
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -27,9 +27,11 @@ from pathlib import Path
 
 from PIL import Image
 
+from .files import FolderBusy, FolderLock, atomic_write, partial_path
 from .pipeline import MAX_PROMPT_CHARS
 
 MANIFEST = "manifest.jsonl"
+MAX_ID_BYTES = 200  # a file name holds 255 bytes: the id, "_seed<n>.png" and the temporary's ".<name>.partial"
 PART = "manifest.rank{rank}.jsonl"
 # settings that change pixels: a rerun into the same folder must use the same ones
 PIXEL_SETTINGS = ("model", "res", "h_div_w", "cfg", "tau", "top_k", "top_p", "negative_prompt", "prune", "dtype")
@@ -65,7 +67,7 @@ def read_prompts(path: str | Path) -> tuple[list[Prompt], list[str]]:
     as_json = path.suffix in (".jsonl", ".json")
     prompts, problems, seen = [], [], {}
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is not part of line 1
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not UTF-8 text") from None
     for lineno, raw in enumerate(lines, start=1):
@@ -92,6 +94,7 @@ def parse_line(raw: str, lineno: int, as_json: bool) -> Prompt:
         raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
         raise ValueError('expected an object with a non-empty string "prompt"')
+    check_encodable(obj)
     pid = safe_id(obj["id"]) if "id" in obj else f"{lineno - 1:05d}"
     meta = {k: v for k, v in obj.items() if k not in ("prompt", "id")}
     return Prompt(pid, check_text(obj["prompt"].strip()), lineno, meta)
@@ -103,13 +106,29 @@ def check_text(text: str) -> str:
     return text
 
 
+def check_encodable(obj: dict) -> None:
+    """JSON can spell an unpaired surrogate ("\\udcff"), which is not text: no file or tokenizer can take it."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = e.object[e.start : e.end].encode("unicode_escape").decode()
+        raise ValueError(f"holds an unpaired surrogate {bad}, which is not valid text") from None
+
+
 def safe_id(value) -> str:
-    """An id usable in a file name: letters, digits, '-', '_' and '.', other characters become '_'."""
+    """An id usable in a file name, distinct for distinct ids as far as possible.
+
+    Letters and digits of any script, '-', '_' and '.' are kept; other ASCII characters become '_'
+    (so "a/b c" is "a_b_c"); other characters become their code point ("🐱" is "u1f431").
+    """
     if not isinstance(value, (str, int)) or isinstance(value, bool):
         raise ValueError(f'"id" must be a string or an integer, got {value!r}')
-    text = re.sub(r"[^A-Za-z0-9._-]", "_", str(value).strip())
+    text = unicodedata.normalize("NFC", str(value).strip())
+    text = "".join(c if c.isalnum() or c in "._-" else "_" if c.isascii() else f"u{ord(c):04x}" for c in text)
     if not text or text.startswith("."):
         raise ValueError(f'"id" {value!r} cannot name a file')
+    if len(text.encode()) > MAX_ID_BYTES:
+        raise ValueError(f'"id" of {len(text.encode())} bytes is too long for a file name (max {MAX_ID_BYTES})')
     return text
 
 
@@ -134,23 +153,10 @@ def shard(jobs: list[Job], rank: int, world: int) -> list[Job]:
 # --------------------------------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------------------------------
-def partial_path(path: Path) -> Path:
-    """The hidden temporary a file is written to before its rename (never matches *.png or *.jsonl)."""
-    return path.with_name(f".{path.name}.partial")
-
-
 def save_image_atomic(image: Image.Image, path: Path, before_rename: Callable[[], None] = lambda: None) -> None:
     """Write `image` (format from the suffix) so that `path` either does not exist or is complete."""
-    tmp = partial_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            image.save(f, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"))
-            f.flush()
-            os.fsync(f.fileno())
-        before_rename()
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
+    atomic_write(path, lambda f: image.save(f, format=fmt), before_rename)
 
 
 def append_record(part: Path, record: dict) -> None:
@@ -200,15 +206,34 @@ def check_settings(out_dir: Path, settings: dict) -> None:
                              "rerun with the same settings to resume, or use another --out")
 
 
+def check_prompts(out_dir: Path, jobs: list[Job]) -> None:
+    """Refuse to resume when lines of the prompts file changed since their images were made.
+
+    An image is named after its line's id and seed, not its text, so an edited line would otherwise keep
+    the old prompt's image. Refusing (rather than overwriting) never throws away a finished image.
+    """
+    records = known_records(out_dir)
+    changed: dict[int, tuple[str, str]] = {}
+    for job in jobs:
+        old = records.get(job.file, {}).get("prompt")
+        if isinstance(old, str) and old != job.prompt.text and (out_dir / job.file).exists():
+            changed.setdefault(job.prompt.line, (old, job.prompt.text))
+    if changed:
+        lines = sorted(changed)
+        old, new = changed[lines[0]]
+        shown = ", ".join(map(str, lines[:10])) + (f" and {len(lines) - 10} more" if len(lines) > 10 else "")
+        raise ValueError(f"{out_dir} holds images of other prompts for line(s) {shown} of the prompts file "
+                         f"(line {lines[0]} was {old[:80]!r}, now {new[:80]!r}); restore those lines, delete their "
+                         "images to make them again, or use another --out")
+
+
 def merge_manifest(out_dir: Path, jobs: list[Job]) -> int:
     """Rank 0, after every rank finished: one record per existing image into manifest.jsonl."""
     order = {j.file: i for i, j in enumerate(jobs)}
     records = [r for r in known_records(out_dir).values() if (out_dir / r["file"]).exists()]
     records.sort(key=lambda r: (order.get(r["file"], len(order)), r["file"]))
-    path = out_dir / MANIFEST
-    tmp = partial_path(path)
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    os.replace(tmp, path)
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    atomic_write(out_dir / MANIFEST, lambda f: f.write(text.encode()))
     for part in out_dir.glob(PART.format(rank="*")):
         part.unlink()
     return len(records)
@@ -228,6 +253,18 @@ class Ranks:
             import torch.distributed as dist
 
             dist.barrier()
+
+    def all_true(self, ok: bool) -> bool:
+        """Whether `ok` holds on every rank (every rank must call this)."""
+        if self.world == 1:
+            return ok
+        import torch
+        import torch.distributed as dist
+
+        device = f"cuda:{self.local_rank}" if dist.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor([int(ok)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
 
 
 def init_ranks(device: str) -> Ranks:
@@ -261,23 +298,45 @@ class BatchResult:
     generated: int
     skipped_done: int
     manifest_records: int | None  # rank 0 only
+    stale_lock_pid: int | None = None  # the dead run whose lock was taken over (rank 0 only)
+
+
+def lock_folder(out_dir: Path, ranks: Ranks) -> FolderLock | None:
+    """Rank 0 locks the folder for the whole run; every rank stops if it could not."""
+    lock, busy = FolderLock(out_dir, "minivar batch run"), None
+    if ranks.rank == 0:
+        try:
+            lock.acquire()
+        except FolderBusy as e:
+            busy = e
+    if not ranks.all_true(busy is None):
+        raise busy or FolderBusy(f"{out_dir} is in use by another minivar batch run (rank 0 could not lock it)")
+    return lock if ranks.rank == 0 else None
 
 
 def run_batch(load_pipeline: Callable[[], object], jobs: list[Job], out_dir: Path, gen_kwargs: dict,
               settings: dict, ranks: Ranks, show_progress: bool = True) -> BatchResult:
-    """Generate this rank's unfinished jobs, then (rank 0) merge the manifest."""
-    mine = shard(jobs, ranks.rank, ranks.world)
-    for job in mine:  # a temporary left by a killed run is never finished: drop it
-        partial_path(out_dir / job.file).unlink(missing_ok=True)
-    todo = [j for j in mine if not (out_dir / j.file).exists()]
-    if todo:
-        pipe = load_pipeline()
-        part = out_dir / PART.format(rank=ranks.rank)
-        for job in progress_bar(todo, show_progress and ranks.rank == 0, ranks.world):
-            generate_one(pipe, job, out_dir, part, gen_kwargs, settings, ranks.rank)
-    ranks.barrier()
-    merged = merge_manifest(out_dir, jobs) if ranks.rank == 0 else None
-    return BatchResult(len(todo), len(mine) - len(todo), merged)
+    """Lock the folder, check it holds nothing made otherwise, generate this rank's unfinished jobs,
+    then (rank 0) merge the manifest."""
+    lock = lock_folder(out_dir, ranks)
+    try:
+        check_prompts(out_dir, jobs)
+        check_settings(out_dir, settings)
+        mine = shard(jobs, ranks.rank, ranks.world)
+        for job in mine:  # a temporary left by a killed run is never finished: drop it
+            partial_path(out_dir / job.file).unlink(missing_ok=True)
+        todo = [j for j in mine if not (out_dir / j.file).exists()]
+        if todo:
+            pipe = load_pipeline()
+            part = out_dir / PART.format(rank=ranks.rank)
+            for job in progress_bar(todo, show_progress and ranks.rank == 0, ranks.world):
+                generate_one(pipe, job, out_dir, part, gen_kwargs, settings, ranks.rank)
+        ranks.barrier()
+        merged = merge_manifest(out_dir, jobs) if ranks.rank == 0 else None
+    finally:
+        if lock is not None:
+            lock.release()
+    return BatchResult(len(todo), len(mine) - len(todo), merged, lock.stale_pid if lock else None)
 
 
 def generate_one(pipe, job: Job, out_dir: Path, part: Path, gen_kwargs: dict, settings: dict, rank: int) -> None:

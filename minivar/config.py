@@ -8,9 +8,10 @@ resolution (FastVAR's recipe: one more scale on top of the 1M list).
 """
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 # Token grids (h, w) per aspect-ratio template h/w, as trained by Infinity (patch 16: a 64x64 grid is
 # 1024x1024 pixels). Templates below 1 are these with h and w swapped.
@@ -85,6 +86,19 @@ def rope_grid_for(h_div_w_template: float) -> tuple[int, int]:
     return TEMPLATES[h_div_w_template][-1]
 
 
+def check_int(name: str, value: Any, lo: int = 1, hi: int | None = None) -> None:
+    """`value` must be a true int (not a bool, not 128.0, not "4") in lo..hi."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        allowed = f"an integer >= {lo}" if hi is None else f"an integer in {lo}..{hi}"
+        raise ValueError(f"{name}={value!r} is invalid: it must be {allowed}")
+
+
+def check_positive(name: str, value: Any) -> None:
+    """`value` must be a finite real number > 0 (an int is fine)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}={value!r} is invalid: it must be a finite number > 0")
+
+
 @dataclass
 class InfinityConfig:
     depth: int = 32
@@ -99,6 +113,20 @@ class InfinityConfig:
     num_levels: int = 15        # rows of the scale (level) embedding
     block_chunks: int = 8       # how upstream grouped blocks in its checkpoint; only used to save
     pn: str = "1M"              # the pixel budget it was trained at (upstream's `pn`): the default schedule
+
+    def __post_init__(self):
+        for name in ("depth", "embed_dim", "num_heads", "text_channels", "text_maxlen", "d_vae", "num_levels",
+                     "block_chunks"):
+            check_int(name, getattr(self, name))
+        check_positive("mlp_ratio", self.mlp_ratio)
+        check_positive("norm_eps", self.norm_eps)
+        if not isinstance(self.spatial_patchify, bool):
+            raise ValueError(f"spatial_patchify={self.spatial_patchify!r} is invalid: it must be true or false")
+        if not isinstance(self.pn, str) or self.pn not in {**BUDGETS, **HIGH_RES}:
+            raise ValueError(f"pn={self.pn!r} is invalid: it must be one of {list(BUDGETS) + list(HIGH_RES)}")
+        if self.embed_dim % self.num_heads or (self.embed_dim // self.num_heads) % 4:
+            raise ValueError(f"embed_dim={self.embed_dim} and num_heads={self.num_heads} are invalid: the head width "
+                             "embed_dim / num_heads must be a whole multiple of 4 (2D RoPE)")
 
     @property
     def head_dim(self) -> int:
@@ -118,20 +146,36 @@ class InfinityConfig:
         """Build from upstream Infinity constructor arguments (a dict or a JSON file of them).
 
         Accepts the plain kwargs or a JSON holding them under `all_constructor_arguments` or
-        `constructor_kwargs` (like the golden fixture's infinity_config.json).
+        `constructor_kwargs` (like the golden fixture's infinity_config.json). Wrong types or values
+        raise one ValueError that names the file, the field and what is allowed.
         """
+        from .weights import read_json_object
+
+        where = "Infinity config" if isinstance(args, dict) else f"Infinity config {args}"
         if not isinstance(args, dict):
-            args = json.loads(Path(args).read_text())
+            args = read_json_object(Path(args), "Infinity config")
+        try:
+            return cls._from_args(args, d_vae)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+
+    @classmethod
+    def _from_args(cls, args: dict, d_vae: int | None) -> InfinityConfig:
         for key in ("all_constructor_arguments", "constructor_kwargs"):
             if key in args:
+                if not isinstance(args[key], dict):
+                    raise ValueError(f"{key} must be a JSON object, got {type(args[key]).__name__}")
                 args = {**args, **args[key]}
-        if "model_type" in args and args["model_type"] in PRESETS:
+        if isinstance(args.get("model_type"), str) and args["model_type"] in PRESETS:
             return PRESETS[args["model_type"]]
-        patchify = bool(args.get("apply_spatial_patchify", 0))
-        d = d_vae or args.get("d_vae") or (args.get("derived") or {}).get("d_vae") or (56 if patchify else 32)
+        patchify = args.get("apply_spatial_patchify", 0)
+        if patchify not in (0, 1) or isinstance(patchify, float):
+            raise ValueError(f"apply_spatial_patchify={patchify!r} is invalid: it must be 0, 1, true or false")
+        derived = args.get("derived") if isinstance(args.get("derived"), dict) else {}
+        d = d_vae or args.get("d_vae") or derived.get("d_vae") or (56 if patchify else 32)
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in args.items() if k in known}
-        return cls(**{**kw, "d_vae": d, "spatial_patchify": patchify})
+        return cls(**{**kw, "d_vae": d, "spatial_patchify": bool(patchify)})
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -6,20 +6,21 @@ only what it needs. Loading prefers `x.safetensors` over `x.pth` when both sit s
 (hub.prefer_converted).
 
 The writer below streams tensor by tensor (peak memory: one tensor, cast to the output dtype) into a
-temporary file that is renamed at the end, so an interrupted conversion never leaves a file that
-looks finished. Format: 8-byte little-endian header length, the header
+temporary file that is renamed at the end (files.atomic_write), so an interrupted conversion never
+leaves a file that looks finished. The output must end in `.safetensors` and must not be the input,
+so a checkpoint is never replaced by bytes its name contradicts. Format: 8-byte little-endian header length, the header
 `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}` padded with
 spaces to a multiple of 8, then the data.
 """
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 
 import torch
 
+from .files import atomic_write, same_file
 from .weights import CheckpointError, read_pth
 
 DTYPES: dict[str, torch.dtype | None] = {"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16}
@@ -59,19 +60,14 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, dtype: torch
         header["__metadata__"] = metadata
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)) + blob)
-            for t in tensors.values():
-                flat = t.to(out_dtype(t)).contiguous().reshape(-1)
-                f.write(flat.view(torch.uint8).numpy())  # little-endian bytes, as safetensors stores them
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+
+    def write(f) -> None:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for t in tensors.values():
+            flat = t.to(out_dtype(t)).contiguous().reshape(-1)
+            f.write(flat.view(torch.uint8).numpy())  # little-endian bytes, as safetensors stores them
+
+    return atomic_write(path, write)
 
 
 def convert(src: str | Path, dst: str | Path | None = None, dtype: str = "keep") -> Path:
@@ -81,11 +77,26 @@ def convert(src: str | Path, dst: str | Path | None = None, dtype: str = "keep")
         raise ValueError(f"unknown dtype {dtype!r}: choose one of {list(DTYPES)}")
     if src.suffix != ".pth":
         raise ValueError(f"{src} is not a .pth checkpoint (safetensors files need no conversion)")
-    dst = Path(dst).expanduser() if dst is not None else src.with_suffix(".safetensors")
-    if not dst.parent.is_dir():
-        raise FileNotFoundError(f"output folder {dst.parent} does not exist")
+    dst = output_path(src, dst)
     meta = {"format": "pt", "source": src.name, "converted_by": "minivar convert", "dtype": dtype}
     return write_safetensors(checkpoint_tensors(src), dst, DTYPES[dtype], meta)
+
+
+def output_path(src: Path, dst: str | Path | None) -> Path:
+    """Where `convert` writes: `dst` (a folder takes the input's stem), by default `src` as .safetensors.
+    Refuses an output that is the input or whose name says another format."""
+    dst = Path(dst).expanduser() if dst is not None else src.with_suffix(".safetensors")
+    if dst.is_dir():
+        dst = dst / src.with_suffix(".safetensors").name
+    if same_file(src, dst):
+        raise ValueError(f"output {dst} is the input {src}: converting in place would destroy the checkpoint; "
+                         "write to a .safetensors file")
+    if dst.suffix != ".safetensors":
+        raise ValueError(f"output {dst} must end in .safetensors: convert writes safetensors, and loading goes "
+                         "by the file's extension")
+    if not dst.parent.is_dir():
+        raise FileNotFoundError(f"output folder {dst.parent} does not exist")
+    return dst
 
 
 def convert_targets(target: str) -> list[Path]:

@@ -231,7 +231,8 @@ def load(name: str | Path | None = None, *, transformer: str | Path | None = Non
     if not isinstance(cfg, InfinityConfig):
         cfg = InfinityConfig.from_upstream(cfg, d_vae=None)
     cfg = fit_bits_to_vae(cfg, vae_model.cfg)
-    model = load_infinity(files.transformer, cfg, device=device, dtype=dtype)
+    config_name = "the Infinity config" + (f" {files.config}" if isinstance(files.config, (str, Path)) else "")
+    model = load_infinity(files.transformer, cfg, device=device, dtype=dtype, config_name=config_name)
     t5 = load_t5(files.text_encoder, device=device, dtype=side_dtype)
     return Pipeline(model, vae_model, t5, Tokenizer.from_dir(files.text_encoder), files.name, device)
 

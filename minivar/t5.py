@@ -13,7 +13,6 @@ Module and parameter names follow the Hugging Face checkpoints (`encoder.block.{
 """
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -23,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .weights import CheckpointError, assign_state_dict, read_pth, read_state_dict, shard_files
+from .config import check_int, check_positive
+from .weights import (CheckpointError, assign_state_dict, check_size, read_json_object, read_pth, read_state_dict,
+                      shard_files)
 
 
 @dataclass
@@ -45,15 +46,29 @@ class T5Config:
         path = Path(path).expanduser()
         if not path.is_file():
             raise CheckpointError(f"T5 config not found: {path} (a T5 model directory needs its config.json)")
-        try:
-            raw = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"T5 config {path} is not valid JSON ({e})") from None
+        raw = read_json_object(path, "T5 config")
         config = cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
-        if config.feed_forward_proj not in FEED_FORWARD:
-            raise CheckpointError(f"T5 config {path}: feed_forward_proj {config.feed_forward_proj!r} is not "
-                                  f"supported (only {', '.join(FEED_FORWARD)})")
+        try:
+            config.check()
+        except ValueError as e:
+            raise CheckpointError(f"T5 config {path}: {e}") from None
         return config
+
+    def check(self) -> None:
+        for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
+                     "relative_attention_num_buckets", "relative_attention_max_distance"):
+            check_int(name, getattr(self, name))
+        check_positive("layer_norm_epsilon", self.layer_norm_epsilon)
+        if not isinstance(self.feed_forward_proj, str) or self.feed_forward_proj not in FEED_FORWARD:
+            raise ValueError(f"feed_forward_proj {self.feed_forward_proj!r} is not supported (only "
+                             f"{', '.join(FEED_FORWARD)})")
+
+    def param_count(self) -> int:
+        """Parameters of the encoder (embedding, blocks, final norm), as `T5Encoder(cfg)` holds them."""
+        inner, gated = self.num_heads * self.d_kv, self.feed_forward_proj.startswith("gated")
+        block = 4 * self.d_model * inner + (3 if gated else 2) * self.d_model * self.d_ff + 2 * self.d_model
+        return self.vocab_size * self.d_model + self.num_layers * block + self.relative_attention_num_buckets * \
+            self.num_heads + self.d_model
 
 
 PRESETS = {
@@ -290,6 +305,9 @@ def load_t5(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
                               "(check the path, or run `minivar download MODEL`)")
     cfg = T5Config.from_json(path / "config.json")
     sd = tie_embedding(read_encoder_tensors(path), str(path))
+    described = (f"the T5 config {path / 'config.json'} (num_layers={cfg.num_layers}, d_model={cfg.d_model}, "
+                 f"d_ff={cfg.d_ff}, vocab_size={cfg.vocab_size})")
+    check_size(cfg.param_count(), sd, f"T5 weights in {path}", described, dtype)
     with torch.device("meta"):
         model = set_dtype(T5Encoder(cfg), dtype)
     # without a dtype argument, every tensor is cast to the dtype of the parameter it is assigned to

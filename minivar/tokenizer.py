@@ -12,14 +12,13 @@ dummy-prefix "▁". Sentencepiece does the rest: NFKC normalisation, whitespace 
 """
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from pathlib import Path
 
 import torch
 
-from .weights import CheckpointError
+from .weights import CheckpointError, read_json_object
 
 
 class Tokenizer:
@@ -50,10 +49,10 @@ class Tokenizer:
         extra_ids = 100
         config_file = path / "tokenizer_config.json"
         if config_file.is_file():
-            try:
-                extra_ids = json.loads(config_file.read_text()).get("extra_ids", 100)
-            except json.JSONDecodeError as e:
-                raise CheckpointError(f"tokenizer config {config_file} is not valid JSON ({e})") from None
+            extra_ids = read_json_object(config_file, "tokenizer config").get("extra_ids", 100)
+            if isinstance(extra_ids, bool) or not isinstance(extra_ids, int) or not 0 <= extra_ids <= 10_000:
+                raise CheckpointError(f"tokenizer config {config_file}: extra_ids={extra_ids!r} is invalid: it must "
+                                      "be an integer in 0..10000")
         return cls(model_file, extra_ids)
 
     def _special_tokens(self) -> dict[str, int]:

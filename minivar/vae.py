@@ -15,7 +15,6 @@ are matched bit for bit.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .bsq import MultiScaleBSQ, Scale, make_mask
-from .weights import assign_state_dict, read_state_dict, remap_keys
+from .config import check_int
+from .weights import assign_state_dict, read_json_object, read_state_dict, remap_names
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,22 @@ class VAEConfig:
     ch_mult: tuple[int, ...] = (1, 2, 4, 4, 4)  # channel multiplier per level, encoder and decoder
     patch_size: int = 16  # pixels per latent position along each side
 
+    def __post_init__(self):
+        check_int("codebook_dim", self.codebook_dim, 1, 63)  # bit codes are packed into int64
+        check_int("base_ch", self.base_ch, 1, 8192)
+        check_int("num_res_blocks", self.num_res_blocks, 0, 64)
+        if not isinstance(self.ch_mult, tuple) or not 1 <= len(self.ch_mult) <= 12:
+            raise ValueError(f"ch_mult={self.ch_mult!r} is invalid: it must be a list of 1 to 12 integers")
+        for m in self.ch_mult:
+            check_int("a ch_mult entry", m, 1, 64)
+        check_int("patch_size", self.patch_size, 1, 2 ** (len(self.ch_mult) - 1))
+        if self.patch_size & (self.patch_size - 1):
+            raise ValueError(f"patch_size={self.patch_size} is invalid: it must be a power of 2")
+        for m in self.ch_mult:
+            if (self.base_ch * m) % 32 and (self.base_ch * m) % 24:
+                raise ValueError(f"base_ch={self.base_ch} x ch_mult {m} = {self.base_ch * m} channels is invalid: "
+                                 "GroupNorm needs a multiple of 32 or 24")
+
     @property
     def n_resample(self) -> int:
         """Number of 2x down- (encoder) and up-sampling (decoder) steps."""
@@ -45,18 +61,29 @@ class VAEConfig:
     @classmethod
     def from_upstream_json(cls, src: str | Path | dict[str, Any]) -> VAEConfig:
         """Read upstream's VAE arguments: a `vae_config.json` (fields `autoencoder_args` and/or
-        `vae_model_call`, as in the fixtures), or a dict with the same fields or the bare namespace."""
-        raw = src if isinstance(src, dict) else json.loads(Path(src).read_text())
+        `vae_model_call`, as in the fixtures), or a dict with the same fields or the bare namespace.
+        Wrong types or values raise one ValueError that names the file and the field."""
+        where = "VAE config" if isinstance(src, dict) else f"VAE config {src}"
+        raw = src if isinstance(src, dict) else read_json_object(Path(src), "VAE config")
         args: dict[str, Any] = {"base_ch": 128, "num_res_blocks": 2}  # hard-coded in upstream's vae_model()
         args.update({k: v for k, v in raw.items() if not isinstance(v, dict)})
-        args.update(raw.get("vae_model_call", {}))
-        args.update(raw.get("autoencoder_args", {}))
+        for key in ("vae_model_call", "autoencoder_args"):
+            if not isinstance(raw.get(key, {}), dict):
+                raise ValueError(f"{where}: {key} must be a JSON object, got {type(raw[key]).__name__}")
+            args.update(raw.get(key, {}))
         if "codebook_dim" not in args and "vae_type" in args:
             args["codebook_dim"] = args["vae_type"]  # Infinity's name for the bit count
-        _check_supported(args)
-        return cls(codebook_dim=int(args["codebook_dim"]), base_ch=int(args["base_ch"]),
-                   num_res_blocks=int(args["num_res_blocks"]), ch_mult=tuple(args["encoder_ch_mult"]),
-                   patch_size=int(args["patch_size"]))
+        missing = [k for k in ("codebook_dim", "encoder_ch_mult", "patch_size") if k not in args]
+        try:
+            if missing:
+                raise ValueError(f"missing {missing}")
+            mult = args["encoder_ch_mult"]
+            cfg = cls(codebook_dim=args["codebook_dim"], base_ch=args["base_ch"], num_res_blocks=args["num_res_blocks"],
+                      ch_mult=tuple(mult) if isinstance(mult, list) else mult, patch_size=args["patch_size"])
+            _check_supported(args)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        return cfg
 
 
 VAE_PRESETS: dict[str, VAEConfig] = {
@@ -76,15 +103,15 @@ _SUPPORTED_UPSTREAM = {
 
 
 def _check_supported(args: dict[str, Any]) -> None:
-    missing = [k for k in ("codebook_dim", "encoder_ch_mult", "patch_size") if k not in args]
+    """Upstream options minivar does not implement (run after VAEConfig checked the numbers)."""
     bad = [f"{k}={args[k]!r} (need {v!r})" for k, v in _SUPPORTED_UPSTREAM.items() if k in args and args[k] != v]
-    enc_mult = list(args.get("encoder_ch_mult", []))
-    if list(args.get("decoder_ch_mult", enc_mult)) != enc_mult:
+    enc_mult = list(args["encoder_ch_mult"])
+    if args.get("decoder_ch_mult", enc_mult) != enc_mult:
         bad.append("decoder_ch_mult != encoder_ch_mult")
     if "codebook_size" in args and args["codebook_size"] != 2 ** int(args.get("codebook_dim", 0)):
         bad.append(f"codebook_size={args['codebook_size']} != 2**codebook_dim (needs a projection)")
-    if missing or bad:
-        raise ValueError(f"unsupported upstream VAE config: missing {missing}, unsupported {bad}")
+    if bad:
+        raise ValueError(f"unsupported upstream VAE options: {bad}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,15 +512,17 @@ def _resolve_config(config: VAEConfig | str | Path | dict[str, Any]) -> VAEConfi
     return VAEConfig.from_upstream_json(config)
 
 
-def _vae_state_dict(path: str | Path, d: int) -> dict[str, Tensor]:
-    """Read a checkpoint ({'vae': sd} or a bare state dict), rename flat keys, add derived buffers."""
+def _vae_state_dict(path: str | Path, d: int) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Read a checkpoint ({'vae': sd} or a bare state dict), rename flat keys, add derived buffers.
+    Also returns each tensor's name in the file, for error messages."""
     sd = read_state_dict(path, what="VAE checkpoint")
     if isinstance(sd.get("vae"), dict):
         sd = sd["vae"]
-    sd = remap_keys(sd, FLAT_KEY_RULES)
+    names = remap_names(sd, FLAT_KEY_RULES)
+    sd = {new: sd[old] for new, old in names.items()}
     for name in ("quantizer.lfq.mask", "quantize.lfq.mask"):
         sd.setdefault(name, make_mask(d))  # a constant the model can rebuild; some exports drop it
-    return sd
+    return sd, names
 
 
 def load_vae(path: str | Path, config: VAEConfig | str | Path | dict[str, Any], device: str | torch.device = "cpu",
@@ -501,8 +530,9 @@ def load_vae(path: str | Path, config: VAEConfig | str | Path | dict[str, Any], 
     """Build the VAE of `config` (a VAEConfig, a preset name, an upstream JSON path or dict) on the meta
     device and assign the checkpoint's tensors to it (strict: raises CheckpointError on any mismatch)."""
     cfg = _resolve_config(config)
-    sd = _vae_state_dict(path, cfg.codebook_dim)
+    sd, names = _vae_state_dict(path, cfg.codebook_dim)
     with torch.device("meta"):
         model = BSQVAE(cfg)
-    assign_state_dict(model, sd, source=f"VAE checkpoint {path}", dtype=dtype, device=device)
+    assign_state_dict(model, sd, source=f"VAE checkpoint {path}", dtype=dtype, device=device,
+                      file_name=lambda k: names.get(k, k))
     return model.eval().requires_grad_(False)

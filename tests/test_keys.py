@@ -37,3 +37,15 @@ def test_config_from_upstream_constructor_arguments():
     assert (cfg.depth, cfg.embed_dim, cfg.num_heads, cfg.text_channels, cfg.d_vae) == (4, 128, 2, 128, 32)
     eight = InfinityConfig.from_upstream(json.loads((FIXTURES / "infinity_8b_keys.json").read_text())["constructor_kwargs"])
     assert eight.spatial_patchify and eight.d_vae == 56 and eight.embed_dim == 3584
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
+def test_wrapper_prefixes_on_the_real_upstream_names(prefix):
+    """DDP writes `module.block_chunks.0.module.0.ada_gss`, torch.compile `_orig_mod.`: the chunk size must be
+    inferred after the wrapper is stripped, so the 2B's 8 chunks of 4 blocks still give blocks 0..31."""
+    keys = json.loads((FIXTURES / "infinity_2b_keys.json").read_text())["keys"]
+    plain = flatten_block_keys({k: k for k in keys})
+    wrapped = flatten_block_keys({prefix + k: k for k in keys})
+    assert wrapped == plain
+    assert wrapped["blocks.7.ffn.fc1.weight"] == "block_chunks.1.module.3.ffn.fc1.weight"
+    assert sum(k.endswith(".ada_gss") for k in wrapped) == 32

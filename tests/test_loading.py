@@ -1,12 +1,14 @@
 """Checkpoint forms the transformer loader accepts: upstream .pth, flat keys, sharded safetensors."""
 import json
 
+import pytest
 import torch
 from helpers import TINY
 from safetensors.torch import save_file
 
 from minivar.config import InfinityConfig
 from minivar.transformer import flatten_block_keys, load_infinity
+from minivar.weights import CheckpointError
 
 CFG = InfinityConfig.from_upstream(TINY / "infinity_config.json")
 
@@ -54,3 +56,23 @@ def test_weights_are_memory_mapped_not_copied():
     for p in (model.head.weight, model.blocks[3].ffn.fc1.weight, model.cfg_uncond):
         assert any(lo <= p.data_ptr() < hi for lo, hi in mapped_ranges(path))
     assert not model.head.weight.requires_grad and not model.training
+
+
+def test_ddp_and_compile_prefixes_on_upstream_block_chunk_names(tmp_path):
+    sd = torch.load(TINY / "infinity.pth", weights_only=True)  # upstream names: block_chunks.{c}.module.{i}
+    base = load_infinity(TINY / "infinity.pth", CFG)
+    for prefix in ("module.", "_orig_mod.", "module._orig_mod."):
+        torch.save({prefix + k: v for k, v in sd.items()}, tmp_path / "wrapped.pth")
+        assert same_weights(base, load_infinity(tmp_path / "wrapped.pth", CFG)), prefix
+
+
+def test_errors_name_keys_as_the_file_does(tmp_path):
+    sd = torch.load(TINY / "infinity.pth", weights_only=True)
+    del sd["block_chunks.1.module.1.ffn.fc1.weight"]  # CFG: 2 chunks of 2 blocks, so this is block 3
+    sd["block_chunks.0.module.1.ffn.fc2.bias"] = torch.zeros(7)
+    torch.save({"module." + k: v for k, v in sd.items()}, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError) as err:
+        load_infinity(tmp_path / "bad.pth", CFG)
+    msg = str(err.value)
+    assert "module.block_chunks.1.module.1.ffn.fc1.weight (minivar: blocks.3.ffn.fc1.weight)" in msg
+    assert "module.block_chunks.0.module.1.ffn.fc2.bias (minivar: blocks.1.ffn.fc2.bias) (7,)" in msg
