@@ -136,6 +136,10 @@ class Pruner:
             return dense
         return lambda name, x, fn: self._pruned(si, layer, name, x, fn, k)
 
+    def keep_rows(self, n: int) -> None:
+        """Keep the first n batch rows of the restoration cache (stage-aware CFG drops the rest)."""
+        self.cache = {key: out[:n] for key, out in self.cache.items()}
+
     def _store(self, layer: int, name: str, out: torch.Tensor) -> torch.Tensor:
         self.cache[layer, name] = out
         return out

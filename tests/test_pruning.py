@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import PROMPT, SETTINGS, TINY, tiny_pipeline
+from helpers import PROMPT, SETTINGS, TINY, rel_err, tiny_pipeline
 
 from minivar import memory
 from minivar.config import BUDGETS, PRESETS, TEMPLATES, scale_schedule
@@ -113,6 +113,38 @@ def test_stage_aware_cfg_runs_the_late_scales_on_the_conditional_rows_only():
     for i in range(4):
         assert torch.equal(full.trace.bits[i], staged.trace.bits[i])
     assert not torch.equal(full.trace.logits[4], staged.trace.logits[4])  # unguided from scale 4 on
+
+
+def test_stage_aware_cfg_with_pruning_restores_from_the_conditional_rows():
+    """Issue 17, bug 1: dropping the unconditional half must trim the restoration cache too. From the
+    stop on, the run must match one whose guidance is off there (cfg 1 samples the conditional rows)."""
+    pipe, kw = tiny_pipeline(), {**SETTINGS, "trace": True, "output_type": "latent", "res": 512, "prune": "fastvar"}
+    staged = pipe.generate([PROMPT, "a cat"], cfg_stop_scale=9, **kw)  # cache scale 8, pruned scale 9
+    assert staged.prune.cache_scale == 8 and staged.prune.drop == {9: 0.4}
+    assert staged.trace.cfg_rows == [4] * 9 + [2]  # 2 images: conditional + unconditional rows, then conditional
+    unguided = pipe.generate([PROMPT, "a cat"], **{**kw, "cfg": [3.0] * 9 + [1.0]})
+    for i in range(9):
+        assert torch.equal(staged.trace.bits[i], unguided.trace.bits[i])
+    assert rel_err(staged.trace.logits[9], unguided.trace.logits[9]) <= 1e-5
+
+
+def test_stage_aware_cfg_with_pruning_is_batch_invariant():
+    pipe, prompts = tiny_pipeline(), [PROMPT, "a cat"]
+    kw = {**SETTINGS, "trace": True, "output_type": "latent", "res": 512, "prune": "fastvar", "cfg_stop_scale": 9}
+    singles = [pipe.generate(p, **kw) for p in prompts]
+    forced = [torch.cat([s.trace.bits[i] for s in singles]) for i in range(len(singles[0].trace.bits))]
+    batch = pipe.generate(prompts, force_bits=forced, **kw)
+    for i in (8, 9):  # the cache scale, and the pruned scale that runs on the conditional rows only
+        for b, single in enumerate(singles):
+            assert rel_err(batch.trace.logits[i][b], single.trace.logits[i][0]) <= 1e-5, (i, b)
+
+
+def test_stage_aware_cfg_stops_at_a_skipped_scale_too():
+    """A stop scale that pruning skips still stops guidance from there on (it used to be ignored)."""
+    skip_late = PruneSchedule(skip=frozenset({5, 6}))
+    out = tiny_pipeline().generate(PROMPT, res=256, prune=skip_late, cfg_stop_scale=5, trace=True,
+                                   output_type="latent", **SETTINGS)
+    assert out.trace.index == [0, 1, 2, 3, 4] and out.trace.cfg_rows == [2] * 5
 
 
 @pytest.mark.parametrize("h_div_w", [1.0, 0.5])
