@@ -68,7 +68,7 @@ PHASES = ("text", "transformer", "vae")
 @dataclass
 class Subject:
     name: str
-    family: str                   # model name for prune presets ("infinity-2b", or "custom")
+    family: str                   # model family name ("infinity-2b", or "custom")
     model: Infinity
     vae: BSQVAE | None
     text_rows: Callable[[bool], tuple[torch.Tensor, list[tuple[int, int]]]]  # cfg_on -> packed rows, segments
@@ -298,7 +298,7 @@ def plan_case(subj: Subject, case: Case, cfg: InfinityConfig | None = None) -> P
     """The plan for the subject's model, or for `cfg` (the full-depth model) when given."""
     cfg = cfg or subj.model.cfg
     scales = scale_schedule(case.res)
-    prune = resolve_prune(case.prune, subj.family, cfg, scales)
+    prune = resolve_prune(case.prune, cfg, scales)
     stop = default_cfg_stop(scales) if case.cfg_stop else None
     counts = transformer_count(cfg, scales, prune, batch=1, cfg_on=True, cfg_stop_scale=stop,
                                text_tokens=subj.text_tokens)

@@ -111,7 +111,7 @@ class Pipeline:
         prompts = _check_prompts(prompt)
         scales, template = self.schedule(res, h_div_w), nearest_template(h_div_w)
         check_insertion(cfg_insertion_layer, self.transformer.cfg.depth)
-        schedule = resolve_prune(prune, self.name, self.transformer.cfg, scales, template)
+        schedule = resolve_prune(prune, self.transformer.cfg, scales, template)
         settings = Settings(cfg, tau, top_k, top_p, seed, cfg_insertion_layer, cfg_stop_scale, force_bits)
         cfg_on = any(c != 1 for c in settings.per_scale(cfg, len(scales)))
         need = memory.estimate(self.transformer.cfg, self.vae.cfg, scales, schedule, len(prompts), cfg_on)

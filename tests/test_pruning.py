@@ -1,14 +1,17 @@
 """Native cached token pruning: selection, restoration, KV bookkeeping, presets, stage-aware CFG, memory."""
 import json
+import shutil
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import PROMPT, SETTINGS, TINY, rel_err, tiny_pipeline
 
+import minivar
 from minivar import memory
 from minivar.config import BUDGETS, PRESETS, TEMPLATES, scale_schedule
-from minivar.presets import fastvar_literal, proportional, resolve_prune
+from minivar.presets import fastvar_literal, proportional, reference_tokens, resolve_prune
 from minivar.pruning import Pruner, PruneSchedule, pivotal_scores, restore, select
 
 
@@ -68,7 +71,7 @@ def test_every_preset_is_valid(model):
     for template in TEMPLATES:
         for res in [256, 512, 768, 1024, 1344, 2048]:
             scales = scale_schedule(res, template)
-            p = resolve_prune(True, model, cfg, scales, template)
+            p = resolve_prune(True, cfg, scales, template)
             p.validate(len(scales), cfg.depth)
             pruned = [si for si, f in p.drop.items() if f > 0]
             if pruned:
@@ -80,7 +83,7 @@ def test_every_preset_is_valid(model):
 
 def test_the_2b_preset_at_1024_is_fastvars_released_recipe():
     scales = scale_schedule(1024, 1.0)
-    preset = resolve_prune(True, "infinity-2b", PRESETS["infinity-2b"], scales)
+    preset = resolve_prune(True, PRESETS["infinity-2b"], scales)
     assert preset == fastvar_literal(scales)
     assert preset.layers == (3, 27) and preset.drop == {9: 0.4, 10: 0.5} and preset.skip == {11, 12}
     assert proportional(scales, 40, 64 * 64).layers == (4, 34)  # 8B: window scaled with depth
@@ -147,6 +150,26 @@ def test_stage_aware_cfg_stops_at_a_skipped_scale_too():
     assert out.trace.index == [0, 1, 2, 3, 4] and out.trace.cfg_rows == [2] * 5
 
 
+def test_prune_true_follows_the_model_config_not_its_folder_name(tmp_path):
+    """Issue 17, bug 4: the toy's files under another name must give the toy's preset, not no pruning."""
+    from minivar.hub import find_directory
+
+    toy = find_directory("toy")
+    shutil.copytree(toy, tmp_path / "my-toy")
+    kw = {**SETTINGS, "prune": True, "output_type": "latent"}
+    named, renamed = minivar.load("toy").generate(PROMPT, **kw), minivar.load(tmp_path / "my-toy").generate(PROMPT, **kw)
+    assert renamed.prune == named.prune and renamed.prune.prunes and renamed.prune.skip
+    assert torch.equal(renamed.summed_codes, named.summed_codes)
+
+
+def test_reference_grid_comes_from_the_trained_budget():
+    cfg = PRESETS["infinity-2b"]
+    assert reference_tokens(cfg, 1.0) == 64 * 64 and reference_tokens(replace(cfg, pn="0.06M"), 1.0) == 16 * 16
+    assert reference_tokens(replace(cfg, pn="0.25M"), 1.0) == 32 * 32
+    with pytest.raises(ValueError, match="pn='2M'"):
+        reference_tokens(replace(cfg, pn="2M"), 1.0)
+
+
 @pytest.mark.parametrize("h_div_w", [1.0, 0.5])
 def test_zero_shot_2048_with_pruning(h_div_w):
     out = tiny_pipeline().generate(PROMPT, res=2048, h_div_w=h_div_w, prune=True, trace=True, **SETTINGS)
@@ -167,7 +190,7 @@ def test_memory_estimate_shrinks_with_pruning():
     cfg, scales = PRESETS["infinity-2b"], scale_schedule(1024)
     from minivar.vae import VAE_PRESETS
     dense = memory.estimate(cfg, VAE_PRESETS["d32"], scales, PruneSchedule.none(), 1, True)
-    pruned = memory.estimate(cfg, VAE_PRESETS["d32"], scales, resolve_prune(True, "infinity-2b", cfg, scales), 1, True)
+    pruned = memory.estimate(cfg, VAE_PRESETS["d32"], scales, resolve_prune(True, cfg, scales), 1, True)
     # 2 x rows x tokens x C x 4 bytes, summed over layers; the last scale is never stored
     assert dense.kv_cache == 2 * 2 * sum(h * w for h, w in scales[:-1]) * 32 * 2048 * 4
     assert pruned.kv_cache < 0.4 * dense.kv_cache
