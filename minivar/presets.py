@@ -1,9 +1,9 @@
 """Pruning presets: turn `prune=True | "fastvar" | dict | PruneSchedule` into a `PruneSchedule`.
 
 `prune="fastvar"` is FastVAR's released recipe taken literally, whatever the model: absolute layers
-3..27 (cut to the model's depth), scales 32 and 40 wide drop 40 % and 50 % of their tokens, the 576-token (24x24) scale is the
-restoration cache, and scales 48 or 64 wide are skipped. It only makes sense for 1:1 schedules; it
-is what parity with FastVAR's code is checked against.
+3..27 (cut to the model's depth), scales 32 and 40 wide drop 40 % and 50 % of their tokens, the
+576-token (24x24) scale is the restoration cache, and scales 48 or 64 wide are skipped. It only
+makes sense for 1:1 schedules; it is what parity with FastVAR's code is checked against.
 
 `prune=True` is the same recipe expressed so that it transfers to every model, aspect and budget.
 Each scale is placed by its token count relative to the model's reference grid (the template's

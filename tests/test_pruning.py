@@ -157,7 +157,8 @@ def test_prune_true_follows_the_model_config_not_its_folder_name(tmp_path):
     toy = find_directory("toy")
     shutil.copytree(toy, tmp_path / "my-toy")
     kw = {**SETTINGS, "prune": True, "output_type": "latent"}
-    named, renamed = minivar.load("toy").generate(PROMPT, **kw), minivar.load(tmp_path / "my-toy").generate(PROMPT, **kw)
+    named = minivar.load("toy").generate(PROMPT, **kw)
+    renamed = minivar.load(tmp_path / "my-toy").generate(PROMPT, **kw)
     assert renamed.prune == named.prune and renamed.prune.prunes and renamed.prune.skip
     assert torch.equal(renamed.summed_codes, named.summed_codes)
 
