@@ -62,7 +62,8 @@ def proportional(scales: list[tuple[int, int]], depth: int, reference_tokens: in
     cached = [si for si, r in enumerate(shares) if r < CACHE_BELOW]
     if not drop or not cached:
         return PruneSchedule(skip=frozenset(skip))
-    layers = tuple(round(x / FASTVAR_DEPTH * depth) for x in FASTVAR_LAYERS)
+    first, last = (round(x / FASTVAR_DEPTH * depth) for x in FASTVAR_LAYERS)
+    layers = (first, min(last, depth - 1))  # shallow models (depth <= 3) round past their last layer
     return PruneSchedule(drop=drop, skip=frozenset(skip), layers=layers, cache_scale=cached[-1])
 
 

@@ -89,6 +89,13 @@ def test_the_2b_preset_at_1024_is_fastvars_released_recipe():
     assert proportional(scales, 40, 64 * 64).layers == (4, 34)  # 8B: window scaled with depth
 
 
+def test_preset_fits_every_depth():
+    scales = scale_schedule(1024)
+    for depth in range(1, 49):
+        proportional(scales, depth, 64 * 64).validate(len(scales), depth)
+        resolve_prune("fastvar", replace(PRESETS["infinity-2b"], depth=depth + 3), scales).validate(len(scales), depth + 3)
+
+
 def test_fastvar_literal_needs_a_24x24_scale():
     with pytest.raises(ValueError, match="24x24"):
         fastvar_literal(scale_schedule(1024, 1.5))
