@@ -129,10 +129,10 @@ def test_stage_aware_cfg_with_pruning_restores_from_the_conditional_rows():
     """Issue 17, bug 1: dropping the unconditional half must trim the restoration cache too. From the
     stop on, the run must match one whose guidance is off there (cfg 1 samples the conditional rows)."""
     pipe, kw = tiny_pipeline(), {**SETTINGS, "trace": True, "output_type": "latent", "res": 512, "prune": "fastvar"}
-    staged = pipe.generate([PROMPT, "a cat"], cfg_stop_scale=9, **kw)  # cache scale 8, pruned scale 9
+    staged = pipe.generate(PROMPT, cfg_stop_scale=9, **kw)  # cache scale 8, pruned scale 9
     assert staged.prune.cache_scale == 8 and staged.prune.drop == {9: 0.4}
-    assert staged.trace.cfg_rows == [4] * 9 + [2]  # 2 images: conditional + unconditional rows, then conditional
-    unguided = pipe.generate([PROMPT, "a cat"], **{**kw, "cfg": [3.0] * 9 + [1.0]})
+    assert staged.trace.cfg_rows == [2] * 9 + [1]
+    unguided = pipe.generate(PROMPT, **{**kw, "cfg": [3.0] * 9 + [1.0]})
     for i in range(9):
         assert torch.equal(staged.trace.bits[i], unguided.trace.bits[i])
     assert rel_err(staged.trace.logits[9], unguided.trace.logits[9]) <= 1e-5
