@@ -101,24 +101,31 @@ def parse_aspect(text: str) -> float:
         w, h = math.nan, math.nan
     if not (w > 0 and h > 0 and math.isfinite(w) and math.isfinite(h)):
         raise UsageError(f"--aspect {text!r}: give width:height with two positive numbers, e.g. 16:9 or 1:1")
+    from .config import nearest_template
+
+    try:
+        nearest_template(h / w)
+    except ValueError:
+        raise UsageError(f"--aspect {text}: h/w {h / w:.3g} is outside the trained templates (1:3 to 3:1)") from None
     return h / w
 
 
 def describe_template(h_div_w: float, aspect: str) -> str:
     from .config import nearest_template
 
-    try:
-        t = nearest_template(h_div_w)
-    except ValueError:
-        raise UsageError(f"--aspect {aspect}: h/w {h_div_w:.3g} is outside the trained templates (1:3 to 3:1)") from None
+    t = nearest_template(h_div_w)
     ratio = Fraction(1 / t).limit_denominator(10)
     return f"aspect {aspect} (h/w {h_div_w:.4g}) -> nearest trained template h/w {t} (about {ratio.numerator}:{ratio.denominator})"
 
 
 def generation_kwargs(args) -> dict:
-    """The flags as keyword arguments of Pipeline.generate (seed aside)."""
-    return dict(res=args.res, h_div_w=parse_aspect(args.aspect), cfg=args.cfg, tau=args.tau, top_k=args.top_k,
-                top_p=args.top_p, negative_prompt=args.negative_prompt, prune=args.prune)
+    """The flags as keyword arguments of Pipeline.generate (seed aside), checked before anything loads."""
+    from .checks import check_arguments
+
+    kwargs = dict(res=args.res, h_div_w=parse_aspect(args.aspect), cfg=args.cfg, tau=args.tau, top_k=args.top_k,
+                  top_p=args.top_p, negative_prompt=args.negative_prompt, prune=args.prune)
+    check_arguments(**kwargs)
+    return kwargs
 
 
 def check_device(device: str) -> None:
@@ -182,7 +189,9 @@ def cmd_generate(args) -> int:
     from PIL import Image
 
     from .batch import save_image_atomic
+    from .checks import check_arguments
 
+    check_arguments(prompt=args.prompt, seed=args.seed)
     kwargs = generation_kwargs(args)
     out_path = Path(args.out) if args.out else default_out(args.prompt)
     if out_path.suffix.lower() not in Image.registered_extensions():

@@ -28,7 +28,7 @@ from pathlib import Path
 from PIL import Image
 
 from .files import FolderBusy, FolderLock, atomic_write, partial_path
-from .pipeline import MAX_PROMPT_CHARS
+from .checks import MAX_PROMPT_CHARS
 
 MANIFEST = "manifest.jsonl"
 MAX_ID_BYTES = 200  # a file name holds 255 bytes: the id, "_seed<n>.png" and the temporary's ".<name>.partial"

@@ -84,7 +84,7 @@ PHASES = ("text", "transformer", "vae")
 @dataclass
 class Subject:
     name: str
-    pipe: Pipeline                # every generation is pipe.generate; pipe.name picks the prune preset
+    pipe: Pipeline                # every generation is pipe.generate
     full_cfg: InfinityConfig      # the real config: its depth is what results are extrapolated to
     text_tokens: int
     with_vae: bool = True         # False: generate(output_type="latent"), the VAE phase is empty
@@ -397,7 +397,7 @@ def plan_case(subj: Subject, case: Case, cfg: InfinityConfig | None = None) -> P
     """The plan for the subject's model, or for `cfg` (the full-depth model) when given."""
     cfg = cfg or subj.model.cfg
     scales = scale_schedule(case.res)
-    prune = resolve_prune(case.prune, subj.family, cfg, scales)
+    prune = resolve_prune(case.prune, cfg, scales)
     stop = default_cfg_stop(scales) if case.cfg_stop else None
     settings = Settings(cfg=3.0, tau=0.5, seed=1, cfg_stop_scale=stop)
     counts = transformer_count(cfg, scales, prune, batch=1, cfg_on=True, cfg_stop_scale=stop,

@@ -9,6 +9,7 @@ resolution (FastVAR's recipe: one more scale on top of the 1M list).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -50,10 +51,11 @@ MAX_GRID = 128
 def nearest_template(h_div_w: float) -> float:
     """Snap an aspect ratio (height / width) to the nearest trained template, as upstream does."""
     lo, hi = min(TEMPLATES), max(TEMPLATES)
-    if isinstance(h_div_w, bool) or not isinstance(h_div_w, (int, float)) or not lo * 0.9 <= h_div_w <= hi * 1.1:
+    ok = isinstance(h_div_w, numbers.Real) and not isinstance(h_div_w, bool)  # numpy scalars too
+    if not ok or not lo * 0.9 <= float(h_div_w) <= hi * 1.1:
         raise ValueError(f"unsupported h_div_w={h_div_w!r}: choose a height/width ratio between "
                          f"{lo} and {hi}; the trained templates are {sorted(TEMPLATES)}")
-    return min(TEMPLATES, key=lambda t: abs(t - h_div_w))  # first of equals wins, like upstream's argmin
+    return min(TEMPLATES, key=lambda t: abs(t - float(h_div_w)))  # first of equals wins, like upstream's argmin
 
 
 def budget_for_res(res: int | str) -> str:

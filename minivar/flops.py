@@ -128,7 +128,7 @@ def transformer_count(cfg: InfinityConfig, scales: list[tuple[int, int]], prune:
     cached = [0] * cfg.depth
     out, rows = [], full_rows
     for step, si in enumerate(ran):
-        if si == cfg_stop_scale:
+        if cfg_stop_scale is not None and si >= cfg_stop_scale:  # as the loop: the stop scale may be skipped
             rows = batch
         L = scales[si][0] * scales[si][1]
         sc = ScaleCount(si, scales[si], rows, [prune.kept(si, li, L) for li in range(cfg.depth)])
@@ -225,7 +225,7 @@ def compare(model: str = "infinity-2b", res: int = 1024, cfg_on: bool = True, te
     vae = vae_decode_count(vcfg, final, batch)
     out = {}
     for label, p in (("unpruned", False), ("pruned", True if prune == "preset" else prune)):
-        schedule = resolve_prune(p, model, cfg, scales)
+        schedule = resolve_prune(p, cfg, scales)
         counts = transformer_count(cfg, scales, schedule, batch=batch, cfg_on=cfg_on, text_tokens=text_tokens)
         out[label] = summary(counts, vae)
         out[label]["kv_cache_bytes"] = kv_cache_bytes(cfg, scales, schedule, rows=(2 if cfg_on else 1) * batch)

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import memory
-from .config import InfinityConfig, nearest_template, scale_schedule
+from .checks import check_against_schedule, check_arguments, check_text
+from .config import BUDGETS, HIGH_RES, RES_TO_BUDGET, InfinityConfig, nearest_template, scale_schedule
 from .presets import resolve_prune
 from .pruning import PruneSchedule
 from .sampling import Settings, Trace, run_scale_loop
@@ -25,8 +26,6 @@ from .tokenizer import Tokenizer
 from .numerics import image_batch
 from .transformer import Infinity, load_infinity
 from .vae import BSQVAE, VAEConfig, load_vae, pixels_to_image
-
-MAX_PROMPT_CHARS = 20_000  # far beyond T5's 512 tokens; longer input is almost surely a mistake
 
 
 @dataclass
@@ -41,17 +40,6 @@ class Output:
     @property
     def image(self) -> Image.Image:
         return self.images[0]
-
-
-def _check_prompts(prompt: str | list[str]) -> list[str]:
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else []
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError("prompt must be a string or a non-empty list of strings")
-    for p in prompts:
-        if len(p) > MAX_PROMPT_CHARS:
-            raise ValueError(f"prompt of {len(p)} characters is too long (max {MAX_PROMPT_CHARS}); "
-                             "T5 reads only the first 512 tokens anyway")
-    return prompts
 
 
 class Pipeline:
@@ -96,7 +84,13 @@ class Pipeline:
         """
         if res is None:
             return scale_schedule(self.transformer.cfg.pn, h_div_w)
-        return scale_schedule(res * 16 // self.token_px if isinstance(res, int) else res, h_div_w)
+        if isinstance(res, str):
+            return scale_schedule(res, h_div_w)
+        sides = {side * self.token_px // 16: side for side in RES_TO_BUDGET}  # this model's res -> Infinity's
+        if res not in sides or isinstance(res, bool):
+            raise ValueError(f"res={res!r} is not available for this model ({self.token_px}-pixel tokens): use one "
+                             f"of {sorted(sides)}, a pixel budget {list(BUDGETS) + list(HIGH_RES)}, or None")
+        return scale_schedule(sides[res], h_div_w)
 
     @torch.no_grad()
     def generate(self, prompt: str | list[str], res: int | str | None = None, h_div_w: float = 1.0, cfg=3.0, tau=0.5,
@@ -107,13 +101,18 @@ class Pipeline:
 
         `output_type="latent"` stops before the VAE decoder (`Output.images` is then empty).
         """
-        if output_type not in ("pil", "latent"):
-            raise ValueError(f"output_type={output_type!r}: use 'pil' or 'latent'")
-        prompts = _check_prompts(prompt)
+        check_arguments(prompt=prompt, res=res, h_div_w=h_div_w, cfg=cfg, tau=tau, top_k=top_k, top_p=top_p,
+                        seed=seed, negative_prompt=negative_prompt, cfg_insertion_layer=cfg_insertion_layer,
+                        trace=trace, prune=prune, cfg_stop_scale=cfg_stop_scale, progress=progress,
+                        output_type=output_type)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         scales, template = self.schedule(res, h_div_w), nearest_template(h_div_w)
-        check_insertion(cfg_insertion_layer, self.transformer.cfg.depth)
-        schedule = resolve_prune(prune, self.name, self.transformer.cfg, scales, template)
-        settings = Settings(cfg, tau, top_k, top_p, seed, cfg_insertion_layer, cfg_stop_scale, force_bits)
+        schedule = resolve_prune(prune, self.transformer.cfg, scales, template)
+        check_against_schedule(cfg=cfg, tau=tau, cfg_stop_scale=cfg_stop_scale, cfg_insertion_layer=cfg_insertion_layer,
+                               force_bits=force_bits, scales=scales, prune=schedule, depth=self.transformer.cfg.depth,
+                               d_bits=self.transformer.cfg.d_vae, batch=len(prompts))
+        seed = None if seed is None else int(seed)  # numpy integers pass the checks; torch generators need an int
+        settings = Settings(cfg, tau, int(top_k), float(top_p), seed, cfg_insertion_layer, cfg_stop_scale, force_bits)
         cfg_on = any(c != 1 for c in settings.per_scale(cfg, len(scales)))
         need = memory.estimate(self.transformer.cfg, self.vae.cfg, scales, schedule, len(prompts), cfg_on)
         memory.check_memory(need, self.device, f"generating {len(prompts)} image(s) at res={res}")
@@ -163,12 +162,6 @@ def vae_bits_to_tokens(bits_B1hwd: torch.Tensor, patchify: bool) -> torch.Tensor
     if patchify:
         bits = F.pixel_unshuffle(bits.permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)  # (B, h/2, w/2, 4d)
     return bits.long()
-
-
-def check_insertion(layer: int, depth: int) -> None:
-    if not (layer in (0, 1) or -depth < layer < 0):
-        raise ValueError(f"cfg_insertion_layer={layer} is invalid: use 0 (guide logits), 1 (no guidance "
-                         f"mixing) or a negative layer offset in -{depth - 1}..-1")
 
 
 def to_pixels(image) -> torch.Tensor:
@@ -248,6 +241,8 @@ def sample(prompt: str, res: int | None = None, prune=True, model: str = "infini
            dtype: torch.dtype = torch.float32, progress=True, **kwargs) -> Image.Image:
     """One call from a prompt to a PIL image: loads (downloading if needed, then caching) the model,
     then generates with a progress bar over the scales. `model="toy"` runs offline."""
+    check_text("prompt", prompt)  # one prompt, one image (Pipeline.generate takes a list)
+    check_arguments(res=res, prune=prune, progress=progress, **kwargs)  # before loading a model
     key = (str(model), device, dtype)
     if key not in _PIPELINES:
         _PIPELINES.clear()  # keep at most one model in memory

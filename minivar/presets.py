@@ -1,13 +1,14 @@
 """Pruning presets: turn `prune=True | "fastvar" | dict | PruneSchedule` into a `PruneSchedule`.
 
 `prune="fastvar"` is FastVAR's released recipe taken literally, whatever the model: absolute layers
-3..27, scales 32 and 40 wide drop 40 % and 50 % of their tokens, the 576-token (24x24) scale is the
-restoration cache, and scales 48 or 64 wide are skipped. It only makes sense for 1:1 schedules; it
-is what parity with FastVAR's code is checked against.
+3..27 (cut to the model's depth), scales 32 and 40 wide drop 40 % and 50 % of their tokens, the
+576-token (24x24) scale is the restoration cache, and scales 48 or 64 wide are skipped. It only
+makes sense for 1:1 schedules; it is what parity with FastVAR's code is checked against.
 
 `prune=True` is the same recipe expressed so that it transfers to every model, aspect and budget.
 Each scale is placed by its token count relative to the model's reference grid (the template's
-final grid at the model's native resolution, 64x64 for 1:1 at 1024 on Infinity), and the layer
+final grid at the model's native resolution, i.e. the budget `pn` of its config: 64x64 for 1:1 at
+1024 on Infinity, 16x16 for the toy), and the layer
 window is scaled with depth:
 
     share r = tokens / reference tokens     1:1 at 1024 (Infinity-2B)
@@ -25,16 +26,14 @@ scales with r >= 0.47 are computed on 25 % of their tokens instead.
 """
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import fields, replace
 
-from .config import TEMPLATES, InfinityConfig
+from .config import BUDGETS, TEMPLATES, InfinityConfig
 from .pruning import PruneSchedule
 
 CACHE_BELOW, DROP40_BELOW, DROP50_BELOW = 0.20, 0.32, 0.47
 HIGH_RES_DROP = 0.75
 FASTVAR_LAYERS, FASTVAR_DEPTH = (3, 27), 32
-# The grid area each model was trained to fill (its "1M" grid), in tokens per 1:1 image side.
-REFERENCE_SIDE = {"infinity-2b": 64, "infinity-8b": 64, "toy": 16}
 
 
 def fastvar_literal(scales: list[tuple[int, int]]) -> PruneSchedule:
@@ -63,37 +62,57 @@ def proportional(scales: list[tuple[int, int]], depth: int, reference_tokens: in
     cached = [si for si, r in enumerate(shares) if r < CACHE_BELOW]
     if not drop or not cached:
         return PruneSchedule(skip=frozenset(skip))
-    layers = tuple(round(x / FASTVAR_DEPTH * depth) for x in FASTVAR_LAYERS)
+    first, last = (round(x / FASTVAR_DEPTH * depth) for x in FASTVAR_LAYERS)
+    layers = (first, min(last, depth - 1))  # shallow models (depth <= 3) round past their last layer
     return PruneSchedule(drop=drop, skip=frozenset(skip), layers=layers, cache_scale=cached[-1])
 
 
-def reference_tokens(model: str, template: float) -> int:
+def reference_tokens(cfg: InfinityConfig, template: float) -> int:
     """Tokens of the model's native final grid for this aspect template: the template's 1M grid,
-    scaled to the model's native side (64 cells for Infinity, less for the toy)."""
+    scaled to the side of the 1:1 grid of the budget the model was trained at (`cfg.pn`): 64 cells
+    for Infinity (1M), 16 for the toy (0.06M). It follows from the config, never from a name."""
+    if cfg.pn not in BUDGETS:
+        raise ValueError(f"the model config's trained budget pn={cfg.pn!r} is not one of {list(BUDGETS)}")
     h, w = TEMPLATES[template][-1]
-    side = REFERENCE_SIDE.get(model, 64)
+    side = TEMPLATES[1.0][BUDGETS[cfg.pn] - 1][0]
     return round(h * w * (side / 64) ** 2)
 
 
-def resolve_prune(prune, model: str, cfg: InfinityConfig, scales: list[tuple[int, int]],
-                  template: float = 1.0) -> PruneSchedule:
-    """Accepts False/None (no pruning), True (the preset), "fastvar", a dict or a PruneSchedule."""
+def resolve_prune(prune, cfg: InfinityConfig, scales: list[tuple[int, int]], template: float = 1.0) -> PruneSchedule:
+    """Accepts False/None (no pruning), True (the preset), "fastvar", a dict or a PruneSchedule.
+
+    The result is not yet checked against the schedule: call `validate` (the pipeline does).
+    """
     if prune is None or prune is False:
         return PruneSchedule.none()
     if isinstance(prune, PruneSchedule):
         return prune
     if prune is True or prune == "preset":
-        return proportional(scales, cfg.depth, reference_tokens(model, template))
-    if prune == "fastvar":
-        return fastvar_literal(scales)
+        return proportional(scales, cfg.depth, reference_tokens(cfg, template))
+    if prune == "fastvar":  # FastVAR's absolute window, cut to the layers the model has
+        literal = fastvar_literal(scales)
+        return replace(literal, layers=(literal.layers[0], min(literal.layers[1], cfg.depth - 1)))
     if isinstance(prune, dict):
-        names = {f.name for f in fields(PruneSchedule)}
-        unknown = set(prune) - names
-        if unknown:
-            raise ValueError(f"unknown prune schedule fields {sorted(unknown)}; expected {sorted(names)}")
-        kw = dict(prune)
-        kw["drop"] = {int(k): float(v) for k, v in kw.get("drop", {}).items()}
-        kw["skip"] = frozenset(int(s) for s in kw.get("skip", ()))
-        kw["layers"] = tuple(kw.get("layers", (0, cfg.depth - 1)))
-        return PruneSchedule(**kw)
+        return schedule_from_dict(prune, cfg.depth)
     raise ValueError(f"prune={prune!r} is not understood: use False, True, 'fastvar', a dict or a PruneSchedule")
+
+
+def schedule_from_dict(d: dict, depth: int) -> PruneSchedule:
+    """A PruneSchedule from its fields as a dict (JSON-friendly: scale keys may be digit strings)."""
+    names = {f.name for f in fields(PruneSchedule)}
+    if unknown := sorted(set(d) - names, key=str):
+        raise ValueError(f"unknown prune schedule fields {unknown}; expected {sorted(names)}")
+    drop, skip, layers = d.get("drop", {}), d.get("skip", ()), d.get("layers", (0, depth - 1))
+    if not isinstance(drop, dict):
+        raise ValueError(f"prune['drop']={drop!r} is invalid: use a dict {{scale index: drop ratio}}")
+    if isinstance(skip, (str, bytes, dict)) or not isinstance(skip, (set, frozenset, list, tuple)):
+        raise ValueError(f"prune['skip']={skip!r} is invalid: use a list or set of scale indices")
+    if not isinstance(layers, (list, tuple)):
+        raise ValueError(f"prune['layers']={layers!r} is invalid: use (first, last) layer indices")
+    kw = {**d, "drop": {scale_key(k): v for k, v in drop.items()}, "skip": frozenset(skip), "layers": tuple(layers)}
+    return PruneSchedule(**kw)
+
+
+def scale_key(k):
+    """JSON object keys are strings: "9" means scale 9. Anything else is left for `validate` to judge."""
+    return int(k) if isinstance(k, str) and k.isdigit() else k

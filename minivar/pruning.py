@@ -19,6 +19,8 @@ runner everywhere, so the unpruned model is the same loop with an empty schedule
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -60,18 +62,54 @@ class PruneSchedule:
         return L - int(f * L) if f > 0 and self.in_window(layer) else L
 
     def validate(self, n_scales: int, depth: int) -> None:
-        pruned = [si for si, f in self.drop.items() if f > 0]
-        bad = [si for si in [*self.drop, *self.skip] if not 0 <= si < n_scales]
-        if bad:
-            raise ValueError(f"prune schedule names scales {bad}, but the schedule has {n_scales}")
-        if pruned and (self.cache_scale is None or self.cache_scale >= min(pruned)):
-            raise ValueError(f"pruned scales {pruned} need a cache scale before them (got {self.cache_scale})")
-        if pruned and not (0 <= self.layers[0] <= self.layers[1]):
-            raise ValueError(f"invalid layer window {self.layers} for depth {depth}")
-        if self.selector not in ("pivotal", "random"):
-            raise ValueError(f"unknown selector {self.selector!r}: use 'pivotal' or 'random'")
+        """Raise one ValueError line unless the schedule fits n_scales scales and `depth` layers."""
+        if not isinstance(self.drop, dict) or not isinstance(self.skip, (set, frozenset, list, tuple)):
+            raise ValueError(f"prune schedule needs drop as a dict {{scale: ratio}} and skip as a set of scales, "
+                             f"got drop={self.drop!r}, skip={self.skip!r}")
+        for si in [*self.drop, *self.skip]:
+            if not is_index(si) or not 0 <= si < n_scales:
+                raise ValueError(f"prune schedule names scale {si!r}, but the scale schedule has scales "
+                                 f"0..{n_scales - 1}")
+        for si, f in self.drop.items():
+            if not is_real(f) or not 0 <= f < 1:
+                raise ValueError(f"prune drop ratio {f!r} at scale {si} is invalid: use a fraction in [0, 1)")
         if len(self.skip) >= n_scales:
-            raise ValueError("the prune schedule skips every scale")
+            raise ValueError(f"the prune schedule skips all {n_scales} scales: at least one must run")
+        if self.selector not in ("pivotal", "random"):
+            raise ValueError(f"unknown prune selector {self.selector!r}: use 'pivotal' or 'random'")
+        pruned = sorted(si for si, f in self.drop.items() if f > 0)
+        if both := sorted(set(self.skip) & set(pruned)):
+            raise ValueError(f"prune schedule both skips and prunes scales {both}: a scale is one or the other")
+        self._validate_cache(n_scales, pruned)
+        if pruned:
+            self._validate_layers(depth)
+
+    def _validate_cache(self, n_scales: int, pruned: list[int]) -> None:
+        c = self.cache_scale
+        if c is not None and (not is_index(c) or not 0 <= c < n_scales):
+            raise ValueError(f"prune cache_scale={c!r} is out of range: use a scale index 0..{n_scales - 1}")
+        if c is not None and c in self.skip:
+            raise ValueError(f"prune cache_scale={c} is a skipped scale (skip={sorted(self.skip)}): the "
+                             "restoration cache must come from a scale that runs")
+        if pruned and (c is None or c >= pruned[0]):
+            raise ValueError(f"pruned scales {pruned} need a cache scale before them (got cache_scale={c})")
+
+    def _validate_layers(self, depth: int) -> None:
+        w = self.layers
+        ok = isinstance(w, (tuple, list)) and len(w) == 2 and all(is_index(v) for v in w)
+        if not ok or not 0 <= w[0] <= w[1] < depth:
+            raise ValueError(f"prune layer window {w!r} is invalid for a model of depth {depth}: use "
+                             f"(first, last) with 0 <= first <= last <= {depth - 1}")
+
+
+def is_index(v) -> bool:
+    """An integer (Python or numpy), but not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def is_real(v) -> bool:
+    """A finite real number (Python or numpy), but not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def pivotal_scores(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -135,6 +173,10 @@ class Pruner:
         if k == x_len:
             return dense
         return lambda name, x, fn: self._pruned(si, layer, name, x, fn, k)
+
+    def keep_rows(self, n: int) -> None:
+        """Keep the first n batch rows of the restoration cache (stage-aware CFG drops the rest)."""
+        self.cache = {key: out[:n] for key, out in self.cache.items()}
 
     def _store(self, layer: int, name: str, out: torch.Tensor) -> torch.Tensor:
         self.cache[layer, name] = out

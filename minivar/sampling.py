@@ -125,8 +125,14 @@ def run_blocks(model: Infinity, x: torch.Tensor, c: Conditioning, caches, rope, 
     return x
 
 
-def conditional_only(c: Conditioning, caches: list[KVCache], B: int) -> tuple[Conditioning, list[KVCache]]:
-    """The conditional rows of a CFG batch (stage-aware CFG drops the unconditional half)."""
+def conditional_only(c: Conditioning, caches: list[KVCache], pruner: Pruner,
+                     B: int) -> tuple[Conditioning, list[KVCache]]:
+    """The conditional rows of a CFG batch (stage-aware CFG drops the unconditional half).
+
+    Every per-row state follows: the KV caches, and the pruner's restoration cache, whose rows must
+    pair with the rows of the scales that it restores.
+    """
+    pruner.keep_rows(B)
     return Conditioning(c.text, c.cond[:B], c.gss[:B]), [cache.rows(B) for cache in caches]
 
 
@@ -158,8 +164,9 @@ def run_scale_loop(model: Infinity, c: Conditioning, B: int, scales: list[tuple[
     x, summed = model.first_tokens(c), None
     for step, si in enumerate(progress(ran) if progress else ran):
         t0 = time.perf_counter()
-        if si == s.cfg_stop_scale and x.shape[0] > B:  # stage-aware CFG: conditional rows only from here
-            (c, caches), x = conditional_only(c, caches, B), x[:B]
+        if s.cfg_stop_scale is not None and si >= s.cfg_stop_scale and x.shape[0] > B:
+            # stage-aware CFG: conditional rows only from here (">=": the stop scale may be skipped)
+            (c, caches), x = conditional_only(c, caches, pruner, B), x[:B]
         rope = model.rope.table(template, *scales[si], device)
         x = run_blocks(model, x, c, caches, rope, si, si != ran[-1], pruner, cfgs[si], B, insert_at)
         logits = step_logits(model, x, c, cfgs[si], taus[si], B, s.cfg_insertion_layer)

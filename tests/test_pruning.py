@@ -1,14 +1,17 @@
 """Native cached token pruning: selection, restoration, KV bookkeeping, presets, stage-aware CFG, memory."""
 import json
+import shutil
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import PROMPT, SETTINGS, TINY, tiny_pipeline
+from helpers import PROMPT, SETTINGS, TINY, rel_err, tiny_pipeline
 
+import minivar
 from minivar import memory
 from minivar.config import BUDGETS, PRESETS, TEMPLATES, scale_schedule
-from minivar.presets import fastvar_literal, proportional, resolve_prune
+from minivar.presets import fastvar_literal, proportional, reference_tokens, resolve_prune
 from minivar.pruning import Pruner, PruneSchedule, pivotal_scores, restore, select
 
 
@@ -68,7 +71,7 @@ def test_every_preset_is_valid(model):
     for template in TEMPLATES:
         for res in [256, 512, 768, 1024, 1344, 2048]:
             scales = scale_schedule(res, template)
-            p = resolve_prune(True, model, cfg, scales, template)
+            p = resolve_prune(True, cfg, scales, template)
             p.validate(len(scales), cfg.depth)
             pruned = [si for si, f in p.drop.items() if f > 0]
             if pruned:
@@ -80,10 +83,17 @@ def test_every_preset_is_valid(model):
 
 def test_the_2b_preset_at_1024_is_fastvars_released_recipe():
     scales = scale_schedule(1024, 1.0)
-    preset = resolve_prune(True, "infinity-2b", PRESETS["infinity-2b"], scales)
+    preset = resolve_prune(True, PRESETS["infinity-2b"], scales)
     assert preset == fastvar_literal(scales)
     assert preset.layers == (3, 27) and preset.drop == {9: 0.4, 10: 0.5} and preset.skip == {11, 12}
     assert proportional(scales, 40, 64 * 64).layers == (4, 34)  # 8B: window scaled with depth
+
+
+def test_preset_fits_every_depth():
+    scales = scale_schedule(1024)
+    for depth in range(1, 49):
+        proportional(scales, depth, 64 * 64).validate(len(scales), depth)
+        resolve_prune("fastvar", replace(PRESETS["infinity-2b"], depth=depth + 3), scales).validate(len(scales), depth + 3)
 
 
 def test_fastvar_literal_needs_a_24x24_scale():
@@ -115,6 +125,59 @@ def test_stage_aware_cfg_runs_the_late_scales_on_the_conditional_rows_only():
     assert not torch.equal(full.trace.logits[4], staged.trace.logits[4])  # unguided from scale 4 on
 
 
+def test_stage_aware_cfg_with_pruning_restores_from_the_conditional_rows():
+    """Issue 17, bug 1: dropping the unconditional half must trim the restoration cache too. From the
+    stop on, the run must match one whose guidance is off there (cfg 1 samples the conditional rows)."""
+    pipe, kw = tiny_pipeline(), {**SETTINGS, "trace": True, "output_type": "latent", "res": 512, "prune": "fastvar"}
+    staged = pipe.generate(PROMPT, cfg_stop_scale=9, **kw)  # cache scale 8, pruned scale 9
+    assert staged.prune.cache_scale == 8 and staged.prune.drop == {9: 0.4}
+    assert staged.trace.cfg_rows == [2] * 9 + [1]
+    unguided = pipe.generate(PROMPT, **{**kw, "cfg": [3.0] * 9 + [1.0]})
+    for i in range(9):
+        assert torch.equal(staged.trace.bits[i], unguided.trace.bits[i])
+    assert rel_err(staged.trace.logits[9], unguided.trace.logits[9]) <= 1e-5
+
+
+def test_stage_aware_cfg_with_pruning_is_batch_invariant():
+    pipe, prompts = tiny_pipeline(), [PROMPT, "a cat"]
+    kw = {**SETTINGS, "trace": True, "output_type": "latent", "res": 512, "prune": "fastvar", "cfg_stop_scale": 9}
+    singles = [pipe.generate(p, **kw) for p in prompts]
+    forced = [torch.cat([s.trace.bits[i] for s in singles]) for i in range(len(singles[0].trace.bits))]
+    batch = pipe.generate(prompts, force_bits=forced, **kw)
+    for i in (8, 9):  # the cache scale, and the pruned scale that runs on the conditional rows only
+        for b, single in enumerate(singles):
+            assert rel_err(batch.trace.logits[i][b], single.trace.logits[i][0]) <= 1e-5, (i, b)
+
+
+def test_stage_aware_cfg_stops_at_a_skipped_scale_too():
+    """A stop scale that pruning skips still stops guidance from there on (it used to be ignored)."""
+    skip_late = PruneSchedule(skip=frozenset({5, 6}))
+    out = tiny_pipeline().generate(PROMPT, res=256, prune=skip_late, cfg_stop_scale=5, trace=True,
+                                   output_type="latent", **SETTINGS)
+    assert out.trace.index == [0, 1, 2, 3, 4] and out.trace.cfg_rows == [2] * 5
+
+
+def test_prune_true_follows_the_model_config_not_its_folder_name(tmp_path):
+    """Issue 17, bug 4: the toy's files under another name must give the toy's preset, not no pruning."""
+    from minivar.hub import find_directory
+
+    toy = find_directory("toy")
+    shutil.copytree(toy, tmp_path / "my-toy")
+    kw = {**SETTINGS, "prune": True, "output_type": "latent"}
+    named = minivar.load("toy").generate(PROMPT, **kw)
+    renamed = minivar.load(tmp_path / "my-toy").generate(PROMPT, **kw)
+    assert renamed.prune == named.prune and renamed.prune.prunes and renamed.prune.skip
+    assert torch.equal(renamed.summed_codes, named.summed_codes)
+
+
+def test_reference_grid_comes_from_the_trained_budget():
+    cfg = PRESETS["infinity-2b"]
+    assert reference_tokens(cfg, 1.0) == 64 * 64 and reference_tokens(replace(cfg, pn="0.06M"), 1.0) == 16 * 16
+    assert reference_tokens(replace(cfg, pn="0.25M"), 1.0) == 32 * 32
+    with pytest.raises(ValueError, match="pn='2M'"):
+        reference_tokens(replace(cfg, pn="2M"), 1.0)
+
+
 @pytest.mark.parametrize("h_div_w", [1.0, 0.5])
 def test_zero_shot_2048_with_pruning(h_div_w):
     out = tiny_pipeline().generate(PROMPT, res=2048, h_div_w=h_div_w, prune=True, trace=True, **SETTINGS)
@@ -135,7 +198,7 @@ def test_memory_estimate_shrinks_with_pruning():
     cfg, scales = PRESETS["infinity-2b"], scale_schedule(1024)
     from minivar.vae import VAE_PRESETS
     dense = memory.estimate(cfg, VAE_PRESETS["d32"], scales, PruneSchedule.none(), 1, True)
-    pruned = memory.estimate(cfg, VAE_PRESETS["d32"], scales, resolve_prune(True, "infinity-2b", cfg, scales), 1, True)
+    pruned = memory.estimate(cfg, VAE_PRESETS["d32"], scales, resolve_prune(True, cfg, scales), 1, True)
     # 2 x rows x tokens x C x 4 bytes, summed over layers; the last scale is never stored
     assert dense.kv_cache == 2 * 2 * sum(h * w for h, w in scales[:-1]) * 32 * 2048 * 4
     assert pruned.kv_cache < 0.4 * dense.kv_cache

@@ -288,7 +288,7 @@ def evaluate(pipe, n: int = 200, prune=False, batch: int = 8, seed: int = 0, cfg
     seconds = time.perf_counter() - t0
     verdicts = [check(s, im) for s, im in zip(specs, images)]
     scales, text_tokens = info["scales"], round(np.mean([len(pipe.tokenizer.encode(s.caption)) + 1 for s in specs]))
-    dense = resolve_prune(False, pipe.name, pipe.transformer.cfg, scales)
+    dense = resolve_prune(False, pipe.transformer.cfg, scales)
     res = images[0].size[0]
     return {"overall": accuracy(specs, verdicts)["overall"], "categories": accuracy(specs, verdicts),
             "n": n, "prune": info["prune"] != dense, "settings": {"cfg": cfg, "tau": tau, "batch": batch, "seed": seed},

@@ -52,7 +52,7 @@ demo = schedule(0.5)
 print(f"pruned scales {[labels[si] for si in pruned_scales]}, cache scale {labels[cache_scale]}, "
       f"layers {window[0]}..{window[1]} of {cfg.depth}")
 print("demo schedule:", demo)
-preset = presets.resolve_prune(True, pipe.name, cfg, scales)
+preset = presets.resolve_prune(True, cfg, scales)
 print("prune=True here:", preset)
 '''),
 ("md", """

@@ -1,0 +1,283 @@
+"""Bad generation arguments, table-driven: the API (`Pipeline.generate`, `minivar.sample`), prune
+schedules and the CLI. Every case must give one ValueError line naming the culprit (exit status 2 and
+`minivar: error: ...` on the CLI), before any work is done and without creating a file."""
+import math
+import os
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import PROMPT, SETTINGS, TINY, tiny_pipeline
+
+import minivar
+from minivar.__main__ import main
+from minivar.checks import check_arguments
+from minivar.pruning import PruneSchedule
+
+ROOT = Path(__file__).resolve().parents[1]
+N256 = 7  # scales of the 256 schedule
+NAN, INF = math.nan, math.inf
+
+
+def bits(*shape, dtype=torch.int64, value=None) -> torch.Tensor:
+    return torch.zeros(shape, dtype=dtype) if value is None else torch.full(shape, value, dtype=dtype)
+
+
+def first_scales(n: int) -> list[torch.Tensor]:
+    """Zero bits of the first n scales of the 256 schedule (1x1, 2x2, 4x4, ...)."""
+    sides = [1, 2, 4, 6, 8, 12, 16, 20]
+    return [bits(1, s, s, 32) for s in sides[:n]]
+
+
+PRUNE_BASE = {"drop": {5: 0.5}, "cache_scale": 4, "layers": (0, 3)}
+
+# (id, keyword arguments of generate at res=256, text the message must contain)
+API_CASES = [
+    ("cfg-nan", dict(cfg=NAN), "cfg=nan"),
+    ("cfg-inf", dict(cfg=INF), "cfg=inf"),
+    ("cfg-neg-inf", dict(cfg=-INF), "cfg=-inf"),
+    ("cfg-str", dict(cfg="3"), "cfg='3'"),
+    ("cfg-none", dict(cfg=None), "cfg=None"),
+    ("cfg-list-nan", dict(cfg=[3.0] * 6 + [NAN]), "cfg=[3.0"),
+    ("cfg-list-short", dict(cfg=[3.0] * 6), "cfg has 6 per-scale values"),
+    ("cfg-list-long", dict(cfg=[3.0] * 8), "cfg has 8 per-scale values"),
+    ("cfg-list-empty", dict(cfg=[]), "cfg=[]"),
+    ("tau-zero", dict(tau=0), "tau=0"),
+    ("tau-negative", dict(tau=-1.0), "tau=-1.0"),
+    ("tau-nan", dict(tau=NAN), "tau=nan"),
+    ("tau-inf", dict(tau=INF), "tau=inf"),
+    ("tau-bool", dict(tau=True), "tau=True"),
+    ("tau-list-short", dict(tau=[0.5] * 3), "tau has 3 per-scale values"),
+    ("tau-list-zero", dict(tau=[0.5] * 6 + [0.0]), "tau=[0.5"),
+    ("top_p-zero", dict(top_p=0), "top_p=0"),
+    ("top_p-above-one", dict(top_p=1.5), "top_p=1.5"),
+    ("top_p-negative", dict(top_p=-0.1), "top_p=-0.1"),
+    ("top_p-nan", dict(top_p=NAN), "top_p=nan"),
+    ("top_p-str", dict(top_p="0.9"), "top_p='0.9'"),
+    ("top_k-float", dict(top_k=1.5), "top_k=1.5"),
+    ("top_k-str", dict(top_k="900"), "top_k='900'"),
+    ("top_k-bool", dict(top_k=True), "top_k=True"),
+    ("top_k-negative", dict(top_k=-1), "top_k=-1"),
+    ("seed-float", dict(seed=1.0), "seed=1.0"),
+    ("seed-str", dict(seed="1"), "seed='1'"),
+    ("seed-negative", dict(seed=-1), "seed=-1"),
+    ("seed-2**64", dict(seed=2**64), f"seed={2**64}"),
+    ("seed-2**70", dict(seed=2**70), f"seed={2**70}"),
+    ("seed-bool", dict(seed=True), "seed=True"),
+    ("negative_prompt-int", dict(negative_prompt=5), "negative_prompt=5"),
+    ("negative_prompt-list", dict(negative_prompt=["blurry"]), "negative_prompt=['blurry']"),
+    ("negative_prompt-surrogate", dict(negative_prompt="\udcff"), "negative_prompt='\\udcff'"),
+    ("progress-str", dict(progress="yes"), "progress='yes'"),
+    ("progress-int", dict(progress=1), "progress=1"),
+    ("prompt-int", dict(prompt=5), "prompt=5"),
+    ("prompt-none", dict(prompt=None), "prompt=None"),
+    ("prompt-empty-list", dict(prompt=[]), "prompt=[]"),
+    ("prompt-list-with-int", dict(prompt=["a cat", 3]), "prompt[1]=3"),
+    ("prompt-bytes", dict(prompt=b"a cat"), "prompt=b'a cat'"),
+    ("prompt-surrogate", dict(prompt="\udcff"), "prompt='\\udcff'"),
+    ("prompt-surrogate-in-list", dict(prompt=["a cat", "red \udcff"]), "prompt[1]='red \\udcff'"),
+    ("prompt-too-long", dict(prompt="a" * 20_001), "prompt of 20001 characters"),
+    ("force_bits-too-many", dict(force_bits=first_scales(N256) + [bits(1, 16, 16, 32)]), "force_bits=8 entries"),
+    ("force_bits-tensor", dict(force_bits=bits(1, 1, 1, 32)), "force_bits=tensor of shape (1, 1, 1, 32)"),
+    ("force_bits-shape", dict(force_bits=[bits(1, 2, 2, 32)]), "force_bits[0]"),
+    ("force_bits-batch", dict(force_bits=[bits(2, 1, 1, 32)]), "force_bits[0]"),
+    ("force_bits-depth", dict(force_bits=first_scales(1) + [bits(1, 2, 2, 31)]), "force_bits[1]"),
+    ("force_bits-float", dict(force_bits=[bits(1, 1, 1, 32, dtype=torch.float32)]), "force_bits[0]"),
+    ("force_bits-five", dict(force_bits=first_scales(2) + [bits(1, 4, 4, 32, value=5)]), "force_bits[2]"),
+    ("force_bits-minus-one", dict(force_bits=[bits(1, 1, 1, 32, value=-1)]), "force_bits[0]"),
+    ("force_bits-list-of-lists", dict(force_bits=[[[[0] * 32]]]), "force_bits[0]"),
+    ("cfg_stop_scale-beyond", dict(cfg_stop_scale=N256 + 1), "cfg_stop_scale=8"),
+    ("cfg_stop_scale-negative", dict(cfg_stop_scale=-1), "cfg_stop_scale=-1"),
+    ("cfg_stop_scale-float", dict(cfg_stop_scale=2.5), "cfg_stop_scale=2.5"),
+    ("cfg_stop_scale-str", dict(cfg_stop_scale="3"), "cfg_stop_scale='3'"),
+    ("cfg_insertion_layer-deep", dict(cfg_insertion_layer=-4), "cfg_insertion_layer=-4"),
+    ("cfg_insertion_layer-float", dict(cfg_insertion_layer=0.5), "cfg_insertion_layer=0.5"),
+    ("prune-unknown-word", dict(prune="fast"), "prune='fast'"),
+    ("prune-int", dict(prune=1), "prune=1"),
+    ("prune-unknown-key", dict(prune={**PRUNE_BASE, "dorp": {5: 0.5}}), "'dorp'"),
+    ("prune-drop-list", dict(prune={"drop": [0.5]}), "prune['drop']=[0.5]"),
+    ("prune-drop-str", dict(prune={**PRUNE_BASE, "drop": {5: "0.5"}}), "prune drop ratio '0.5'"),
+    ("prune-drop-scale-str", dict(prune={**PRUNE_BASE, "drop": {"five": 0.5}}), "scale 'five'"),
+    ("prune-skip-int", dict(prune={"skip": 5}), "prune['skip']=5"),
+    ("prune-skip-str", dict(prune={"skip": "56"}), "prune['skip']='56'"),
+    ("prune-layers-int", dict(prune={**PRUNE_BASE, "layers": 3}), "prune['layers']=3"),
+    ("prune-layers-float", dict(prune={**PRUNE_BASE, "layers": (0.0, 3.0)}), "layer window (0.0, 3.0)"),
+    ("prune-cache-str", dict(prune={**PRUNE_BASE, "cache_scale": "4"}), "cache_scale='4'"),
+    ("prune-selector", dict(prune={**PRUNE_BASE, "selector": "best"}), "selector 'best'"),
+    ("h_div_w-str", dict(h_div_w="1"), "h_div_w='1'"),
+    ("h_div_w-nan", dict(h_div_w=NAN), "h_div_w=nan"),
+    ("h_div_w-far", dict(h_div_w=10.0), "h_div_w=10.0"),
+    ("h_div_w-bool", dict(h_div_w=True), "h_div_w=True"),
+    ("res-unknown", dict(res=1000), "res=1000"),
+    ("res-bool", dict(res=True), "res=True"),
+    ("res-budget", dict(res="2M"), "res='2M'"),
+    ("res-float", dict(res=1024.0), "res=1024.0"),
+    ("output_type", dict(output_type="png"), "output_type='png'"),
+    ("trace-str", dict(trace="yes"), "trace='yes'"),
+]
+
+# Inconsistent prune schedules (bug 3 of issue 17): (id, schedule, text the message must contain).
+SCHEDULE_CASES = [
+    ("cache-skipped", PruneSchedule(drop={5: 0.4}, skip=frozenset({4}), layers=(0, 3), cache_scale=4),
+     "cache_scale=4 is a skipped scale"),
+    ("cache-skipped-no-drop", PruneSchedule(skip=frozenset({6}), cache_scale=6), "cache_scale=6 is a skipped scale"),
+    ("cache-beyond", PruneSchedule(drop={5: 0.4}, layers=(0, 3), cache_scale=7), "cache_scale=7 is out of range"),
+    ("cache-negative", PruneSchedule(drop={5: 0.4}, layers=(0, 3), cache_scale=-1), "cache_scale=-1 is out of range"),
+    ("cache-after-pruned", PruneSchedule(drop={5: 0.4}, layers=(0, 3), cache_scale=6), "cache scale before them"),
+    ("cache-missing", PruneSchedule(drop={5: 0.4}, layers=(0, 3)), "cache_scale=None"),
+    ("drop-one", PruneSchedule(drop={5: 1.0}, layers=(0, 3), cache_scale=4), "drop ratio 1.0"),
+    ("drop-above-one", PruneSchedule(drop={5: 1.5}, layers=(0, 3), cache_scale=4), "drop ratio 1.5"),
+    ("drop-negative", PruneSchedule(drop={5: -0.1}, layers=(0, 3), cache_scale=4), "drop ratio -0.1"),
+    ("drop-nan", PruneSchedule(drop={5: NAN}, layers=(0, 3), cache_scale=4), "drop ratio nan"),
+    ("drop-scale-beyond", PruneSchedule(drop={7: 0.4}, layers=(0, 3), cache_scale=4), "names scale 7"),
+    ("skip-beyond", PruneSchedule(skip=frozenset({9})), "names scale 9"),
+    ("skip-everything", PruneSchedule(skip=frozenset(range(N256))), "skips all 7 scales"),
+    ("skip-and-drop", PruneSchedule(drop={5: 0.4}, skip=frozenset({5}), layers=(0, 3), cache_scale=4),
+     "both skips and prunes scales [5]"),
+    ("layers-past-depth", PruneSchedule(drop={5: 0.4}, layers=(0, 4), cache_scale=4), "layer window (0, 4)"),
+    ("layers-start-past-depth", PruneSchedule(drop={5: 0.4}, layers=(4, 5), cache_scale=4), "layer window (4, 5)"),
+    ("layers-negative", PruneSchedule(drop={5: 0.4}, layers=(-1, 2), cache_scale=4), "layer window (-1, 2)"),
+    ("layers-reversed", PruneSchedule(drop={5: 0.4}, layers=(3, 1), cache_scale=4), "layer window (3, 1)"),
+    ("layers-three", PruneSchedule(drop={5: 0.4}, layers=(0, 1, 2), cache_scale=4), "layer window (0, 1, 2)"),
+    ("selector", PruneSchedule(drop={5: 0.4}, layers=(0, 3), cache_scale=4, selector="best"), "selector 'best'"),
+]
+
+
+def assert_one_line(message: str, culprit: str) -> None:
+    assert "\n" not in message and culprit in message, message
+
+
+@pytest.fixture
+def empty_cwd(tmp_path, monkeypatch):
+    """Run in an empty folder and check afterwards that nothing was written there."""
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kwargs, culprit", [c[1:] for c in API_CASES], ids=[c[0] for c in API_CASES])
+def test_generate_refuses(kwargs, culprit, empty_cwd):
+    args = {"prompt": PROMPT, "res": 256, **SETTINGS, **kwargs}
+    with pytest.raises(ValueError) as err:
+        tiny_pipeline().generate(**args)
+    assert_one_line(str(err.value), culprit)
+
+
+@pytest.mark.parametrize("schedule, culprit", [c[1:] for c in SCHEDULE_CASES], ids=[c[0] for c in SCHEDULE_CASES])
+def test_inconsistent_prune_schedule_is_refused(schedule, culprit, empty_cwd):
+    with pytest.raises(ValueError) as err:
+        schedule.validate(N256, 4)
+    assert_one_line(str(err.value), culprit)
+    with pytest.raises(ValueError) as err:  # the same line from generate, before any work
+        tiny_pipeline().generate(PROMPT, res=256, prune=schedule, **SETTINGS)
+    assert_one_line(str(err.value), culprit)
+
+
+def test_issue_example_cache_scale_skipped_at_1024():
+    """`PruneSchedule(skip={8}, cache_scale=8, ...)` raised a raw KeyError (0, 'sa') from the scale loop."""
+    schedule = PruneSchedule(drop={9: 0.4, 10: 0.5}, skip=frozenset({8}), layers=(0, 3), cache_scale=8)
+    with pytest.raises(ValueError, match="cache_scale=8 is a skipped scale"):
+        tiny_pipeline().generate(PROMPT, res=1024, prune=schedule, output_type="latent", **SETTINGS)
+
+
+@pytest.mark.parametrize("kwargs, culprit", [
+    (dict(cfg=NAN), "cfg=nan"),
+    (dict(tau=-1), "tau=-1"),
+    (dict(top_p=0), "top_p=0"),
+    (dict(seed=2**70), "seed="),
+    (dict(prompt="\udcff"), "prompt="),
+    (dict(prompt=["a list"]), "prompt=['a list']"),  # sample returns one image: it takes one prompt
+    (dict(progress="yes"), "progress='yes'"),
+    (dict(prune="fast"), "prune='fast'"),
+    (dict(h_div_w="wide"), "h_div_w='wide'"),
+    (dict(res=-5.0), "res=-5.0"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_sample_refuses_before_loading_a_model(kwargs, culprit, empty_cwd):
+    args = {"prompt": PROMPT, "model": "no-such-model", **kwargs}  # loading would fail: "unknown model"
+    with pytest.raises(ValueError) as err:
+        minivar.sample(**args)
+    assert_one_line(str(err.value), culprit)
+
+
+def test_h_div_w_accepts_any_real_number():
+    for h_div_w in [np.float64(1.0), np.int64(1), np.float16(2), Fraction(1, 2)]:
+        check_arguments(h_div_w=h_div_w)
+        assert minivar.scale_schedule(256, h_div_w) == minivar.scale_schedule(256, float(h_div_w)), h_div_w
+    out = tiny_pipeline().generate(PROMPT, res=256, h_div_w=np.float32(0.5), output_type="latent", **SETTINGS)
+    assert out.scales == minivar.scale_schedule(256, 0.5)
+
+
+def test_numpy_integers_are_integers():
+    kw = {**SETTINGS, "top_k": np.int64(900), "seed": np.uint64(1)}
+    a = tiny_pipeline().generate(PROMPT, res=256, output_type="latent", cfg_stop_scale=np.int64(3), **kw)
+    b = tiny_pipeline().generate(PROMPT, res=256, output_type="latent", cfg_stop_scale=3, **SETTINGS)
+    assert torch.equal(a.summed_codes, b.summed_codes)
+
+
+# --------------------------------------------------------------------------------------------------
+# The CLI: the same checks, before the model loads, and no --out written
+# --------------------------------------------------------------------------------------------------
+CLI_CASES = [
+    ("cfg-nan", ["--cfg", "nan"], "cfg=nan"),
+    ("cfg-inf", ["--cfg", "inf"], "cfg=inf"),
+    ("tau-negative", ["--tau", "-1"], "tau=-1.0"),
+    ("tau-zero", ["--tau", "0"], "tau=0.0"),
+    ("tau-nan", ["--tau", "nan"], "tau=nan"),
+    ("top-p-zero", ["--top-p", "0"], "top_p=0.0"),
+    ("top-p-above-one", ["--top-p", "1.5"], "top_p=1.5"),
+    ("top-p-nan", ["--top-p", "nan"], "top_p=nan"),
+    ("top-k-negative", ["--top-k", "-1"], "top_k=-1"),
+    ("seed-negative", ["--seed", "-1"], "seed=-1"),
+    ("seed-2**70", ["--seed", str(2**70)], f"seed={2**70}"),
+    ("negative-prompt-undecodable", ["--negative-prompt", os.fsdecode(b"blurry \xff")], "negative_prompt="),
+]
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("minivar: error:")]
+    assert len(lines) == 1 and "Traceback" not in err and err.strip().splitlines()[-1] == lines[0], err
+    return code, lines[0]
+
+
+@pytest.mark.parametrize("flags, culprit", [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES])
+def test_cli_refuses(flags, culprit, tmp_path, capsys):
+    out = tmp_path / "x.png"
+    code, line = run_cli(["a cat", "--model", str(TINY), "--out", str(out), *flags], capsys)
+    assert code == 2 and culprit in line
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flags, culprit", [(["--cfg", "nan"], "cfg=nan"), (["--tau", "0"], "tau=0.0"),
+                                            (["--top-p", "2"], "top_p=2.0")], ids=["cfg", "tau", "top-p"])
+def test_cli_batch_refuses_before_creating_the_folder(flags, culprit, tmp_path, capsys):
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    code, line = run_cli(["batch", str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "o"),
+                          "--model", str(TINY), *flags], capsys)
+    assert code == 2 and culprit in line
+    assert [p.name for p in tmp_path.iterdir()] == ["prompts.txt"]
+
+
+def test_cli_undecodable_prompt_in_argv(tmp_path):
+    """Invalid UTF-8 bytes in argv (the shell's $'red \\xff') reach Python as a lone surrogate."""
+    out = tmp_path / "x.png"
+    cmd = [sys.executable.encode(), b"-m", b"minivar", b"red \xff", b"--model", bytes(TINY), b"--out", bytes(out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run(cmd, capture_output=True, timeout=300, env=env)
+    err = r.stderr.decode("utf-8", "replace")
+    assert r.returncode == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines() == ["minivar: error: prompt='red \\udcff' is invalid: it is not valid Unicode "
+                                        "text (character 4 cannot be encoded as UTF-8); pass UTF-8 text"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_res_message_names_what_the_user_passed(tmp_path, capsys):
+    """The toy's 4-pixel tokens: --res 1024 used to be reported as "res=4096"."""
+    code, line = run_cli(["a cat", "--model", "toy", "--res", "1024", "--out", str(tmp_path / "x.png")], capsys)
+    assert code == 2 and "res=1024 " in line and "4096" not in line and "64" in line
+    assert list(tmp_path.iterdir()) == []
