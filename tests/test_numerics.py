@@ -35,11 +35,12 @@ def test_the_test_session_runs_in_reference_mode():
 def test_per_image_makes_small_products_independent_of_batch_mates():
     """Rows of image 0 computed beside other images equal image 0 computed alone."""
     torch.manual_seed(0)
-    w, x = torch.randn(64, 96), torch.randn(6, 96)     # 3 images x 2 rows (cond, uncond)
-    alone = torch.nn.functional.linear(x[0::3], w)
-    with numerics.image_batch(3):
-        together = numerics.linear(x, w, None)
-    assert torch.equal(together[0::3], alone)
+    for rows in (2, 40, 300):                           # per image: cond and uncond rows of each token
+        w, x = torch.randn(64, 96), torch.randn(3 * rows, 5, 96)
+        alone = torch.nn.functional.linear(x[0::3], w)
+        with numerics.image_batch(3):
+            together = numerics.linear(x, w, None)
+        assert torch.equal(together[0::3], alone), rows
 
 
 def test_text_attention_rounds_through_bf16_and_returns_fp32():

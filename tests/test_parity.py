@@ -3,6 +3,11 @@ import pytest
 import torch
 from helpers import PROMPT, SETTINGS, fixture, fixture_bits, fixture_rgb, max_level_diff, rel_err, tiny_pipeline
 
+# Teacher-forced logits are compared with a relative tolerance: our matmuls sum in another order
+# than upstream's, and BLAS rounds differently per CPU. Measured worst scale: under 1e-5 on AMD EPYC,
+# 1.01e-5 on Intel Xeon (AVX-512). Sampled bits, which decide the image, must match exactly.
+LOGITS_RTOL = 2e-5
+
 
 def generate(res, **kw):
     return tiny_pipeline().generate(PROMPT, res=res, trace=True, **{**SETTINGS, **kw})
@@ -32,7 +37,7 @@ def test_teacher_forced_logits_match_upstream():
     out = generate(1024, force_bits=fixture_bits(fixture("run_1024")))
     for si, logits in enumerate(out.trace.logits):
         ref = teacher[f"logits_{si}"]                       # (1, h*w*d, 2)
-        assert rel_err(logits.reshape(ref.shape), ref) <= 1e-5, f"scale {si}"
+        assert rel_err(logits.reshape(ref.shape), ref) <= LOGITS_RTOL, f"scale {si}"
 
 
 def test_fastvar_seeded_generation_matches_fastvar():
@@ -43,11 +48,17 @@ def test_fastvar_seeded_generation_matches_fastvar():
         assert torch.equal(got, ref), f"bits differ at scale {si}"
     assert rel_err(out.summed_codes, run["summed_codes"].squeeze(2)) <= 1e-5
     assert max_level_diff(out.image, fixture_rgb("run_1024_fastvar")) <= 1
-    # Kept tokens: same set and the same (descending-score) order as FastVAR, per sub-layer.
+    # Kept tokens: the same set as FastVAR, in the same (descending-score) order except where two
+    # tokens' scores are equal up to the rounding of the hidden states they are computed from
+    # (on Intel Xeon one such pair swaps places).
     for si in (9, 10):
         for sub in ("sa", "ca", "ffn"):
             ref = run[f"prune_idx_{si}_L3_{sub}"][..., 0]      # (B_cfg, K)
-            assert torch.equal(out.trace.pruning[si].keep[3, sub], ref), (si, sub)
+            keep, scores = out.trace.pruning[si].keep[3, sub], out.trace.pruning[si].scores[3, sub]
+            assert torch.equal(keep.sort(1).values, ref.sort(1).values), (si, sub)
+            for b, pos in (keep != ref).nonzero().tolist():
+                s_here, s_ref = scores[b, keep[b, pos]], scores[b, ref[b, pos]]
+                assert torch.isclose(s_here, s_ref, rtol=1e-4), (si, sub, b, pos)
 
 
 def test_fastvar_teacher_forced_logits():
@@ -55,4 +66,4 @@ def test_fastvar_teacher_forced_logits():
     out = generate(1024, prune="fastvar", force_bits=fixture_bits(fixture("run_1024_fastvar")))
     for si, logits in zip(out.trace.index, out.trace.logits):
         ref = teacher[f"logits_{si}"]
-        assert rel_err(logits.reshape(ref.shape), ref) <= 1e-5, f"scale {si}"
+        assert rel_err(logits.reshape(ref.shape), ref) <= LOGITS_RTOL, f"scale {si}"

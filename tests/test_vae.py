@@ -86,13 +86,19 @@ def test_summed_codes_replay_bit_exact(run256):
     assert summed.squeeze(2).is_contiguous(memory_format=torch.channels_last)
 
 
+# The decoder's convolutions round differently per CPU (oneDNN picks its kernels by instruction set):
+# measured max abs difference from upstream's output (range [-1, 1]): 4.65e-5 on Intel Xeon (AVX-512),
+# below 1e-5 on AMD EPYC. The uint8 image stays within one level either way.
+DECODER_ATOL = 1e-4
+
+
 def test_decoder_matches_upstream(vae, run256):
     z = run256["summed_codes"].squeeze(2).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         x = vae.decode(z)
     diff = (x - run256["decoded"]).abs().max().item()
     print(f"decoder: max abs diff {diff:.3g}, bit-exact {torch.equal(x, run256['decoded'])}")
-    assert diff <= 1e-5
+    assert diff <= DECODER_ATOL
     img_bgr = pixels_to_image(x).flip(-1)
     assert (img_bgr.int() - run256["img_bgr"].int()).abs().max() <= 1
 
@@ -101,7 +107,7 @@ def test_decode_from_replayed_bits(vae, run256):
     summed = codes_from_bits(_bits(run256), run256["scale_schedule"])
     with torch.no_grad():
         x = vae.decode(summed.squeeze(2))
-    assert (x - run256["decoded"]).abs().max() <= 1e-5
+    assert (x - run256["decoded"]).abs().max() <= DECODER_ATOL
 
 
 # ---------------------------------------------------------------------------------------------
