@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from .config import BUDGETS, HIGH_RES, nearest_template
+from .config import BUDGETS, HIGH_RES, RES_TO_BUDGET, nearest_template
 from .pruning import PruneSchedule, is_index, is_real
 
 MAX_PROMPT_CHARS = 20_000  # far beyond T5's 512 tokens; longer input is almost surely a mistake
@@ -107,7 +107,8 @@ def check_h_div_w(name: str, value) -> None:
 def check_res(name: str, value) -> None:
     budgets = list(BUDGETS) + list(HIGH_RES)
     if not (value is None or is_index(value) or value in budgets):
-        raise bad(name, value, f"use a side in pixels (e.g. 1024), a pixel budget {budgets}, or None")
+        raise bad(name, value, f"use a side in pixels ({sorted(RES_TO_BUDGET)} for 16-pixel tokens), "
+                  f"a pixel budget {budgets}, or None")
 
 
 def check_output_type(name: str, value) -> None:
