@@ -28,7 +28,7 @@ from pathlib import Path
 from PIL import Image
 
 from .files import FolderBusy, FolderLock, atomic_write, partial_path
-from .checks import MAX_PROMPT_CHARS
+from .checks import MAX_PROMPT_CHARS, check_seed
 
 MANIFEST = "manifest.jsonl"
 MAX_ID_BYTES = 200  # a file name holds 255 bytes: the id, "_seed<n>.png" and the temporary's ".<name>.partial"
@@ -139,6 +139,8 @@ def parse_seeds(text: str) -> list[int]:
         raise ValueError(f"--seeds takes comma-separated integers like 0,1,2,3, got {text!r}") from None
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds needs at least one seed and no repeats, got {text!r}")
+    for seed in seeds:
+        check_seed("--seeds", seed)
     return seeds
 
 

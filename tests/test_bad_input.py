@@ -254,7 +254,9 @@ def test_cli_refuses(flags, culprit, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, culprit", [(["--cfg", "nan"], "cfg=nan"), (["--tau", "0"], "tau=0.0"),
-                                            (["--top-p", "2"], "top_p=2.0")], ids=["cfg", "tau", "top-p"])
+                                            (["--top-p", "2"], "top_p=2.0"), (["--seeds", "1,-2"], "--seeds=-2"),
+                                            (["--seeds", str(2**70)], f"--seeds={2**70}")],
+                         ids=["cfg", "tau", "top-p", "negative-seed", "huge-seed"])
 def test_cli_batch_refuses_before_creating_the_folder(flags, culprit, tmp_path, capsys):
     (tmp_path / "prompts.txt").write_text("a cat\n")
     code, line = run_cli(["batch", str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "o"),
