@@ -61,22 +61,21 @@ class Trace:
 # Sampling bits
 # --------------------------------------------------------------------------------------------------
 def sample_bits(logits: torch.Tensor, top_k: int, top_p: float, gen: torch.Generator | None) -> torch.Tensor:
-    """Draw one value per row of logits (B, n, 2) -> (B, n). Modifies logits in place (filtering).
+    """Draw every bit from its two logits: (B, n, 2) -> (B, n) int64.
 
-    top-k keeps the k largest logits of each row (a no-op for k >= 2 with two values per bit); top-p
-    removes, from the lowest up, values whose cumulative probability stays within 1 - top_p.
+    A bit has only two values, so the usual filters shrink to one comparison each. top-k keeps both
+    values for any k >= 2 (and k = 0 means no filter); k = 1 keeps only the likelier value. top-p
+    keeps the less likely value only while its own probability exceeds 1 - top_p. A removed value
+    gets probability 0, and the draw takes one number per bit from `gen` whatever was removed.
     """
-    B, n, V = logits.shape
-    if top_k > 0:
-        kth = logits.topk(min(top_k, V), largest=True, sorted=False, dim=-1)[0].amin(dim=-1, keepdim=True)
-        logits.masked_fill_(logits < kth, -torch.inf)
+    B, n, _ = logits.shape
+    probs = logits.softmax(dim=-1)                                   # (B, n, 2)
+    low, low_index = probs.min(dim=-1, keepdim=True)                 # the less likely value, (B, n, 1)
+    remove = torch.full_like(low, top_k == 1, dtype=torch.bool)
     if top_p > 0:
-        sorted_logits, order = logits.sort(dim=-1, descending=False)
-        drop = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
-        drop[..., -1:] = False  # never remove the most likely value
-        logits.masked_fill_(drop.scatter(order.ndim - 1, order, drop), -torch.inf)
-    probs = logits.softmax(dim=-1).view(-1, V)
-    return torch.multinomial(probs, num_samples=1, replacement=True, generator=gen).view(B, n)
+        remove |= low <= 1 - top_p
+    probs.scatter_(-1, low_index, low.masked_fill(remove, 0.0))
+    return torch.multinomial(probs.view(-1, 2), num_samples=1, replacement=True, generator=gen).view(B, n)
 
 
 def guide(x: torch.Tensor, cfg: float, B: int) -> torch.Tensor:
