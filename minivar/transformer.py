@@ -68,10 +68,11 @@ class Rope2D:
     def __init__(self, head_dim: int, max_grid: int = 128, base: float = 10000.0):
         half, cpu = head_dim // 2, torch.device("cpu")  # explicit device: models are built under "meta"
         inv_freq = 1.0 / (base ** (torch.arange(0, half, 2, dtype=torch.int64, device=cpu).float() / half))
-        t = torch.arange(max_grid, dtype=torch.int64, device=cpu).float()
-        f_row, f_col = torch.outer(t, inv_freq), torch.outer(t, inv_freq)  # (G, hd/4) each
-        grid = torch.cat([f_row[:, None, :].expand(-1, max_grid, -1),
-                          f_col[None, :, :].expand(max_grid, -1, -1)], dim=-1)  # (G, G, hd/2)
+        angles = torch.outer(torch.arange(max_grid, device=cpu).float(), inv_freq)  # (G, hd/4): position x frequency
+        # Row and column use the same angles: token (i, j) rotates its first quarter-pairs by row i's
+        # angles and the rest by column j's.
+        grid = torch.cat([angles[:, None, :].expand(-1, max_grid, -1),
+                          angles[None, :, :].expand(max_grid, -1, -1)], dim=-1)  # (G, G, hd/2)
         self.cos_sin = torch.stack([grid.cos(), grid.sin()])  # (2, G, G, hd/2)
         self._cache: dict[tuple, torch.Tensor] = {}
 
