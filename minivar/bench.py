@@ -731,6 +731,17 @@ def to_device(subj: Subject, device: torch.device) -> None:
             module.to(device)
 
 
+def subjects_and_cases(args, device: torch.device):
+    """Each subject of the run, built one at a time on `device`, with its cases (res x prune x cfg-stop)."""
+    for name in args.subjects:
+        subj = make_subject(name, args)
+        if subj is None:
+            continue
+        to_device(subj, device)
+        yield subj, [Case(name, r, p, s) for r in args.res for p in args.prune for s in args.cfg_stop]
+        del subj  # before the next subject is built: only one model in memory at a time
+
+
 def run(args) -> dict:
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
@@ -738,12 +749,7 @@ def run(args) -> dict:
     peaks = PeakLog(device, args.quick)
     peaks.measure()
     summaries = []
-    for name in args.subjects:
-        subj = make_subject(name, args)
-        if subj is None:
-            continue
-        to_device(subj, device)
-        cases = [Case(name, r, p, s) for r in args.res for p in args.prune for s in args.cfg_stop]
+    for subj, cases in subjects_and_cases(args, device):
         results = run_cases(subj, cases, args.warmup, args.repeats, after_round=peaks.measure)
         table = layer_table(list(results.values()))
         for case, result in results.items():
@@ -771,12 +777,7 @@ def run_direct(args) -> dict:
     torch.set_num_threads(args.threads)
     report = {"args": vars(args), "machine": machine_info(), "keep_freed_memory": args.keep_heap and keep_freed_memory(),
               "runs": []}
-    for name in args.subjects:
-        subj = make_subject(name, args)
-        if subj is None:
-            continue
-        to_device(subj, device)
-        cases = [Case(name, r, p, s) for r in args.res for p in args.prune for s in args.cfg_stop]
+    for subj, cases in subjects_and_cases(args, device):
         plans = {case: plan_case(subj, case) for case in cases}
         for rnd in range(args.warmup + args.repeats):
             for case in cases:
