@@ -131,7 +131,7 @@ class MultiScaleBSQ(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# rebuilding the latent from bits (generation path, MANIFEST section 4 steps 7.5-7.6)
+# rebuilding the latent from bits during generation: each scale's codes are added to a running sum
 
 
 def add_scale_codes(summed_Bd1HW: Tensor | None, codes_Bd1hw: Tensor, final: Scale, last: bool) -> Tensor:
