@@ -6,7 +6,6 @@ The shipped weights do not reach issue 5's quality bar (mini-GenEval overall 0.0
 ignores its caption, or the previous weights (0.075 single object), fail.
 """
 import json
-from pathlib import Path
 
 import pytest
 import torch

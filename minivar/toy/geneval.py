@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from .scenes import CATEGORIES, PALETTE, SHAPES, SIZES, Spec, eval_specs, make_scene, relation_offsets, render
+from .scenes import CATEGORIES, PALETTE, SIZES, Spec, eval_specs, make_scene, relation_offsets, render
 
 COLOUR_NAMES = list(PALETTE)
 COLOUR_RGB = np.array([PALETTE[c] for c in COLOUR_NAMES], dtype=np.float32)  # (P, 3)
