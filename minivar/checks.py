@@ -178,7 +178,7 @@ def check_against_schedule(*, cfg, tau, cfg_stop_scale: int | None, cfg_insertio
         raise bad("cfg_insertion_layer", cfg_insertion_layer, f"use 0 (guide logits), 1 (no guidance mixing) "
                   f"or a negative layer offset in -{depth - 1}..-1")
     prune.validate(n, depth)
-    ran = [scales[si] for si in range(n) if si not in prune.skip]
+    ran = [scales[si] for si in prune.ran(n)]
     check_force_bits(force_bits, [(batch, h, w, d_bits) for h, w in ran])
 
 

@@ -122,7 +122,7 @@ def transformer_count(cfg: InfinityConfig, scales: list[tuple[int, int]], prune:
     holds the tokens it computed at earlier scales.
     """
     prune = prune or PruneSchedule.none()
-    ran = [si for si in range(len(scales)) if si not in prune.skip]
+    ran = prune.ran(len(scales))
     full_rows = 2 * batch if cfg_on else batch
     text_rows = full_rows * text_tokens
     cached = [0] * cfg.depth

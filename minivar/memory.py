@@ -37,7 +37,7 @@ class MemoryEstimate:
 
 def kv_cache_bytes(cfg: InfinityConfig, scales, prune: PruneSchedule, rows: int) -> int:
     """Bytes of the preallocated KV caches (see sampling.make_caches: the last scale is not stored)."""
-    ran = [si for si in range(len(scales)) if si not in prune.skip]
+    ran = prune.ran(len(scales))
     tokens = sum(prune.kept(si, li, scales[si][0] * scales[si][1]) for si in ran[:-1] for li in range(cfg.depth))
     return 2 * rows * tokens * cfg.embed_dim * F32
 
@@ -45,7 +45,7 @@ def kv_cache_bytes(cfg: InfinityConfig, scales, prune: PruneSchedule, rows: int)
 def activation_bytes(cfg: InfinityConfig, scales, prune: PruneSchedule, rows: int, images: int) -> int:
     """Live tensors of the largest scale that runs: residual stream and sub-layer temporaries, the FFN
     hidden layer, the last scale's joined keys and values, logits, and the restoration cache."""
-    ran = [si for si in range(len(scales)) if si not in prune.skip]
+    ran = prune.ran(len(scales))
     L = max(scales[si][0] * scales[si][1] for si in ran)
     C, d = cfg.embed_dim, cfg.d_vae
     stream = rows * L * (8 * C + 2 * cfg.ffn_hidden)

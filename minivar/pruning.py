@@ -53,6 +53,10 @@ class PruneSchedule:
     def prunes(self) -> bool:
         return any(f > 0 for f in self.drop.values())
 
+    def ran(self, n_scales: int) -> list[int]:
+        """Indices of the scales that run, of a schedule of n_scales (the skipped ones left out)."""
+        return [si for si in range(n_scales) if si not in self.skip]
+
     def in_window(self, layer: int) -> bool:
         return self.layers[0] <= layer <= self.layers[1]
 

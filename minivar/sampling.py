@@ -107,7 +107,7 @@ def latent_to_tokens(summed_Bd1HW: torch.Tensor, hw: tuple[int, int], patchify: 
 # --------------------------------------------------------------------------------------------------
 def make_caches(model: Infinity, batch: int, scales, prune: PruneSchedule, device) -> list[KVCache]:
     """One preallocated float32 cache per layer, sized for the tokens that later scales attend to."""
-    ran = [si for si in range(len(scales)) if si not in prune.skip]
+    ran = prune.ran(len(scales))
     stored = ran[:-1]  # nothing attends to the last scale that runs
     sizes = [sum(prune.kept(si, li, scales[si][0] * scales[si][1]) for si in stored) for li in range(model.cfg.depth)]
     return [KVCache(batch, model.cfg.num_heads, n, model.cfg.head_dim, torch.float32, device) for n in sizes]
