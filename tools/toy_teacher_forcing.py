@@ -20,8 +20,7 @@ for k in (0, 3, 5, 6, 7):
     images = []
     for i in range(0, len(specs), 8):
         chunk = range(i, min(i + 8, len(specs)))
-        force = [np.concatenate([bits[j][si].numpy() for j in chunk]) for si in range(k)] if k else None
-        force = [torch.from_numpy(f) for f in force] if force else None
+        force = [torch.cat([bits[j][si] for j in chunk]) for si in range(k)] if k else None
         out = pipe.generate([specs[j].caption for j in chunk], seed=i // 8, prune=False, cfg=3.0, tau=0.5, force_bits=force)
         images += out.images
     acc = accuracy(specs, [check(s, im) for s, im in zip(specs, images)])

@@ -55,7 +55,7 @@ from ..config import InfinityConfig, scale_schedule
 from ..t5 import T5Config, T5Encoder
 from ..tokenizer import Tokenizer
 from ..transformer import Attn, Conditioning, Infinity
-from ..vae import BSQVAE, VAEConfig, image_to_pixels
+from ..vae import BSQVAE, VAEConfig, image_to_pixels, load_vae
 
 
 @dataclass
@@ -503,16 +503,14 @@ def run(recipe: Recipe, out: Path, dtype: torch.dtype = torch.bfloat16, reuse: P
 
 def reuse_tokenizer_and_vae(src: Path, out: Path, recipe: Recipe) -> tuple[Tokenizer, BSQVAE]:
     """Copy an existing model directory's tokenizer and VAE files into `out` and load them."""
-    from ..pipeline import load
-
-    pipe = load(src)
-    if pipe.vae.cfg.codebook_dim != recipe.vae.codebook_dim:
-        raise ValueError(f"--reuse-vae {src}: its VAE has {pipe.vae.cfg.codebook_dim} bits per token, "
+    vae = load_vae(src / "vae.pth", src / "vae_config.json")  # fp32, eval, no gradients
+    if vae.cfg.codebook_dim != recipe.vae.codebook_dim:
+        raise ValueError(f"--reuse-vae {src}: its VAE has {vae.cfg.codebook_dim} bits per token, "
                          f"the recipe {recipe.vae.codebook_dim}; drop --reuse-vae or match vae.codebook_dim")
     (out / "t5").mkdir(parents=True, exist_ok=True)
     for name in ("vae.pth", "vae_config.json", "t5/spiece.model"):
         shutil.copyfile(src / name, out / name)
-    return Tokenizer(out / "t5" / "spiece.model"), pipe.vae.float().eval().requires_grad_(False)
+    return Tokenizer(out / "t5" / "spiece.model"), vae
 
 
 def override(recipe: Recipe, assignment: str) -> Recipe:
