@@ -29,10 +29,10 @@ from .weights import (CheckpointError, assign_state_dict, check_size, read_json_
 
 @dataclass
 class T5Config:
-    vocab_size: int = 32128
-    d_model: int = 512
-    d_kv: int = 64
-    d_ff: int = 2048
+    vocab_size: int = 32128     # rows of the shared token embedding
+    d_model: int = 512          # width of the residual stream (2048 in flan-t5-xl)
+    d_kv: int = 64              # width of one attention head
+    d_ff: int = 2048            # hidden width of the feed-forward layer
     num_layers: int = 6
     num_heads: int = 8
     relative_attention_num_buckets: int = 32
