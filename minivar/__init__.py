@@ -3,8 +3,8 @@
     import minivar
     image = minivar.sample("a red fox in snow", res=1024, prune=True)
 
-Reading order: config -> transformer -> bsq/vae -> t5/tokenizer -> sampling (the scale loop) ->
-pruning/presets -> pipeline -> hub.
+Reading order (README, "Reading the code"): sampling (the scale loop) -> transformer -> pruning/presets
+-> bsq/vae -> t5/tokenizer -> pipeline/checks -> config -> numerics.
 """
 from .config import InfinityConfig, scale_schedule
 from .pipeline import Output, Pipeline, load, sample

@@ -20,6 +20,8 @@ import time
 from fractions import Fraction
 from pathlib import Path
 
+from .sampling import Settings
+
 COMMANDS = ("batch", "convert", "download")
 RESOLUTIONS = (256, 512, 768, 1024, 1344, 2048)
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
@@ -49,10 +51,10 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
                    help="width:height, snapped to the nearest trained template, e.g. 16:9 (default: %(default)s)")
     g.add_argument("--prune", action=argparse.BooleanOptionalAction, default=True,
                    help="FastVAR cached token pruning (default: on)")
-    g.add_argument("--cfg", type=float, default=3.0, metavar="SCALE", help="guidance scale (default: %(default)s)")
-    g.add_argument("--tau", type=float, default=0.5, metavar="T", help="sampling temperature (default: %(default)s)")
-    g.add_argument("--top-k", type=int, default=900, metavar="K", help="top-k filter per bit (default: %(default)s)")
-    g.add_argument("--top-p", type=float, default=0.97, metavar="P", help="top-p filter per bit (default: %(default)s)")
+    g.add_argument("--cfg", type=float, default=Settings.cfg, metavar="SCALE", help="guidance scale (default: %(default)s)")
+    g.add_argument("--tau", type=float, default=Settings.tau, metavar="T", help="sampling temperature (default: %(default)s)")
+    g.add_argument("--top-k", type=int, default=Settings.top_k, metavar="K", help="top-k filter per bit (default: %(default)s)")
+    g.add_argument("--top-p", type=float, default=Settings.top_p, metavar="P", help="top-p filter per bit (default: %(default)s)")
     g.add_argument("--negative-prompt", default=None, metavar="TEXT", help="text for the unconditional branch")
     g.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"),
                    help="cuda uses flash-attn when it is installed (default: %(default)s)")
@@ -65,7 +67,7 @@ def build_parsers() -> dict[str, Parser]:
     gen = Parser(prog="minivar", description="Generate an image from a prompt with Infinity (+ FastVAR pruning).",
                  epilog="other commands: minivar batch --help | minivar convert --help | minivar download --help")
     gen.add_argument("prompt", help="the text prompt")
-    gen.add_argument("--seed", type=int, default=1, metavar="N", help="sampling seed (default: %(default)s)")
+    gen.add_argument("--seed", type=int, default=Settings.seed, metavar="N", help="sampling seed (default: %(default)s)")
     gen.add_argument("--out", default=None, metavar="FILE", help="image file (default: the prompt's first words .png)")
     gen.add_argument("--trace", default=None, metavar="FILE.pt", help="also save the per-scale trace (torch.save)")
     add_generation_flags(gen)

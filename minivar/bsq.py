@@ -14,6 +14,7 @@ Shapes: B batch, d bits, t (always 1 for images) x h x w the grid of one scale, 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -51,18 +52,19 @@ def bits_to_codes(bits: Tensor) -> Tensor:
     return codes.permute(0, 4, 1, 2, 3)  # (B, d, 1, h, w)
 
 
-def quantize_one_scale(x_Bdthw: Tensor) -> tuple[Tensor, Tensor]:
+def quantize_one_scale(x_Bdthw: Tensor, straight_through: bool = False) -> tuple[Tensor, Tensor]:
     """Quantise each d-vector of x (B, d, t, h, w) -> (codes (B, d, t, h, w), bits (B, t, h, w, d) int64).
 
     The vectors are normalised in upstream's packed (B, t*h*w, 1, d) contiguous layout (another layout
-    can move the norm by one ulp), and the codes keep the straight-through form z + (zhat - z), which
-    can differ from zhat itself by one ulp.
+    can move the norm by one ulp), and the codes keep the form z + (zhat - z), which can differ from
+    zhat itself by one ulp. With `straight_through` the difference is detached, so in the backward pass
+    the sign acts as the identity on the normalised vector (how the VAE trains through the quantiser).
     """
     B, d, t, h, w = x_Bdthw.shape
     z = x_Bdthw.permute(0, 2, 3, 4, 1).reshape(B, t * h * w, 1, d).contiguous()  # (B, thw, 1, d)
     z = F.normalize(z, dim=-1)
     zhat = torch.where(z > 0, 1.0, -1.0).to(z.dtype) * (1.0 / d**0.5)
-    quantized = z + (zhat - z)
+    quantized = z + ((zhat - z).detach() if straight_through else (zhat - z))
     bits = (quantized > 0).to(torch.int64).reshape(B, t, h, w, d)  # (B, t, h, w, d)
     codes = quantized.reshape(B, t, h, w, d).permute(0, 4, 1, 2, 3)  # (B, d, t, h, w)
     return codes, bits
@@ -77,26 +79,36 @@ def _as_scales(scales) -> list[Scale]:
     return [tuple(int(v) for v in s) for s in scales]
 
 
-def quantize_multiscale(h: Tensor, scales: list[Scale]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+def quantize_multiscale(h: Tensor, scales: list[Scale], *, keep: int | None = None, straight_through: bool = False,
+                        perturb: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """Residual BSQ over `scales` of the encoder output h (B, d, H, W) or (B, d, 1, H, W).
 
     Returns z (B, d, H, W), the sum of the upsampled codes of all scales; the bits of every scale
     (B, t, h, w, d) int64; and for every scale but the last the running sum area-downsampled to the
     next scale's grid (B, d, t', h', w'), i.e. what a teacher-forced transformer sees as input.
+
+    Training options: `keep` quantises only the first scales (z is their sum); `straight_through`
+    lets gradients reach h; `perturb(bits)` returns the bits whose codes enter the running sum in
+    place of the true ones (Infinity's bitwise self-correction; the returned bits stay the true ones).
+    It is called for every scale but the last, in order.
     """
-    scales = _as_scales(scales)
+    scales = _as_scales(scales)[:keep]
     x = (h.unsqueeze(2) if h.ndim == 4 else h).contiguous()  # (B, d, T, H, W)
     full = tuple(x.shape[2:])
     residual, z_BdTHW = x, torch.zeros_like(x)
     bits_list, next_inputs = [], []
     for si, scale in enumerate(scales):
         r = residual if scale == full else F.interpolate(residual, size=scale, mode=DOWN_MODE)
-        codes, bits = quantize_one_scale(r)
+        codes, bits = quantize_one_scale(r, straight_through)
+        bits_list.append(bits)
+        if perturb is not None and si != len(scales) - 1:
+            entered = perturb(bits)
+            if entered is not bits:
+                codes = bits_to_codes(entered)
         if scale != full:
             codes = F.interpolate(codes, size=full, mode=UP_MODE).contiguous()
         residual = residual - codes
         z_BdTHW = z_BdTHW + codes
-        bits_list.append(bits)
         if si != len(scales) - 1:
             next_inputs.append(F.interpolate(z_BdTHW, size=scales[si + 1], mode=DOWN_MODE).contiguous())
     z = z_BdTHW.contiguous()
@@ -135,18 +147,30 @@ class MultiScaleBSQ(nn.Module):
 
 
 def add_scale_codes(summed_Bd1HW: Tensor | None, codes_Bd1hw: Tensor, final: Scale, last: bool) -> Tensor:
-    """Add one scale's codes to the running sum on the final grid.
+    """Add one scale's codes (B, d, 1, h, w) to the running sum on the final grid (B, d, 1, H, W), in place.
 
     Every scale but the last is upsampled trilinearly to the final grid; the last is added as it is.
     """
     if not last:
         codes_Bd1hw = F.interpolate(codes_Bd1hw, size=final, mode=UP_MODE)
-    return codes_Bd1hw if summed_Bd1HW is None else summed_Bd1HW + codes_Bd1hw
+    return codes_Bd1hw if summed_Bd1HW is None else summed_Bd1HW.add_(codes_Bd1hw)
 
 
-def next_scale_input(summed_Bd1HW: Tensor, next_scale: Scale) -> Tensor:
-    """The running sum (B, d, 1, H, W) interpolated to the next grid: (B, d, 1, h', w')."""
-    return F.interpolate(summed_Bd1HW, size=next_scale, mode=UP_MODE)
+def bits_to_vae_layout(bits_Bhwd: Tensor, patchify: bool) -> Tensor:
+    """Transformer bits (B, h, w, d) -> VAE bits (B, 1, h', w', d'); 2x2 unpatchify for Infinity-8B."""
+    if patchify:
+        bits_Bhwd = F.pixel_shuffle(bits_Bhwd.permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)  # (B, 2h, 2w, d/4)
+    return bits_Bhwd.unsqueeze(1)
+
+
+def latent_to_tokens(summed_Bd1HW: Tensor, hw: tuple[int, int], patchify: bool) -> Tensor:
+    """The running sum resized to the next scale's grid, as transformer inputs (B, h*w, d) (2x2 patchified
+    for Infinity-8B, whose tokens hold 2x2 VAE cells)."""
+    h, w = (2 * hw[0], 2 * hw[1]) if patchify else hw
+    x = F.interpolate(summed_Bd1HW, size=(1, h, w), mode=UP_MODE).squeeze(-3)  # (B, d, h, w)
+    if patchify:
+        x = F.pixel_unshuffle(x, 2)  # (B, 4d, h/2, w/2)
+    return x.reshape(*x.shape[:2], -1).permute(0, 2, 1)  # (B, h*w, d)
 
 
 def codes_from_bits(bits_list: list[Tensor], scales: list[Scale]) -> Tensor:

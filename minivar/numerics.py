@@ -21,8 +21,9 @@ from that scale on. Each piece says what breaks without it.
 * `text_attention`: upstream's cross-attention is a variable-length flash kernel that always runs
   in bfloat16. Rounding q, k, v and the output through bf16 is therefore part of the model's
   numbers; computing it in fp32 instead moves the tiny fixture's teacher-forced logits by up to
-  3e-3 (relative) and changes 837 of its sampled bits at 1024, from the fifth scale on. Each batch row attends to its own text segment in its own call, so
-  that a row's result does not depend on the lengths of the other rows' prompts.
+  3e-3 (relative) and changes 837 of its sampled bits at 1024, from the fifth scale on. Each
+  batch row attends to its own text segment in its own call (`Text` groups the segments by image),
+  so that a row's result does not depend on the lengths of the other rows' prompts.
 * `reference_mode()`: ATen picks vectorised CPU kernels per instruction set, and its AVX-512 and
   AVX2 kernels round elementwise ops (GELU, exp, normalisation) differently. The upstream
   fixtures were recorded with AVX2 kernels. Importing minivar changes nothing in the process; the
@@ -34,6 +35,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -163,3 +165,35 @@ def text_attention(q: torch.Tensor, kv: list[torch.Tensor], segments: list[tuple
             out = attend(q[r].transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], scale)
             outs.append(out[0].transpose(0, 1))        # (Lq, H, hd)
     return torch.stack(outs).float()
+
+
+@dataclass
+class Text:
+    """Text tokens grouped by image, for the R = n_images * k batch rows (k = 2 with guidance).
+
+    tokens[b] (N_b, C) holds image b's rows' tokens back to back: its conditional segment, then its
+    unconditional one. Batch row r belongs to image r % n_images and uses segment r // n_images of it.
+    Each cross-attention computes its keys and values once per generation and keeps them in `kv`.
+    """
+    tokens: list[torch.Tensor]
+    segments: list[list[tuple[int, int]]]
+    kv: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_rows(cls, rows: torch.Tensor, row_segments: list[tuple[int, int]], n_images: int) -> Text:
+        """Regroup packed rows (N, C) with one (start, end) per batch row into per-image groups."""
+        tokens, segments = [], []
+        for b in range(n_images):
+            parts = [rows[s:e] for s, e in row_segments[b::n_images]]
+            ends = torch.tensor([p.shape[0] for p in parts]).cumsum(0).tolist()
+            tokens.append(torch.cat(parts))
+            segments.append(list(zip([0] + ends[:-1], ends)))
+        return cls(tokens, segments)
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Text:
+        return Text([fn(t) for t in self.tokens], self.segments)
+
+    def row_segments(self, rows: int) -> list[tuple[int, int]]:
+        """(image, start, end) of the text each of `rows` batch rows attends to."""
+        n = len(self.tokens)
+        return [(r % n, *self.segments[r % n][r // n]) for r in range(rows)]

@@ -16,15 +16,16 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import memory
+from .checkpoint import load_infinity
 from .checks import check_against_schedule, check_arguments, check_text
 from .config import BUDGETS, HIGH_RES, RES_TO_BUDGET, InfinityConfig, nearest_template, scale_schedule
+from .numerics import image_batch
 from .presets import resolve_prune
 from .pruning import PruneSchedule
 from .sampling import Settings, Trace, run_scale_loop
 from .t5 import T5Encoder, load_t5
 from .tokenizer import Tokenizer
-from .numerics import image_batch
-from .transformer import Infinity, load_infinity
+from .transformer import Infinity
 from .vae import BSQVAE, VAEConfig, load_vae, pixels_to_image
 
 
@@ -93,11 +94,17 @@ class Pipeline:
         return scale_schedule(sides[res], h_div_w)
 
     @torch.no_grad()
-    def generate(self, prompt: str | list[str], res: int | str | None = None, h_div_w: float = 1.0, cfg=3.0, tau=0.5,
-                 top_k: int = 900, top_p: float = 0.97, seed: int | None = 1, negative_prompt: str | None = None,
-                 cfg_insertion_layer: int = 0, force_bits: list[torch.Tensor] | None = None, trace: bool = False,
-                 prune=False, cfg_stop_scale: int | None = None, progress=False, output_type: str = "pil") -> Output:
+    def generate(self, prompt: str | list[str], res: int | str | None = None, h_div_w: float = 1.0,
+                 cfg=Settings.cfg, tau=Settings.tau, top_k: int = Settings.top_k, top_p: float = Settings.top_p,
+                 seed: int | None = Settings.seed, negative_prompt: str | None = None,
+                 cfg_insertion_layer: int = Settings.cfg_insertion_layer, force_bits: list[torch.Tensor] | None = None,
+                 trace: bool = False, prune=False, cfg_stop_scale: int | None = Settings.cfg_stop_scale,
+                 progress=False, output_type: str = "pil") -> Output:
         """Generate one image per prompt. See README for every argument; shapes are in `Output`.
+
+        Sampling defaults come from `sampling.Settings`. Pruning policy: this library call computes the
+        exact model unless asked (`prune=False`), while the picture-making entry points, `minivar.sample`
+        and the `minivar` command, prune by default (`prune=True`).
 
         `output_type="latent"` stops before the VAE decoder (`Output.images` is then empty).
         """

@@ -16,16 +16,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from .bsq import bits_to_codes
+from .bsq import add_scale_codes, bits_to_codes, bits_to_vae_layout, latent_to_tokens
 from .pruning import Pruner, PruneSchedule, ScaleRecord
 from .transformer import Attn, Conditioning, Infinity, KVCache
 
 
 @dataclass
 class Settings:
-    """Sampling settings. cfg and tau may be one value or one per scale."""
+    """Sampling settings, and the one source of their defaults (generate, sample and the CLI read them here).
+    cfg and tau may be one value or one per scale."""
     cfg: float | list[float] = 3.0
     tau: float | list[float] = 0.5
     top_k: int = 900
@@ -78,28 +78,11 @@ def sample_bits(logits: torch.Tensor, top_k: int, top_p: float, gen: torch.Gener
     return torch.multinomial(probs.view(-1, 2), num_samples=1, replacement=True, generator=gen).view(B, n)
 
 
-def guide(x: torch.Tensor, cfg: float, B: int) -> torch.Tensor:
-    """Classifier-free guidance on a doubled batch: cfg * cond + (1 - cfg) * uncond."""
-    return cfg * x[:B] + (1 - cfg) * x[B:]
-
-
-# --------------------------------------------------------------------------------------------------
-# Bits <-> transformer tokens
-# --------------------------------------------------------------------------------------------------
-def bits_to_vae_layout(bits_Bhwd: torch.Tensor, patchify: bool) -> torch.Tensor:
-    """Transformer bits (B, h, w, d) -> VAE bits (B, 1, h', w', d'); 2x2 unpatchify for Infinity-8B."""
-    if patchify:
-        bits_Bhwd = F.pixel_shuffle(bits_Bhwd.permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)  # (B, 2h, 2w, d/4)
-    return bits_Bhwd.unsqueeze(1)
-
-
-def latent_to_tokens(summed_Bd1HW: torch.Tensor, hw: tuple[int, int], patchify: bool) -> torch.Tensor:
-    """The running latent sum resized to the next grid, as transformer inputs (B, h*w, d)."""
-    h, w = (2 * hw[0], 2 * hw[1]) if patchify else hw
-    x = F.interpolate(summed_Bd1HW, size=(1, h, w), mode="trilinear").squeeze(-3)  # (B, d, h, w)
-    if patchify:
-        x = F.pixel_unshuffle(x, 2)  # (B, 4d, h/2, w/2)
-    return x.reshape(*x.shape[:2], -1).permute(0, 2, 1)  # (B, h*w, d)
+def guide(x: torch.Tensor, cfg: float) -> torch.Tensor:
+    """Classifier-free guidance on a doubled batch (B conditional rows, then B unconditional):
+    cfg * cond + (1 - cfg) * uncond, (B, ...)."""
+    cond, uncond = x.chunk(2)
+    return cfg * cond + (1 - cfg) * uncond
 
 
 # --------------------------------------------------------------------------------------------------
@@ -113,14 +96,26 @@ def make_caches(model: Infinity, batch: int, scales, prune: PruneSchedule, devic
     return [KVCache(batch, model.cfg.num_heads, n, model.cfg.head_dim, torch.float32, device) for n in sizes]
 
 
-def run_blocks(model: Infinity, x: torch.Tensor, c: Conditioning, caches, rope, si: int, store: bool,
-               pruner: Pruner, cfg: float, B: int, insert_at: int | None) -> torch.Tensor:
-    """One scale through every block; x (rows, h*w, C). Guidance may mix the hidden state mid-way."""
-    x = model.embed_scale(x, si)  # level embedding, before the first block only
+@dataclass
+class Step:
+    """One scale of the loop, as the functions that run it see it."""
+    si: int                  # index in the full schedule
+    hw: tuple[int, int]      # token grid
+    cfg: float
+    tau: float
+    guided: bool             # the batch holds B conditional rows, then B unconditional ones
+    last: bool               # the last scale that runs: no later scale attends to its keys
+
+
+def run_blocks(model: Infinity, x: torch.Tensor, c: Conditioning, caches: list[KVCache], rope: torch.Tensor,
+               pruner: Pruner, step: Step, mix_after: int | None) -> torch.Tensor:
+    """One scale through every block; x (rows, h*w, C). With `mix_after`, guidance mixes the hidden
+    state after that layer, and both halves continue from the guided state."""
+    x = model.embed_scale(x, step.si)  # level embedding, before the first block only
     for li, block in enumerate(model.blocks):
-        x = block(x, c.gss, c.text, Attn(caches[li], rope, store), pruner.runner(si, li))
-        if li == insert_at and cfg != 1 and x.shape[0] > B:
-            x = guide(x, cfg, B).repeat(2, 1, 1)  # both halves continue from the guided state
+        x = block(x, c.gss, c.text, Attn(caches[li], rope, store=not step.last), pruner.runner(step.si, li))
+        if li == mix_after and step.guided and step.cfg != 1:
+            x = guide(x, step.cfg).repeat(2, 1, 1)
     return x
 
 
@@ -135,65 +130,63 @@ def conditional_only(c: Conditioning, caches: list[KVCache], pruner: Pruner,
     return Conditioning(c.text, c.cond[:B], c.gss[:B]), [cache.rows(B) for cache in caches]
 
 
-def accumulate(summed: torch.Tensor | None, codes: torch.Tensor, final_hw, is_last: bool) -> torch.Tensor:
-    """Add a scale's codes (B, d, 1, h, w) to the running latent at the final grid (B, d, 1, H, W)."""
-    if not is_last:
-        codes = F.interpolate(codes, size=(1, *final_hw), mode="trilinear")
-    return codes if summed is None else summed.add_(codes)
-
-
 def run_scale_loop(model: Infinity, c: Conditioning, B: int, scales: list[tuple[int, int]], template: float,
                    s: Settings, prune: PruneSchedule, trace: Trace | None = None,
                    progress: Callable[[list[int]], Iterable[int]] | None = None) -> torch.Tensor:
-    """Generate the latent for B images. `c` holds 2B rows (cond, then uncond) when CFG is on.
+    """Generate the latent for B images. `c` holds 2B rows (cond, then uncond) when CFG is on, else B.
 
     `progress`, if given, wraps the list of scales that run (e.g. `tqdm`) and must yield them in order.
 
     Returns summed codes (B, d_vae, 1, H, W) in the VAE's layout, ready for decoding.
     """
     n, patchify, device = len(scales), model.cfg.spatial_patchify, c.cond.device
+    if c.cond.shape[0] not in (B, 2 * B):
+        raise ValueError(f"the conditioning has {c.cond.shape[0]} rows; expected {B} (no CFG) or {2 * B} (CFG)")
+    guided = c.cond.shape[0] == 2 * B
     cfgs, taus = s.per_scale(s.cfg, n), s.per_scale(s.tau, n)
     gen = torch.Generator(device=device).manual_seed(s.seed) if s.seed is not None else None
     prune.validate(n, model.cfg.depth)
     pruner = Pruner(prune, scales, seed=s.seed or 0, record=trace is not None)
     ran = [si for si in range(n) if pruner.runs(si)]
     caches = make_caches(model, c.cond.shape[0], scales, prune, device)
-    insert_at = model.cfg.depth + s.cfg_insertion_layer if s.cfg_insertion_layer < 0 else None
-    final_hw = tuple(2 * v for v in scales[-1]) if patchify else scales[-1]
+    mix_after = model.cfg.depth + s.cfg_insertion_layer if s.cfg_insertion_layer < 0 else None
+    final = (1, *(2 * v for v in scales[-1])) if patchify else (1, *scales[-1])
     x, summed = model.first_tokens(c), None
-    for step, si in enumerate(progress(ran) if progress else ran):
+    for k, si in enumerate(progress(ran) if progress else ran):
         t0 = time.perf_counter()
-        if s.cfg_stop_scale is not None and si >= s.cfg_stop_scale and x.shape[0] > B:
+        if guided and s.cfg_stop_scale is not None and si >= s.cfg_stop_scale:
             # stage-aware CFG: conditional rows only from here (">=": the stop scale may be skipped)
-            (c, caches), x = conditional_only(c, caches, pruner, B), x[:B]
-        rope = model.rope.table(template, *scales[si], device)
-        x = run_blocks(model, x, c, caches, rope, si, si != ran[-1], pruner, cfgs[si], B, insert_at)
-        logits = step_logits(model, x, c, cfgs[si], taus[si], B, s.cfg_insertion_layer)
-        bits = sample_step(logits, s, step, gen, scales[si], trace)
+            (c, caches), x, guided = conditional_only(c, caches, pruner, B), x[:B], False
+        step = Step(si, scales[si], cfgs[si], taus[si], guided, last=si == ran[-1])
+        rope = model.rope.table(template, *step.hw, device)
+        x = run_blocks(model, x, c, caches, rope, pruner, step, mix_after)
+        bits = sample_step(step_logits(model, x, c, step, s.cfg_insertion_layer == 0), s, k, gen, step.hw, trace)
         codes = bits_to_codes(bits_to_vae_layout(bits, patchify))  # (B, d, 1, h, w)
-        summed = accumulate(summed, codes, final_hw, is_last=si == n - 1)
-        if si != ran[-1]:  # the next scale's input: the running latent at its grid, embedded
-            nxt = ran[step + 1]
-            x = model.word_embed(latent_to_tokens(summed, scales[nxt], patchify)).repeat(x.shape[0] // B, 1, 1)
+        summed = add_scale_codes(summed, codes, final, last=si == n - 1)
+        if not step.last:  # the next scale's input: the running latent at its grid, embedded
+            x = model.word_embed(latent_to_tokens(summed, scales[ran[k + 1]], patchify))
+            x = x.repeat(2, 1, 1) if guided else x
         if trace is not None:
-            record(trace, si, scales[si], codes, summed, x.shape[0], time.perf_counter() - t0)
+            record(trace, si, step.hw, codes, summed, 2 * B if guided else B, time.perf_counter() - t0)
             trace.kv_len.append([cache.pos for cache in caches])
     if trace is not None:
         trace.pruning = pruner.records
     return summed
 
 
-def step_logits(model, x, c: Conditioning, cfg: float, tau: float, B: int, insertion: int):
-    """Bit logits (B, h*w*d, 2): temperature first, then guidance (upstream's order)."""
-    if x.shape[0] > B and cfg != 1 and insertion == 0:
-        logits = model.logits(x, c.cond).mul(1 / tau)
-        logits = guide(logits, cfg, B)
+def step_logits(model: Infinity, x: torch.Tensor, c: Conditioning, step: Step, mix_logits: bool) -> torch.Tensor:
+    """Bit logits (B, h*w*d, 2): temperature first, then guidance (upstream's order). Without guidance
+    on the logits (CFG off, cfg = 1, or mixed inside the blocks) the conditional rows give them."""
+    if step.guided and step.cfg != 1 and mix_logits:
+        logits = guide(model.logits(x, c.cond).mul(1 / step.tau), step.cfg)
     else:
-        logits = model.logits(x[:B], c.cond[:B]).mul(1 / tau)
-    return logits.reshape(B, -1, 2)
+        B = x.shape[0] // 2 if step.guided else x.shape[0]
+        logits = model.logits(x[:B], c.cond[:B]).mul(1 / step.tau)
+    return logits.reshape(logits.shape[0], -1, 2)
 
 
-def sample_step(logits, s: Settings, step: int, gen, hw, trace: Trace | None) -> torch.Tensor:
+def sample_step(logits: torch.Tensor, s: Settings, step: int, gen: torch.Generator | None, hw: tuple[int, int],
+                trace: Trace | None) -> torch.Tensor:
     """Sample (or take the forced) bits of the step-th scale that runs -> (B, h, w, d) int64.
 
     Forced scales are sampled too, so teacher forcing consumes the generator exactly as sampling does.
@@ -212,7 +205,8 @@ def sample_step(logits, s: Settings, step: int, gen, hw, trace: Trace | None) ->
     return bits
 
 
-def record(trace: Trace, si: int, hw, codes, summed, rows: int, seconds: float) -> None:
+def record(trace: Trace, si: int, hw: tuple[int, int], codes: torch.Tensor, summed: torch.Tensor, rows: int,
+           seconds: float) -> None:
     trace.scales.append(tuple(hw))
     trace.index.append(si)
     trace.codes.append(codes.squeeze(2).float().cpu())

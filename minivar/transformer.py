@@ -2,8 +2,9 @@
 
 Reading order: `Rope2D`, `KVCache`, the three sub-layers (`SelfAttention`, `CrossAttention`, `FFN`),
 `Block`, then `Infinity`. The dtype and batch-invariance details that make CPU results equal
-upstream's (`Linear`, `attend`, `text_attention`, `image_batch`) live in numerics.py. The scale loop that drives the
-model lives in sampling.py; this file only knows how to run one scale through the blocks.
+upstream's (`Linear`, `attend`, `text_attention`, `Text`, `image_batch`) live in numerics.py, loading
+the public checkpoints in checkpoint.py. The scale loop that drives the model lives in sampling.py;
+this file only knows how to run one scale through the blocks.
 
 Every Infinity block runs three sub-layers on the residual stream x (B, L, C):
     x = x + SA(AdaLN(x)) * gamma1          self-attention over all tokens of earlier scales (KV cache)
@@ -14,15 +15,12 @@ block adds its own learned offset `ada_gss`. Each sub-layer is called through a 
 the seam where token pruning (pruning.py) chooses the tokens a sub-layer actually computes.
 
 Parameter names follow the public checkpoints so that they load without a translation table, apart
-from the grouping of blocks (`block_chunks.{c}.module.{i}` upstream, `blocks.{n}` here).
+from the grouping of blocks (`block_chunks.{c}.module.{i}` upstream, `blocks.{n}` here; checkpoint.py).
 """
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Iterable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import numpy as np
@@ -31,8 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import InfinityConfig, rope_grid_for
-from .numerics import LayerNorm, Linear, attend, image_batch, images_in_batch, linear, text_attention, text_kv
-from .weights import CheckpointError, assign_state_dict, check_size, read_state_dict
+from .numerics import (LayerNorm, Linear, Text, attend, image_batch, images_in_batch, linear, text_attention,
+                       text_kv)
 
 def ada_layer_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
     """LayerNorm without affine, then the AdaLN modulation x * (1 + scale) + shift, in float32."""
@@ -145,38 +143,6 @@ class KVCache:
 # --------------------------------------------------------------------------------------------------
 # Sub-layers
 # --------------------------------------------------------------------------------------------------
-@dataclass
-class Text:
-    """Text tokens grouped by image, for the R = n_images * k batch rows (k = 2 with guidance).
-
-    tokens[b] (N_b, C) holds image b's rows' tokens back to back: its conditional segment, then its
-    unconditional one. Batch row r belongs to image r % n_images and uses segment r // n_images of it.
-    Each cross-attention computes its keys and values once per generation and keeps them in `kv`.
-    """
-    tokens: list[torch.Tensor]
-    segments: list[list[tuple[int, int]]]
-    kv: dict = field(default_factory=dict)
-
-    @classmethod
-    def from_rows(cls, rows: torch.Tensor, row_segments: list[tuple[int, int]], n_images: int) -> Text:
-        """Regroup packed rows (N, C) with one (start, end) per batch row into per-image groups."""
-        tokens, segments = [], []
-        for b in range(n_images):
-            parts = [rows[s:e] for s, e in row_segments[b::n_images]]
-            ends = torch.tensor([p.shape[0] for p in parts]).cumsum(0).tolist()
-            tokens.append(torch.cat(parts))
-            segments.append(list(zip([0] + ends[:-1], ends)))
-        return cls(tokens, segments)
-
-    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Text:
-        return Text([fn(t) for t in self.tokens], self.segments)
-
-    def row_segments(self, rows: int) -> list[tuple[int, int]]:
-        """(image, start, end) of the text each of `rows` batch rows attends to."""
-        n = len(self.tokens)
-        return [(r % n, *self.segments[r % n][r // n]) for r in range(rows)]
-
-
 @dataclass
 class Attn:
     """What self-attention needs at one scale in one layer: the layer's cache and the RoPE angles."""
@@ -393,85 +359,3 @@ class Infinity(nn.Module):
     def logits(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """x (B, L, C) -> (B, L, 2d): channel 2j + c is the logit of bit j taking value c."""
         return self.head(self.head_nm(x.float(), cond.float()))
-
-
-# --------------------------------------------------------------------------------------------------
-# Loading public checkpoints
-# --------------------------------------------------------------------------------------------------
-# Upstream groups blocks as block_chunks.{c}.module.{i} (c * blocks_per_chunk + i is the layer);
-# training wrappers may prefix every key. Buffers that older checkpoints carry but no model uses are dropped.
-CHECKPOINT_PREFIXES = ("module.", "_orig_mod.")
-UNUSED_KEYS = ("lvl_1L", "attn_bias_for_masking", "Infinity_visible_kvlen", "Infinity_invisible_qlen")
-BLOCK_CHUNK_KEY = re.compile(r"^block_chunks\.(\d+)\.module\.(\d+)\.(.*)$")
-
-
-def strip_wrappers(key: str) -> str:
-    """`module._orig_mod.head.weight` -> `head.weight`: DDP and torch.compile wrappers, in any nesting."""
-    while key.startswith(CHECKPOINT_PREFIXES):
-        key = key.split(".", 1)[1]
-    return key
-
-
-def file_key_names(keys: Iterable[str]) -> dict[str, str]:
-    """minivar's name of every tensor -> the name the checkpoint file gives it.
-
-    Wrapper prefixes are stripped *before* the chunk size is inferred, so `module.block_chunks.0.module.3.x`
-    counts as block 3 of chunk 0 (the `.module.` inside a chunk is upstream's own, not a wrapper's).
-    """
-    stripped = {k: strip_wrappers(k) for k in keys}
-    matches = {k: BLOCK_CHUNK_KEY.match(s) for k, s in stripped.items()}
-    per_chunk = 1 + max((int(m.group(2)) for m in matches.values() if m), default=-1)
-    out: dict[str, str] = {}
-    for key, short in stripped.items():
-        if short in UNUSED_KEYS:
-            continue
-        m = matches[key]
-        name = f"blocks.{int(m.group(1)) * per_chunk + int(m.group(2))}.{m.group(3)}" if m else short
-        if name in out:
-            raise CheckpointError(f"the checkpoint holds both {out[name]} and {key}, which name the same tensor "
-                                  f"{name}; keep one")
-        out[name] = key
-    return out
-
-
-def flatten_block_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map upstream checkpoint keys onto minivar's flat `blocks.{n}` list (chunk size inferred from keys)."""
-    return {name: sd[key] for name, key in file_key_names(sd).items()}
-
-
-def file_namer(names: dict[str, str]) -> Callable[[str], str]:
-    """How the file names (or would name, for a missing tensor) each of minivar's keys, for error messages."""
-    chunked = [(k, BLOCK_CHUNK_KEY.match(strip_wrappers(k))) for k in names.values()]
-    chunked = [(k, m) for k, m in chunked if m]
-    prefix = chunked[0][0][: len(chunked[0][0]) - len(strip_wrappers(chunked[0][0]))] if chunked else ""
-    per_chunk = 1 + max((int(m.group(2)) for _, m in chunked), default=0)
-
-    def name(key: str) -> str:
-        m = re.match(r"^blocks\.(\d+)\.(.*)$", key)
-        if key in names or not (chunked and m):
-            return names.get(key, key)
-        n = int(m.group(1))
-        return f"{prefix}block_chunks.{n // per_chunk}.module.{n % per_chunk}.{m.group(2)}"
-
-    return name
-
-
-def load_infinity(path: str | Path, cfg: InfinityConfig, device: str | torch.device = "cpu",
-                  dtype: torch.dtype = torch.float32, strict: bool = True,
-                  config_name: str = "the Infinity config") -> Infinity:
-    """Build on the meta device and assign the checkpoint's tensors (.pth, .safetensors or shard index).
-    `config_name` says where `cfg` came from, for the error that refuses a config far larger than the file."""
-    from .flops import param_count  # flops imports the model's neighbours; import it only when loading
-
-    raw = read_state_dict(path, what="Infinity checkpoint")
-    names = file_key_names(raw)
-    sd = {name: raw[key] for name, key in names.items()}
-    source = f"Infinity checkpoint {path}"
-    if strict:
-        check_size(param_count(cfg), sd, source, f"{config_name} (depth={cfg.depth}, embed_dim={cfg.embed_dim}, "
-                   f"text_channels={cfg.text_channels}, text_maxlen={cfg.text_maxlen})", dtype)
-    with torch.device("meta"):
-        model = Infinity(cfg)
-    assign_state_dict(model, sd, source, dtype=dtype, device=device, strict=strict,
-                      file_name=file_namer(names))
-    return model.eval().requires_grad_(False)

@@ -131,11 +131,6 @@ def remap_names(keys: Iterable[str], rules: Iterable[tuple[str, str]]) -> dict[s
     return out
 
 
-def remap_keys(sd: dict[str, torch.Tensor], rules: Iterable[tuple[str, str]]) -> dict[str, torch.Tensor]:
-    """`sd` with every key renamed by `remap_names`."""
-    return {name: sd[key] for name, key in remap_names(sd, rules).items()}
-
-
 def _summarise(keys: list[str], n: int = 4) -> str:
     shown = ", ".join(keys[:n])
     return shown + (f", ... (+{len(keys) - n} more)" if len(keys) > n else "")

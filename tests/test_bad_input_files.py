@@ -27,10 +27,10 @@ from test_errors import one_line
 
 import minivar
 from minivar import batch
+from minivar.checkpoint import load_infinity
 from minivar.config import InfinityConfig
 from minivar.convert import convert
 from minivar.files import LOCK_FILE, FolderBusy, FolderLock
-from minivar.transformer import load_infinity
 from minivar.vae import load_vae
 from minivar.weights import CheckpointError
 

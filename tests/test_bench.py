@@ -109,7 +109,7 @@ def describe(x):
         return tuple((k, describe(v)) for k, v in x.items())
     if isinstance(x, (torch.nn.Module, minivar.Pipeline)):
         return type(x).__name__
-    if hasattr(x, "__dict__"):  # e.g. transformer.Text
+    if hasattr(x, "__dict__"):  # e.g. numerics.Text
         return (type(x).__name__, describe(vars(x)))
     return x
 

@@ -7,8 +7,8 @@ import torch
 from helpers import TINY, tiny_pipeline
 
 import minivar
+from minivar.checkpoint import load_infinity
 from minivar.config import InfinityConfig
-from minivar.transformer import load_infinity
 from minivar.weights import CheckpointError
 
 

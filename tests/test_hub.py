@@ -20,10 +20,10 @@ from safetensors.torch import load_file, save_file
 
 import minivar
 from minivar import hub
+from minivar.checkpoint import flatten_block_keys, load_infinity
 from minivar.convert import convert
 from minivar.hub import ModelSpec, prefer_converted, resolve_files
 from minivar.t5 import load_t5
-from minivar.transformer import flatten_block_keys, load_infinity
 from minivar.vae import load_vae
 from minivar.weights import CheckpointError, read_pth, read_state_dict
 

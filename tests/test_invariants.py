@@ -2,9 +2,10 @@
 import torch
 from helpers import PROMPT, SETTINGS, rel_err, tiny_pipeline
 
+from minivar.bsq import latent_to_tokens
 from minivar.config import scale_schedule
 from minivar.pruning import PruneSchedule
-from minivar.sampling import guide, latent_to_tokens
+from minivar.sampling import guide
 from minivar.transformer import Attn
 
 
@@ -27,7 +28,7 @@ def uncached_logits(pipe, out, n_scales: int) -> list[torch.Tensor]:
     x = torch.cat(xs, dim=1)
     for block in model.blocks:
         x = block(x, c.gss, c.text, Attn(None, rope, mask=mask))
-    logits = guide(model.logits(x, c.cond).mul(1 / SETTINGS["tau"]), SETTINGS["cfg"], 1)
+    logits = guide(model.logits(x, c.cond).mul(1 / SETTINGS["tau"]), SETTINGS["cfg"])
     bounds = torch.tensor([0] + [h * w for h, w in scales]).cumsum(0).tolist()
     return [logits[:, a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 

@@ -6,8 +6,8 @@ import torch
 from helpers import TINY
 from safetensors.torch import save_file
 
+from minivar.checkpoint import flatten_block_keys, load_infinity
 from minivar.config import InfinityConfig
-from minivar.transformer import flatten_block_keys, load_infinity
 from minivar.weights import CheckpointError
 
 CFG = InfinityConfig.from_upstream(TINY / "infinity_config.json")

@@ -9,23 +9,31 @@ import torch.nn.functional as F
 
 import minivar
 from minivar.bsq import quantize_multiscale
+from minivar.checkpoint import flatten_block_keys
 from minivar.config import InfinityConfig
 from minivar.toy import train
-from minivar.transformer import Attn, flatten_block_keys
+from minivar.transformer import Attn
 from minivar.vae import BSQVAE
 
 TINY = train.RECIPES["tiny"]
 
 
-def test_ste_quantiser_matches_the_inference_quantiser():
+def test_straight_through_quantiser_matches_the_inference_quantiser():
     torch.manual_seed(0)
     h = torch.randn(2, 8, 16, 16, requires_grad=True)
-    scales = TINY.scales
-    z = train.quantize_ste(h, scales)
-    z_ref, _, _ = quantize_multiscale(h.detach(), [(1, a, b) for a, b in scales])
-    assert torch.allclose(z, z_ref, atol=1e-5)
+    scales = [(1, a, b) for a, b in TINY.scales]
+    z, bits, _ = quantize_multiscale(h, scales, straight_through=True)
+    z_ref, ref_bits, _ = quantize_multiscale(h.detach(), scales)
+    assert torch.equal(z, z_ref) and all(torch.equal(a, b) for a, b in zip(bits, ref_bits))
     z.square().sum().backward()  # gradients reach the encoder side through the straight-through estimator
     assert h.grad is not None and h.grad.abs().sum() > 0
+    # without it the sign blocks them: the codes' gradient w.r.t. h is zero almost everywhere
+    h2 = h.detach().clone().requires_grad_(True)
+    quantize_multiscale(h2, scales)[0].square().sum().backward()
+    assert h2.grad.abs().max() < 1e-4 * h.grad.abs().max()
+    # keep=k sums the first k scales only
+    z3, bits3, _ = quantize_multiscale(h.detach(), scales, keep=3)
+    assert len(bits3) == 3 and not torch.allclose(z3, z_ref)
 
 
 def test_self_correction_without_flips_is_the_inference_quantiser():

@@ -316,6 +316,15 @@ def format_report(name: str, r: dict) -> str:
     return "\n".join(lines)
 
 
+def per_scale(text: str) -> float | list[float]:
+    """"0.5" -> 0.5; "0.1,0.1,0.5" -> [0.1, 0.1, 0.5] (one value per scale)."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or a comma-separated list of numbers") from None
+    return values[0] if len(values) == 1 else values
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m minivar.toy.eval", description="mini-GenEval on the toy world")
     p.add_argument("model", nargs="?", default="toy", help="model name or directory (default: toy)")
@@ -324,8 +333,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=200, help="prompts, balanced over the categories (default: 200)")
     p.add_argument("--batch", type=int, default=8, help="images per generate call (default: 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first batch; batch i uses seed + i")
-    p.add_argument("--cfg", type=float, default=3.0)
-    p.add_argument("--tau", type=float, default=0.5)
+    p.add_argument("--cfg", type=per_scale, default=3.0, metavar="CFG[,CFG...]",
+                   help="guidance scale, one value or one per scale (default: %(default)s)")
+    p.add_argument("--tau", type=per_scale, default=0.5, metavar="TAU[,TAU...]",
+                   help="temperature, one value or one per scale (default: %(default)s)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write scores and costs as JSON")
     a = p.parse_args(argv)
     from ..pipeline import load

@@ -50,7 +50,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import scenes
-from ..bsq import DOWN_MODE, UP_MODE, bits_to_codes, quantize_one_scale
+from ..bsq import quantize_multiscale
 from ..config import InfinityConfig, scale_schedule
 from ..t5 import T5Config, T5Encoder
 from ..tokenizer import Tokenizer
@@ -175,30 +175,11 @@ def train_tokenizer(recipe: Recipe, out_dir: Path) -> Tokenizer:
 # --------------------------------------------------------------------------------------------------
 # Stage 2: VAE
 # --------------------------------------------------------------------------------------------------
-def quantize_ste(h: torch.Tensor, scales: list[tuple[int, int]], keep: int | None = None) -> torch.Tensor:
-    """bsq.quantize_multiscale with straight-through gradients: h (B, d, H, W) -> z (B, d, H, W).
-
-    Every scale takes the sign of the area-downsampled residual (as +-1/sqrt(d) codes, the L2
-    normalised sign vector); in the backward pass the sign acts as the identity on the normalised
-    residual, so the encoder learns through the quantiser. `keep` sums only the first scales.
-    """
-    d, full = h.shape[1], tuple(h.shape[2:])
-    residual, z = h, torch.zeros_like(h)
-    for hw in scales[:keep]:
-        r = residual if hw == full else F.interpolate(residual, size=hw, mode="area")
-        u = F.normalize(r, dim=1)
-        codes = u + (torch.where(u > 0, 1.0, -1.0) / d**0.5 - u).detach()
-        if hw != full:
-            codes = F.interpolate(codes, size=full, mode="bilinear")  # bsq's trilinear with t = 1
-        residual, z = residual - codes, z + codes
-    return z
-
-
 def vae_loss(vae: BSQVAE, x: torch.Tensor, scales, commit: float, keep: int | None = None) -> tuple[torch.Tensor, dict]:
     """Reconstruction (MSE + L1) of x from the first `keep` scales of its latent (all when None),
     plus the commitment of the encoder output to its full quantised latent."""
     h = vae.encoder(x)
-    z = quantize_ste(h, scales, keep)
+    z, _, _ = quantize_multiscale(h, [(1, *hw) for hw in scales], keep=keep, straight_through=True)
     y = vae.decoder(z)
     mse, l1 = F.mse_loss(y, x), F.l1_loss(y, x)
     commitment = F.mse_loss(h, z.detach()) if keep is None else torch.zeros(())
@@ -319,22 +300,11 @@ def self_correcting_bits(h: torch.Tensor, scales: list[tuple[int, int]], flip: t
     bits. With flip = 0 this is exactly quantize_multiscale's bits and next-scale inputs.
     Returns bits per scale (B, 1, h, w, d) and next-scale inputs (B, d, 1, h', w').
     """
-    x = h.unsqueeze(2)                                               # (B, d, 1, H, W)
-    full, residual, z = tuple(x.shape[2:]), x, torch.zeros_like(x)
-    targets, inputs = [], []
-    for si, (hh, ww) in enumerate(scales):
-        scale = (1, hh, ww)
-        r = residual if scale == full else F.interpolate(residual, size=scale, mode=DOWN_MODE)
-        codes, bits = quantize_one_scale(r)                          # (B, d, 1, h, w), (B, 1, h, w, d)
-        targets.append(bits)
-        if si == len(scales) - 1:
-            break
+    def perturb(bits: torch.Tensor) -> torch.Tensor:
         noisy = torch.rand(bits.shape, generator=gen) < flip.view(-1, 1, 1, 1, 1)
-        if noisy.any():
-            codes = bits_to_codes(bits ^ noisy.long())
-        codes = F.interpolate(codes, size=full, mode=UP_MODE).contiguous()
-        residual, z = residual - codes, z + codes
-        inputs.append(F.interpolate(z, size=(1, *scales[si + 1]), mode=DOWN_MODE).contiguous())
+        return bits ^ noisy.long() if noisy.any() else bits
+
+    _, targets, inputs = quantize_multiscale(h, [(1, *hw) for hw in scales], perturb=perturb)
     return targets, inputs
 
 
@@ -414,7 +384,7 @@ def train_infinity(recipe: Recipe, vae: BSQVAE, tok: Tokenizer, log: Log) -> tup
 # Saving in the formats of the real checkpoints
 # --------------------------------------------------------------------------------------------------
 def chunked_block_keys(sd: dict[str, torch.Tensor], chunks: int) -> dict[str, torch.Tensor]:
-    """The inverse of transformer.flatten_block_keys: `blocks.{n}.*` -> `block_chunks.{c}.module.{i}.*`."""
+    """The inverse of checkpoint.flatten_block_keys: `blocks.{n}.*` -> `block_chunks.{c}.module.{i}.*`."""
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     per_chunk = depth // chunks
     out = {}
