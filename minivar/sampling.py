@@ -32,7 +32,7 @@ class Settings:
     top_p: float = 0.97
     seed: int | None = 1
     cfg_insertion_layer: int = 0   # 0: mix logits; -k: mix hidden states after layer depth-k; 1: no mixing
-    cfg_stop_scale: int | None = None  # from this scale on, run the conditional rows only
+    cfg_stop_scale: int | None = None  # from this scale on, run the conditional rows only (None: the prune schedule's)
     force_bits: list[torch.Tensor] | None = None  # teacher forcing: bits (B, h, w, d) of the first scales
 
     def per_scale(self, value, n: int) -> list[float]:
@@ -54,6 +54,7 @@ class Trace:
     seconds: list[float] = field(default_factory=list)
     cfg_rows: list[int] = field(default_factory=list)         # batch rows the transformer ran at this scale
     kv_len: list[list[int]] = field(default_factory=list)     # per layer: cached tokens after this scale
+    stage: list[str] = field(default_factory=list)            # "semantic", "structure" or "refinement" (presets.stages)
     pruning: dict[int, ScaleRecord] = field(default_factory=dict)
 
 
@@ -160,10 +161,10 @@ def run_scale_loop(model: Infinity, c: Conditioning, B: int, scales: list[tuple[
     caches = make_caches(model, c.cond.shape[0], scales, prune, device)
     insert_at = model.cfg.depth + s.cfg_insertion_layer if s.cfg_insertion_layer < 0 else None
     final_hw = tuple(2 * v for v in scales[-1]) if patchify else scales[-1]
-    x, summed = model.first_tokens(c), None
+    x, summed, stop = model.first_tokens(c), None, prune.guidance_stop(s.cfg_stop_scale)
     for step, si in enumerate(progress(ran) if progress else ran):
         t0 = time.perf_counter()
-        if s.cfg_stop_scale is not None and si >= s.cfg_stop_scale and x.shape[0] > B:
+        if stop is not None and si >= stop and x.shape[0] > B:
             # stage-aware CFG: conditional rows only from here (">=": the stop scale may be skipped)
             (c, caches), x = conditional_only(c, caches, pruner, B), x[:B]
         rope = model.rope.table(template, *scales[si], device)
