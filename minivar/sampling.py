@@ -5,6 +5,7 @@ For each scale si with an h x w token grid:
   2. blocks    every layer runs on the scale's tokens; self-attention also sees the KV cache of all
                earlier scales; pruning (pruning.py) may compute only some tokens of some layers
   3. CFG       conditional and unconditional rows run as one doubled batch; their logits are mixed
+               (from the CFG stop on, e.g. StageVAR's refinement stage, the conditional rows run alone)
   4. sample    one bit per (token, channel) from the tempered, top-p filtered logits
   5. codes     bits -> +-1/sqrt(d) codes, upsampled to the final grid and added to the running sum
 The sum after the last scale is the latent the VAE decodes.

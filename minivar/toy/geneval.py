@@ -300,8 +300,12 @@ def evaluate(pipe, n: int = 200, prune=False, batch: int = 8, seed: int = 0, cfg
 
 
 def prune_label(prune) -> str:
-    """How a `prune` argument reads in a report: off, on (prune=True), a preset word, or the schedule."""
-    return {False: "off", None: "off", True: "on"}.get(prune, str(prune)) if not isinstance(prune, dict) else str(prune)
+    """How a `prune` argument reads in a report: off, on (prune=True), a preset word, or "schedule"."""
+    if prune is None or prune is False:
+        return "off"
+    if prune is True:
+        return "on"
+    return prune if isinstance(prune, str) else "schedule"
 
 
 def format_report(name: str, r: dict) -> str:
