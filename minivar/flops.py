@@ -244,7 +244,8 @@ def format_table(result: dict[str, dict]) -> str:
     lines = ["| part | unpruned TFLOP | pruned TFLOP | ratio |", "|---|---:|---:|---:|"]
     for name in PARTS:
         a, b = u["parts"].get(name, {}).get("flops", 0.0), pr["parts"].get(name, {}).get("flops", 0.0)
-        lines.append(f"| {name} | {a / 1e12:.3f} | {b / 1e12:.3f} | {a / b if b else float('nan'):.2f}x |")
+        if a or b:  # "select" exists only with the projection selector
+            lines.append(f"| {name} | {a / 1e12:.3f} | {b / 1e12:.3f} | {f'{a / b:.2f}x' if a and b else ''} |")
     for key, label in (("transformer_flops", "**transformer**"), ("vae_flops", "vae decoder")):
         a, b = u[key], pr[key]
         lines.append(f"| {label} | {a / 1e12:.2f} | {b / 1e12:.2f} | {a / b if b else float('nan'):.2f}x |")
