@@ -207,3 +207,24 @@ def test_low_band_changes_locate_where_the_coarse_content_is_decided():
     change, settled = low_band_changes(maps)
     assert change[0] == pytest.approx(0.25, rel=0.05) and change[1] == pytest.approx(0.25, rel=0.05)
     assert change[2] < 0.02 and settled[1] > 0.98 and settled[2] == pytest.approx(1.0)
+
+
+def test_bench_runs_the_issue_arms_and_compares_each_with_unpruned():
+    from minivar import bench
+
+    args = bench.parse_args(["--prune", "off,on,stagevar", "--cfg-stop", "off,refine"])
+    assert args.prune == [False, True, "stagevar"] and args.cfg_stop == [False, "refine"]
+    assert bench.refinement_cfg_stop(PRESETS["infinity-2b"], scale_schedule(1024)) == 9  # 32x32
+    assert bench.Case("s", 1024, True, "refine").label == "s 1024 prune=on cfg-stop@refine"
+
+    def case(prune, stop, seconds):
+        return {"subject": "s", "res": 1024, "prune_on": prune, "cfg_stop_on": stop,
+                "label": bench.Case("s", 1024, prune, stop).label, "flops": {"transformer_flops": seconds},
+                "time": {k: {"median": seconds} for k in ("total", "transformer")}, "peak_bytes": {"vae": {"median": 1}}}
+    cases = [case(p, s, t) for p, s, t in [(False, False, 8.0), (True, False, 2.0), ("stagevar", False, 1.0),
+                                           (True, "refine", 1.6)]]
+    rows = {(r["what"], r["variant"]): r["speedup_total"] for r in bench.compare(cases)}
+    assert rows[("prune", "s 1024 prune=on")] == 4.0 and rows[("stagevar", "s 1024 prune=stagevar")] == 8.0
+    assert rows[("prune+cfg-stop@refine", "s 1024 prune=on cfg-stop@refine")] == 5.0
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--prune", "off,fast"])
