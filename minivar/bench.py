@@ -22,7 +22,10 @@ split (text / transformer / VAE) is its `Output.timings`, per-scale times come f
 user's call: the same allocator (glibc's defaults, unless --keep-heap changes them for the whole run),
 the same latent layout, the same decoder path and the conversion to PIL images.
 
-Cases are every combination of --res, --prune and --cfg-stop (--res is Infinity's pixel side, passed to
+Cases are every combination of --res, --prune and --cfg-stop (--prune: off, on = prune=True, stagevar;
+--cfg-stop: off, on = from 1/8 of the final tokens, refine = from the first refinement-stage scale of
+`presets.stages`). The issue-21 arms are `--prune off,on,stagevar --cfg-stop off,refine`: stagevar carries
+its own CFG stop, so its cfg-stop@refine case equals its plain one. --res is Infinity's pixel side, passed to
 generate as its budget name, so the toy runs the same token grids). After --warmup untimed rounds, each
 of --repeats rounds runs every case once, in order (A/B/A/B), so drifts of a shared machine hit all
 cases alike. Peak memory is measured afterwards, in one separate untimed generation per case (RSS
@@ -65,7 +68,7 @@ from .flops import block_count, param_count, transformer_count, vae_decode_count
 from .flops import summary as flop_summary
 from .memory import kv_cache_bytes
 from .pipeline import Pipeline
-from .presets import resolve_prune
+from .presets import model_stages, resolve_prune
 from .pruning import PruneSchedule
 from .sampling import Settings
 from .transformer import Infinity
@@ -367,18 +370,34 @@ def conv_peak(device: torch.device, repeats: int = 3, quick: bool = False) -> di
 class Case:
     subject: str
     res: int
-    prune: bool
-    cfg_stop: bool
+    prune: bool | str         # False, True or a preset word ("stagevar")
+    cfg_stop: bool | str      # False, True (`default_cfg_stop`) or "refine" (`refinement_cfg_stop`)
 
     @property
     def label(self) -> str:
-        return f"{self.subject} {self.res} prune={'on' if self.prune else 'off'}" + (" cfg-stop" if self.cfg_stop else "")
+        stop = {False: "", True: " cfg-stop"}.get(self.cfg_stop, f" cfg-stop@{self.cfg_stop}")
+        return f"{self.subject} {self.res} prune={ARM_WORDS.get(self.prune, self.prune)}{stop}"
+
+
+ARM_WORDS = {False: "off", True: "on"}
 
 
 def default_cfg_stop(scales: list[tuple[int, int]]) -> int:
     """Stage-aware CFG from the first scale with at least 1/8 of the final scale's tokens (24x24 at 1024)."""
     final = scales[-1][0] * scales[-1][1]
     return next(si for si, (h, w) in enumerate(scales) if 8 * h * w >= final)
+
+
+def refinement_cfg_stop(cfg: InfinityConfig, scales: list[tuple[int, int]]) -> int | None:
+    """Stage-aware CFG from the first refinement-stage scale (`presets.stages`; 32x32 at 1024), as prune="stagevar"."""
+    labels = model_stages(cfg, scales)
+    return labels.index("refinement") if "refinement" in labels else None
+
+
+def case_cfg_stop(case: Case, cfg: InfinityConfig, scales: list[tuple[int, int]]) -> int | None:
+    if case.cfg_stop == "refine":
+        return refinement_cfg_stop(cfg, scales)
+    return default_cfg_stop(scales) if case.cfg_stop else None
 
 
 @dataclass
@@ -398,7 +417,7 @@ def plan_case(subj: Subject, case: Case, cfg: InfinityConfig | None = None) -> P
     cfg = cfg or subj.model.cfg
     scales = scale_schedule(case.res)
     prune = resolve_prune(case.prune, cfg, scales)
-    stop = default_cfg_stop(scales) if case.cfg_stop else None
+    stop = case_cfg_stop(case, cfg, scales)
     settings = Settings(cfg=3.0, tau=0.5, seed=1, cfg_stop_scale=stop)
     counts = transformer_count(cfg, scales, prune, batch=1, cfg_on=True, cfg_stop_scale=stop,
                                text_tokens=subj.text_tokens)
@@ -651,8 +670,9 @@ def summarize(subj: Subject, case: Case, result: dict) -> dict:
     return {
         "label": case.label, "subject": case.subject, "res": case.res, "prune_on": case.prune,
         "cfg_stop_on": case.cfg_stop, "depth": subj.model.cfg.depth, "full_depth": subj.full_cfg.depth,
-        "prune": {"drop": p.drop, "skip": sorted(p.skip), "layers": list(p.layers), "cache_scale": p.cache_scale},
-        "cfg_stop_scale": plan.settings.cfg_stop_scale, "text_tokens": subj.text_tokens,
+        "prune": {"drop": p.drop, "skip": sorted(p.skip), "layers": list(p.layers), "cache_scale": p.cache_scale,
+                  "selector": p.selector, "rank": p.rank, "cfg_stop": p.cfg_stop},
+        "cfg_stop_scale": p.guidance_stop(plan.settings.cfg_stop_scale), "text_tokens": subj.text_tokens,
         "scales_run": [list(sc.hw) for sc in plan.counts], "flops": plan.flops, "kv_cache_bytes": plan.kv_bytes,
         "time": times,
         "scale_time": [stats([s["scales"][i] for s in samples]) for i in range(len(plan.counts))],
@@ -665,14 +685,18 @@ def summarize(subj: Subject, case: Case, result: dict) -> dict:
 
 
 def compare(cases: list[dict]) -> list[dict]:
-    """Prune off vs on (and CFG-stop off vs on) for each subject and resolution of this run."""
+    """For each subject and resolution of this run, every pruned case against its unpruned peer (same
+    CFG stop), every CFG-stop case against its peer without, and pruned + CFG-stop against neither."""
     by = {(c["subject"], c["res"], c["prune_on"], c["cfg_stop_on"]): c for c in cases}
     out = []
-    for (subj, res, prune, stop), a in by.items():
-        for label, b in (("prune", by.get((subj, res, True, stop)) if not prune else None),
-                         ("cfg-stop", by.get((subj, res, prune, True)) if not stop else None)):
-            if b is not None:
-                out.append(ab(label, a, b))
+    for (subj, res, prune, stop), b in by.items():
+        prune_word = "prune" if prune is True else str(prune)
+        stop_word = "cfg-stop" if stop is True else f"cfg-stop@{stop}"
+        pairs = [(prune_word, (subj, res, False, stop)) if prune is not False else None,
+                 (stop_word, (subj, res, prune, False)) if stop is not False else None,
+                 (f"{prune_word}+{stop_word}", (subj, res, False, False)) if prune is not False and stop is not False
+                 else None]
+        out += [ab(what, by[key], b) for what, key in filter(None, pairs) if key in by]
     return out
 
 
@@ -955,8 +979,18 @@ def write(report: dict, out: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------------
-def on_off(value: str) -> list[bool]:
-    return {"off": [False], "on": [True], "both": [False, True]}[value]
+def arms(words: dict[str, bool | str]):
+    """An argparse type: "both" (off and on) or a comma-separated list of `words`, e.g. off,on,stagevar."""
+    def parse(value: str) -> list[bool | str]:
+        names = ["off", "on"] if value == "both" else value.split(",")
+        if unknown := [n for n in names if n not in words]:
+            raise argparse.ArgumentTypeError(f"unknown arm {unknown[0]!r}: use both or a list of {', '.join(words)}")
+        return [words[n] for n in names]
+    return parse
+
+
+PRUNE_ARMS = {"off": False, "on": True, "stagevar": "stagevar"}
+CFG_STOP_ARMS = {"off": False, "on": True, "refine": "refine"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -965,8 +999,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--subjects", nargs="+", default=["toy", "infinity-2b-shape"],
                     help="tiny, toy, infinity-2b-shape, infinity-8b-shape")
     ap.add_argument("--res", nargs="+", type=int, default=[1024], help="256 512 1024 2048 ...")
-    ap.add_argument("--prune", type=on_off, default=[False, True], help="off, on or both (default)")
-    ap.add_argument("--cfg-stop", type=on_off, default=[False], help="stage-aware CFG: off (default), on or both")
+    ap.add_argument("--prune", type=arms(PRUNE_ARMS), default=[False, True],
+                    help="off, on (prune=True), stagevar, both (off,on: default) or a list, e.g. off,on,stagevar")
+    ap.add_argument("--cfg-stop", type=arms(CFG_STOP_ARMS), default=[False],
+                    help="stage-aware CFG: off (default), on (from 1/8 of the final tokens), refine (from the "
+                         "refinement stage), both (off,on) or a list, e.g. off,refine")
     ap.add_argument("--depth", type=int, default=2, help="layers of the shape models (extrapolated to the real depth)")
     ap.add_argument("--no-vae", action="store_true", help="skip VAE decoding")
     ap.add_argument("--decode", choices=list(DECODE_MODES), default="auto",

@@ -17,7 +17,7 @@ from .pruning import PruneSchedule, is_index, is_real
 
 MAX_PROMPT_CHARS = 20_000  # far beyond T5's 512 tokens; longer input is almost surely a mistake
 MAX_SEED = 2**64 - 1       # torch generators take a 64-bit unsigned seed
-PRUNE_WORDS = ("fastvar", "preset")
+PRUNE_WORDS = ("fastvar", "stagevar", "preset")
 
 
 def show(value, limit: int = 60) -> str:
@@ -121,7 +121,7 @@ def check_prune(name: str, value) -> None:
     word = isinstance(value, str) and value in PRUNE_WORDS
     if word or value is None or isinstance(value, (bool, dict, PruneSchedule)):
         return
-    raise bad(name, value, "use False, True, 'fastvar', a dict of PruneSchedule fields or a PruneSchedule")
+    raise bad(name, value, "use False, True, 'fastvar', 'stagevar', a dict of PruneSchedule fields or a PruneSchedule")
 
 
 def check_index_or_none(name: str, value) -> None:

@@ -10,6 +10,8 @@ The count follows what the scale loop in sampling.py actually computes, so it tr
     ca      per layer: cross-attention (q and output projections and attention over the image's own
             text tokens; the text's k, v projection is computed once, at the first scale)
     ffn     per layer: fc1 and fc2
+    select  per pruned sub-layer of the "projection" selector: the tokens' random projection to `rank`
+            dimensions (StageVAR); the other selectors' scoring is elementwise (see below)
     head    the AdaLN head and the bit logits, on every row that is guided
     vae     the decoder's convolutions (`vae_decode_count`)
 
@@ -35,7 +37,8 @@ from .pruning import PruneSchedule
 from .vae import VAE_PRESETS, VAEConfig
 
 BLOCK_PARTS = ("qkv", "attn", "proj", "ca", "ffn")
-PARTS = ("text", "embed", *BLOCK_PARTS, "head")
+PARTS = ("text", "embed", *BLOCK_PARTS, "select", "head")
+SUB_LAYERS = 3  # self-attention, cross-attention, FFN: each chooses its own tokens at a pruned scale
 
 
 @dataclass
@@ -118,17 +121,18 @@ def transformer_count(cfg: InfinityConfig, scales: list[tuple[int, int]], prune:
                       text_tokens: int = 32, p: Precision = FP32) -> list[ScaleCount]:
     """Per-scale counts of the scales that run, mirroring `run_scale_loop` (guidance on the logits).
 
-    With CFG the batch is doubled until the scale `cfg_stop_scale` (if it runs). Each layer's cache
-    holds the tokens it computed at earlier scales.
+    With CFG the batch is doubled until the stop scale (if it runs): `cfg_stop_scale`, or the
+    schedule's own `cfg_stop` when None (`PruneSchedule.guidance_stop`). Each layer's cache holds the
+    tokens it computed at earlier scales.
     """
     prune = prune or PruneSchedule.none()
     ran = prune.ran(len(scales))
     full_rows = 2 * batch if cfg_on else batch
     text_rows = full_rows * text_tokens
     cached = [0] * cfg.depth
-    out, rows = [], full_rows
+    out, rows, stop = [], full_rows, prune.guidance_stop(cfg_stop_scale)
     for step, si in enumerate(ran):
-        if cfg_stop_scale is not None and si >= cfg_stop_scale:  # as the loop: the stop scale may be skipped
+        if stop is not None and si >= stop:  # as the loop: the stop scale may be skipped
             rows = batch
         L = scales[si][0] * scales[si][1]
         sc = ScaleCount(si, scales[si], rows, [prune.kept(si, li, L) for li in range(cfg.depth)])
@@ -140,6 +144,8 @@ def transformer_count(cfg: InfinityConfig, scales: list[tuple[int, int]], prune:
         for li, k in enumerate(sc.kept):
             for name, c in block_count(cfg, rows, k, sc.kv_len[li], text_tokens, p).items():
                 parts[name] += c
+            if k < L and prune.selector == "projection":
+                parts["select"] += linear(rows * L, cfg.embed_dim, min(prune.rank, cfg.embed_dim), p) * SUB_LAYERS
             if si != ran[-1]:  # the last scale that runs is never stored
                 cached[li] += k
         parts["head"] = linear(rows, cfg.embed_dim, 2 * cfg.embed_dim, p) + linear(rows * L, cfg.embed_dim, 2 * cfg.d_vae, p)
@@ -238,7 +244,8 @@ def format_table(result: dict[str, dict]) -> str:
     lines = ["| part | unpruned TFLOP | pruned TFLOP | ratio |", "|---|---:|---:|---:|"]
     for name in PARTS:
         a, b = u["parts"].get(name, {}).get("flops", 0.0), pr["parts"].get(name, {}).get("flops", 0.0)
-        lines.append(f"| {name} | {a / 1e12:.3f} | {b / 1e12:.3f} | {a / b if b else float('nan'):.2f}x |")
+        if a or b:  # "select" exists only with the projection selector
+            lines.append(f"| {name} | {a / 1e12:.3f} | {b / 1e12:.3f} | {f'{a / b:.2f}x' if a and b else ''} |")
     for key, label in (("transformer_flops", "**transformer**"), ("vae_flops", "vae decoder")):
         a, b = u[key], pr[key]
         lines.append(f"| {label} | {a / 1e12:.2f} | {b / 1e12:.2f} | {a / b if b else float('nan'):.2f}x |")
@@ -254,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--res", type=int, default=1024)
     ap.add_argument("--no-cfg", action="store_true", help="count without classifier-free guidance")
     ap.add_argument("--text-tokens", type=int, default=32)
-    ap.add_argument("--prune", default="preset", help="'preset' (prune=True) or 'fastvar'")
+    ap.add_argument("--prune", default="preset", help="'preset' (prune=True), 'fastvar' or 'stagevar'")
     a = ap.parse_args(argv)
     r = compare(a.model, a.res, not a.no_cfg, a.text_tokens, a.prune)
     print(f"{a.model} at {a.res}^2, CFG {'off' if a.no_cfg else 'on'}, {a.text_tokens} text tokens, prune={a.prune}")

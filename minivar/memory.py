@@ -42,15 +42,22 @@ def kv_cache_bytes(cfg: InfinityConfig, scales, prune: PruneSchedule, rows: int)
     return 2 * rows * tokens * cfg.embed_dim * F32
 
 
-def activation_bytes(cfg: InfinityConfig, scales, prune: PruneSchedule, rows: int, images: int) -> int:
+def activation_bytes(cfg: InfinityConfig, scales, prune: PruneSchedule, rows: int, images: int,
+                     cfg_stop_scale: int | None = None) -> int:
     """Live tensors of the largest scale that runs: residual stream and sub-layer temporaries, the FFN
-    hidden layer, the last scale's joined keys and values, logits, and the restoration cache."""
+    hidden layer, the last scale's joined keys and values, logits, and the restoration cache.
+
+    Past the CFG stop (`PruneSchedule.guidance_stop`) the scale runs on the conditional rows only; the
+    restoration cache keeps its full rows (the conditional rows are a view of it)."""
     ran = prune.ran(len(scales))
-    L = max(scales[si][0] * scales[si][1] for si in ran)
+    big = max(ran, key=lambda si: scales[si][0] * scales[si][1])
+    L = scales[big][0] * scales[big][1]
+    stop = prune.guidance_stop(cfg_stop_scale)
+    run_rows = images if stop is not None and big >= stop else rows
     C, d = cfg.embed_dim, cfg.d_vae
-    stream = rows * L * (8 * C + 2 * cfg.ffn_hidden)
+    stream = run_rows * L * (8 * C + 2 * cfg.ffn_hidden)
     kv_total = sum(prune.kept(si, 0, scales[si][0] * scales[si][1]) for si in ran)
-    joined = 2 * rows * kv_total * C
+    joined = 2 * run_rows * kv_total * C
     logits = 4 * images * L * 2 * d
     cache = 0
     if prune.cache_scale is not None:
@@ -75,10 +82,12 @@ def vae_decode_bytes(vae_cfg, scales, images: int, patchify: bool, tiled: bool |
     return images * (4 * ch * vae_cfg.ch_mult[1] + ch * vae_cfg.ch_mult[0]) * pixels * F32 + images_out
 
 
-def estimate(cfg: InfinityConfig, vae_cfg, scales, prune: PruneSchedule, images: int, cfg_on: bool) -> MemoryEstimate:
+def estimate(cfg: InfinityConfig, vae_cfg, scales, prune: PruneSchedule, images: int, cfg_on: bool,
+             cfg_stop_scale: int | None = None) -> MemoryEstimate:
+    """The KV caches are allocated for every CFG row even with a CFG stop (later scales use a view)."""
     rows = images * (2 if cfg_on else 1)
     return MemoryEstimate(kv_cache_bytes(cfg, scales, prune, rows),
-                          activation_bytes(cfg, scales, prune, rows, images),
+                          activation_bytes(cfg, scales, prune, rows, images, cfg_stop_scale),
                           vae_decode_bytes(vae_cfg, scales, images, cfg.spatial_patchify))
 
 

@@ -20,7 +20,7 @@ from .checkpoint import load_infinity
 from .checks import check_against_schedule, check_arguments, check_text
 from .config import BUDGETS, HIGH_RES, RES_TO_BUDGET, InfinityConfig, nearest_template, scale_schedule
 from .numerics import image_batch
-from .presets import resolve_prune
+from .presets import model_stages, resolve_prune
 from .pruning import PruneSchedule
 from .sampling import Settings, Trace, run_scale_loop
 from .t5 import T5Encoder, load_t5
@@ -37,6 +37,7 @@ class Output:
     scales: list[tuple[int, int]]
     prune: PruneSchedule
     timings: dict[str, float] = field(default_factory=dict)
+    stages: list[str] = field(default_factory=list)  # per scale of `scales`: presets.stages against the model
 
     @property
     def image(self) -> Image.Image:
@@ -121,7 +122,7 @@ class Pipeline:
         seed = None if seed is None else int(seed)  # numpy integers pass the checks; torch generators need an int
         settings = Settings(cfg, tau, int(top_k), float(top_p), seed, cfg_insertion_layer, cfg_stop_scale, force_bits)
         cfg_on = any(c != 1 for c in settings.per_scale(cfg, len(scales)))
-        need = memory.estimate(self.transformer.cfg, self.vae.cfg, scales, schedule, len(prompts), cfg_on)
+        need = memory.estimate(self.transformer.cfg, self.vae.cfg, scales, schedule, len(prompts), cfg_on, cfg_stop_scale)
         memory.check_memory(need, self.device, f"generating {len(prompts)} image(s) at res={res}")
         times, t0 = {}, time.perf_counter()
         kv, segments = self.text_rows(prompts, negative_prompt, cfg_on)
@@ -135,7 +136,16 @@ class Pipeline:
         t1 = time.perf_counter()
         images = self.decode(summed) if output_type == "pil" else []
         times["vae"] = time.perf_counter() - t1
-        return Output(images, summed.squeeze(2).float().contiguous(), rec, scales, schedule, times)
+        stages = self.stages(scales, template)
+        if rec is not None:
+            rec.stage = [stages[si] for si in rec.index]
+        return Output(images, summed.squeeze(2).float().contiguous(), rec, scales, schedule, times, stages)
+
+    def stages(self, scales: list[tuple[int, int]], template: float) -> list[str]:
+        """The StageVAR stage of each scale (`presets.stages`); empty for a model whose trained budget
+        is not a standard one (it has no reference grid)."""
+        cfg = self.transformer.cfg
+        return model_stages(cfg, scales, template) if cfg.pn in BUDGETS else []
 
     @torch.no_grad()
     def decode(self, summed_Bd1HW: torch.Tensor) -> list[Image.Image]:

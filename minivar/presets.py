@@ -23,6 +23,9 @@ On Infinity-2B at 1:1 and 1024 this reproduces FastVAR exactly; on 2:1 it picks 
 Lower budgets prune only the scales that reach these shares (none at 256). Zero-shot high resolution
 (1344, 2048) keeps every scale, since skipping would throw away exactly what the extra scales add:
 scales with r >= 0.47 are computed on 25 % of their tokens instead.
+
+`stages` splits any schedule into StageVAR's three stages by the same share r, and
+`prune="stagevar"` is prune=True plus StageVAR's two refinement-stage accelerations (see `stagevar`).
 """
 from __future__ import annotations
 
@@ -33,7 +36,55 @@ from .pruning import PruneSchedule
 
 CACHE_BELOW, DROP40_BELOW, DROP50_BELOW = 0.20, 0.32, 0.47
 HIGH_RES_DROP = 0.75
+SEMANTIC_BELOW, REFINEMENT_FROM = 0.08, CACHE_BELOW
+STAGEVAR_RANK = 8
 FASTVAR_LAYERS, FASTVAR_DEPTH = (3, 27), 32
+
+
+def stage_of(share: float, semantic_below: float = SEMANTIC_BELOW, refinement_from: float = REFINEMENT_FROM) -> str:
+    """The stage of a scale whose token count is `share` of the reference grid's (see `stages`)."""
+    if share < semantic_below:
+        return "semantic"
+    return "structure" if share < refinement_from else "refinement"
+
+
+def stages(scales: list[tuple[int, int]], reference_tokens: int, semantic_below: float = SEMANTIC_BELOW,
+           refinement_from: float = REFINEMENT_FROM) -> list[str]:
+    """Each scale's stage: "semantic", "structure" or "refinement", by its share r = tokens / reference tokens.
+
+    StageVAR (FasterVAR, arXiv 2512.16483) finds three stages in a VAR generation: the early scales
+    decide what the picture shows (its CLIP and DINO scores plateau after the 16x16 scale of
+    Infinity at 1024), the middle ones its structure (LPIPS and DISTS converge around 32x32), and
+    the late ones only refine fidelity. Placed by share of the reference grid, like the pruning
+    preset, so that it transfers to every template, budget and model:
+
+        share r                 1:1 at 1024 (64x64 reference)     stage
+        r < 0.08                1 .. 16x16 (r <= 0.06)            semantic
+        0.08 <= r < 0.20        20x20, 24x24 (r 0.10, 0.14)       structure
+        r >= 0.20               32x32 .. 64x64 (r >= 0.25)        refinement
+
+    The refinement stage starts exactly where the FastVAR band of `proportional` starts pruning or
+    skipping (r >= CACHE_BELOW), so the restoration cache is always the last structure scale and every
+    pruned or skipped scale is a refinement scale. The toy (16x16 reference) has 1, 2, 4 semantic, 6x6
+    structure and 8x8, 12x12, 16x16 refinement; any schedule at 256 on Infinity is all semantic.
+    """
+    return [stage_of(h * w / reference_tokens, semantic_below, refinement_from) for h, w in scales]
+
+
+def model_stages(cfg: InfinityConfig, scales: list[tuple[int, int]], template: float = 1.0) -> list[str]:
+    """`stages` against the model's own reference grid (`reference_tokens`)."""
+    return stages(scales, reference_tokens(cfg, template))
+
+
+def stagevar(scales: list[tuple[int, int]], depth: int, reference_tokens: int, rank: int = STAGEVAR_RANK,
+             refinement_from: float = REFINEMENT_FROM) -> PruneSchedule:
+    """prune=True's drops, skips, cache and layer window, plus StageVAR's refinement-stage accelerations:
+    tokens chosen in a rank-`rank` random projection (`selector="projection"`) and guidance dropped
+    from the first refinement scale on (`cfg_stop`; None when the schedule has no refinement scale)."""
+    base = proportional(scales, depth, reference_tokens)
+    labels = stages(scales, reference_tokens, refinement_from=refinement_from)
+    stop = next((si for si, st in enumerate(labels) if st == "refinement"), None)
+    return replace(base, selector="projection", rank=rank, cfg_stop=stop)
 
 
 def fastvar_literal(scales: list[tuple[int, int]]) -> PruneSchedule:
@@ -79,7 +130,7 @@ def reference_tokens(cfg: InfinityConfig, template: float) -> int:
 
 
 def resolve_prune(prune, cfg: InfinityConfig, scales: list[tuple[int, int]], template: float = 1.0) -> PruneSchedule:
-    """Accepts False/None (no pruning), True (the preset), "fastvar", a dict or a PruneSchedule.
+    """Accepts False/None (no pruning), True (the preset), "fastvar", "stagevar", a dict or a PruneSchedule.
 
     The result is not yet checked against the schedule: call `validate` (the pipeline does).
     """
@@ -89,12 +140,14 @@ def resolve_prune(prune, cfg: InfinityConfig, scales: list[tuple[int, int]], tem
         return prune
     if prune is True or prune == "preset":
         return proportional(scales, cfg.depth, reference_tokens(cfg, template))
+    if prune == "stagevar":
+        return stagevar(scales, cfg.depth, reference_tokens(cfg, template))
     if prune == "fastvar":  # FastVAR's absolute window, cut to the layers the model has
         literal = fastvar_literal(scales)
         return replace(literal, layers=(literal.layers[0], min(literal.layers[1], cfg.depth - 1)))
     if isinstance(prune, dict):
         return schedule_from_dict(prune, cfg.depth)
-    raise ValueError(f"prune={prune!r} is not understood: use False, True, 'fastvar', a dict or a PruneSchedule")
+    raise ValueError(f"prune={prune!r} is not understood: use False, True, 'fastvar', 'stagevar', a dict or a PruneSchedule")
 
 
 def schedule_from_dict(d: dict, depth: int) -> PruneSchedule:

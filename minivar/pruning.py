@@ -13,6 +13,11 @@ scale, inside a window of layers, each sub-layer (self-attention, cross-attentio
 
 The last scales can also be skipped outright: their residual is simply missing from the latent.
 
+StageVAR (arXiv 2512.16483) adds two things for the late, fidelity-refinement scales (see
+`presets.stages`): guidance is dropped there (`cfg_stop`: the conditional rows run alone, halving the
+batch), and tokens are chosen in a random low-dimensional projection of their features
+(`selector="projection"`, `projection_scores`).
+
 `PruneSchedule` says where each of these happens, in scale indices of a concrete schedule. The scale
 loop asks a `Pruner` for one `runner` per (scale, layer); `PruneSchedule.none()` gives the dense
 runner everywhere, so the unpruned model is the same loop with an empty schedule.
@@ -26,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .numerics import per_image
 from .transformer import dense
 
 
@@ -37,13 +43,19 @@ class PruneSchedule:
     skip:        scale indices that are not run at all (100 % pruning)
     layers:      inclusive (first, last) window of global layer indices where `drop` applies
     cache_scale: scale index whose sub-layer outputs restore the dropped tokens
-    selector:    "pivotal" (FastVAR's distance from the mean token) or "random" (ablation)
+    selector:    "pivotal" (FastVAR's distance from the mean token), "projection" (the same distance
+                 estimated in a random rank-`rank` projection, StageVAR) or "random" (ablation)
+    rank:        dimensions of the "projection" selector's random projection
+    cfg_stop:    scale index from which guidance is dropped (conditional rows only), or None; an
+                 explicit `cfg_stop_scale` of the generation wins over it (`guidance_stop`)
     """
     drop: dict[int, float] = field(default_factory=dict)
     skip: frozenset[int] = frozenset()
     layers: tuple[int, int] = (0, -1)
     cache_scale: int | None = None
     selector: str = "pivotal"
+    rank: int = 8
+    cfg_stop: int | None = None
 
     @classmethod
     def none(cls) -> PruneSchedule:
@@ -56,6 +68,10 @@ class PruneSchedule:
     def ran(self, n_scales: int) -> list[int]:
         """Indices of the scales that run, of a schedule of n_scales (the skipped ones left out)."""
         return [si for si in range(n_scales) if si not in self.skip]
+
+    def guidance_stop(self, cfg_stop_scale: int | None) -> int | None:
+        """The scale from which CFG is dropped: the caller's `cfg_stop_scale` if given, else the schedule's."""
+        return self.cfg_stop if cfg_stop_scale is None else cfg_stop_scale
 
     def in_window(self, layer: int) -> bool:
         return self.layers[0] <= layer <= self.layers[1]
@@ -79,14 +95,23 @@ class PruneSchedule:
                 raise ValueError(f"prune drop ratio {f!r} at scale {si} is invalid: use a fraction in [0, 1)")
         if len(self.skip) >= n_scales:
             raise ValueError(f"the prune schedule skips all {n_scales} scales: at least one must run")
-        if self.selector not in ("pivotal", "random"):
-            raise ValueError(f"unknown prune selector {self.selector!r}: use 'pivotal' or 'random'")
+        self._validate_selector(n_scales)
         pruned = sorted(si for si, f in self.drop.items() if f > 0)
         if both := sorted(set(self.skip) & set(pruned)):
             raise ValueError(f"prune schedule both skips and prunes scales {both}: a scale is one or the other")
         self._validate_cache(n_scales, pruned)
         if pruned:
             self._validate_layers(depth)
+
+    def _validate_selector(self, n_scales: int) -> None:
+        if self.selector not in SELECTORS:
+            raise ValueError(f"unknown prune selector {self.selector!r}: use one of {', '.join(map(repr, SELECTORS))}")
+        if not is_index(self.rank) or self.rank < 1:
+            raise ValueError(f"prune rank={self.rank!r} is invalid: use a whole number of projection dimensions >= 1")
+        c = self.cfg_stop
+        if c is not None and (not is_index(c) or not 0 <= c <= n_scales):
+            raise ValueError(f"prune cfg_stop={c!r} is invalid: use a scale index 0..{n_scales - 1}, "
+                             f"{n_scales} or None (no stop)")
 
     def _validate_cache(self, n_scales: int, pruned: list[int]) -> None:
         c = self.cache_scale
@@ -106,6 +131,9 @@ class PruneSchedule:
                              f"(first, last) with 0 <= first <= last <= {depth - 1}")
 
 
+SELECTORS = ("pivotal", "projection", "random")
+
+
 def is_index(v) -> bool:
     """An integer (Python or numpy), but not a bool."""
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
@@ -122,6 +150,36 @@ def pivotal_scores(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     grid = x.view(B, h, w, C).permute(0, 3, 1, 2)                       # (B, C, h, w)
     mean = F.adaptive_avg_pool2d(grid, (1, 1)).permute(0, 2, 3, 1).view(B, 1, C)
     return (x - mean).pow_(2).sum(dim=-1)  # squared in place: the same numbers, one (B, L, C) buffer fewer
+
+
+def projection_matrix(width: int, rank: int, seed: int) -> torch.Tensor:
+    """A fixed random projection (width, min(rank, width)) with orthonormal columns, drawn from its own
+    seeded generator (the sampling stream is untouched): a Gaussian matrix, orthonormalised by QR.
+
+    Orthonormal columns make the sketch an exact rotation when rank >= width, so the projected score
+    then ranks tokens as `pivotal_scores` does (up to rounding); below that it is the usual
+    Johnson-Lindenstrauss estimate, with less variance than a raw Gaussian matrix.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    gauss = torch.randn(width, min(rank, width), generator=gen, dtype=torch.float64)
+    return torch.linalg.qr(gauss).Q.float()                             # (width, r)
+
+
+def projection_scores(x: torch.Tensor, h: int, w: int, proj: torch.Tensor) -> torch.Tensor:
+    """StageVAR's low-rank token scores: x (B, h*w, C) minus the scale's mean token, projected on
+    proj (C, r); the squared norm of the r-dimensional sketch -> (B, h*w).
+
+    The paper scores tokens in a random projection of their features instead of the full width (the
+    features of the refinement scales are close to low-rank, so a few directions carry the spread).
+    Its excerpts we could read do not give the score itself; we take the JL estimate of FastVAR's
+    pivotal score, so the selector differs from "pivotal" only in the projection. The product runs
+    image by image (`per_image`): a batched generation scores each image as a single one does.
+    """
+    B, L, C = x.shape
+    grid = x.view(B, h, w, C).permute(0, 3, 1, 2)                       # (B, C, h, w)
+    mean = F.adaptive_avg_pool2d(grid, (1, 1)).permute(0, 2, 3, 1).view(B, 1, C)
+    sketch = per_image(lambda t: t @ proj.to(t.device, t.dtype), x - mean)  # (B, L, r)
+    return sketch.pow_(2).sum(dim=-1)
 
 
 def select(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -164,6 +222,7 @@ class Pruner:
         self.cache: dict[tuple[int, str], torch.Tensor] = {}
         self.records: dict[int, ScaleRecord] = {}
         self.rng = torch.Generator().manual_seed(seed) if schedule.selector == "random" else None
+        self.seed, self.proj = seed, None  # the projection is drawn at the first pruned sub-layer (width known)
 
     def runs(self, si: int) -> bool:
         return si not in self.s.skip
@@ -188,10 +247,7 @@ class Pruner:
 
     def _pruned(self, si, layer, name, x, fn, k):
         h, w = self.scales[si]
-        if self.s.selector == "random":
-            scores = torch.rand(x.shape[:2], generator=self.rng).to(x.device)
-        else:
-            scores = pivotal_scores(x, h, w)
+        scores = self._scores(x, h, w)
         keep = select(scores, k)                                          # (B, K)
         if self.record:
             rec = self.records.setdefault(si, ScaleRecord())
@@ -199,3 +255,12 @@ class Pruner:
         kept = x[batch_rows(x.shape[0], x.device), keep]                 # (B, K, C)
         out = fn(kept, keep)
         return restore(out, keep, self.cache[layer, name], self.scales[self.s.cache_scale], (h, w))
+
+    def _scores(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        if self.s.selector == "random":
+            return torch.rand(x.shape[:2], generator=self.rng).to(x.device)
+        if self.s.selector == "projection":
+            if self.proj is None:  # one matrix for every layer and scale of the generation
+                self.proj = projection_matrix(x.shape[-1], self.s.rank, self.seed)
+            return projection_scores(x, h, w, self.proj)
+        return pivotal_scores(x, h, w)

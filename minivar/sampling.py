@@ -5,6 +5,7 @@ For each scale si with an h x w token grid:
   2. blocks    every layer runs on the scale's tokens; self-attention also sees the KV cache of all
                earlier scales; pruning (pruning.py) may compute only some tokens of some layers
   3. CFG       conditional and unconditional rows run as one doubled batch; their logits are mixed
+               (from the CFG stop on, e.g. StageVAR's refinement stage, the conditional rows run alone)
   4. sample    one bit per (token, channel) from the tempered, top-p filtered logits
   5. codes     bits -> +-1/sqrt(d) codes, upsampled to the final grid and added to the running sum
 The sum after the last scale is the latent the VAE decodes.
@@ -32,7 +33,7 @@ class Settings:
     top_p: float = 0.97
     seed: int | None = 1
     cfg_insertion_layer: int = 0   # 0: mix logits; -k: mix hidden states after layer depth-k; 1: no mixing
-    cfg_stop_scale: int | None = None  # from this scale on, run the conditional rows only
+    cfg_stop_scale: int | None = None  # from this scale on, run the conditional rows only (None: the prune schedule's)
     force_bits: list[torch.Tensor] | None = None  # teacher forcing: bits (B, h, w, d) of the first scales
 
     def per_scale(self, value, n: int) -> list[float]:
@@ -54,6 +55,7 @@ class Trace:
     seconds: list[float] = field(default_factory=list)
     cfg_rows: list[int] = field(default_factory=list)         # batch rows the transformer ran at this scale
     kv_len: list[list[int]] = field(default_factory=list)     # per layer: cached tokens after this scale
+    stage: list[str] = field(default_factory=list)            # "semantic", "structure" or "refinement" (presets.stages)
     pruning: dict[int, ScaleRecord] = field(default_factory=dict)
 
 
@@ -151,10 +153,10 @@ def run_scale_loop(model: Infinity, c: Conditioning, B: int, scales: list[tuple[
     caches = make_caches(model, c.cond.shape[0], scales, prune, device)
     mix_after = model.cfg.depth + s.cfg_insertion_layer if s.cfg_insertion_layer < 0 else None
     final = (1, *(2 * v for v in scales[-1])) if patchify else (1, *scales[-1])
-    x, summed = model.first_tokens(c), None
+    x, summed, stop = model.first_tokens(c), None, prune.guidance_stop(s.cfg_stop_scale)
     for k, si in enumerate(progress(ran) if progress else ran):
         t0 = time.perf_counter()
-        if guided and s.cfg_stop_scale is not None and si >= s.cfg_stop_scale:
+        if guided and stop is not None and si >= stop:
             # stage-aware CFG: conditional rows only from here (">=": the stop scale may be skipped)
             (c, caches), x, guided = conditional_only(c, caches, pruner, B), x[:B], False
         step = Step(si, scales[si], cfgs[si], taus[si], guided, last=si == ran[-1])

@@ -144,6 +144,11 @@ SCHEDULE_CASES = [
     ("layers-reversed", PruneSchedule(drop={5: 0.4}, layers=(3, 1), cache_scale=4), "layer window (3, 1)"),
     ("layers-three", PruneSchedule(drop={5: 0.4}, layers=(0, 1, 2), cache_scale=4), "layer window (0, 1, 2)"),
     ("selector", PruneSchedule(drop={5: 0.4}, layers=(0, 3), cache_scale=4, selector="best"), "selector 'best'"),
+    ("rank-zero", PruneSchedule(drop={5: 0.4}, layers=(0, 3), cache_scale=4, selector="projection", rank=0), "rank=0"),
+    ("rank-float", PruneSchedule(drop={5: 0.4}, layers=(0, 3), cache_scale=4, selector="projection", rank=2.5),
+     "rank=2.5"),
+    ("cfg-stop-beyond", PruneSchedule(cfg_stop=8), "cfg_stop=8"),
+    ("cfg-stop-negative", PruneSchedule(cfg_stop=-1), "cfg_stop=-1"),
 ]
 
 

@@ -1,7 +1,7 @@
 """The scale loop over an exhaustive table on the tiny fixture: pruning x stage-aware CFG x aspect x budget.
 
-prune is off, the preset (True), FastVAR's literal recipe, a random-selector schedule or a keep-all
-schedule; cfg_stop_scale is None or any scale of the schedule; three aspect templates; two budgets.
+prune is off, the preset (True), FastVAR's literal recipe, StageVAR's preset (its own CFG stop at the
+refinement stage, projection selector), a random-selector schedule or a keep-all schedule; cfg_stop_scale is None or any scale of the schedule; three aspect templates; two budgets.
 Every combination must run and keep the loop's bookkeeping (rows, KV cache, skipped scales); a
 keep-all schedule must equal no pruning bit for bit, and a stop beyond the last scale must equal full CFG.
 
@@ -26,7 +26,7 @@ from minivar.pruning import PruneSchedule
 from minivar.sampling import Settings, Trace, run_scale_loop
 from minivar.transformer import image_batch
 
-PRUNES = ["off", "preset", "fastvar", "random", "keep-all"]
+PRUNES = ["off", "preset", "fastvar", "stagevar", "random", "keep-all"]
 ASPECTS = [1.0, 0.5, 1.333]        # h/w templates: square, 2:1 wide, 3:4 tall
 BUDGETS = [5, 7]                   # scales: the first 5, and all 7 of 0.06M
 
@@ -42,7 +42,7 @@ def schedule_for(prune: str, scales: list[tuple[int, int]], template: float, dep
                              selector="random")
     if prune == "keep-all":  # the pruning machinery, dropping nothing: a ratio of 0, and one too small for a token
         return PruneSchedule(drop={n - 2: 0.0, n - 1: 1e-9}, layers=(0, depth - 1), cache_scale=n - 3)
-    word = {"off": False, "preset": True, "fastvar": "fastvar"}[prune]
+    word = {"off": False, "preset": True, "fastvar": "fastvar", "stagevar": "stagevar"}[prune]
     return resolve_prune(word, replace(tiny_pipeline().transformer.cfg, pn="0.06M"), scales, template)
 
 
@@ -82,6 +82,7 @@ def test_every_combination_runs(prune, stop, aspect, budget):
     scales = scales_for(budget, aspect)
     ran = [si for si in range(len(scales)) if si not in schedule.skip]
     assert trace.index == ran
+    stop = schedule.guidance_stop(stop)  # stagevar brings its own stop; an explicit one wins
     assert trace.cfg_rows == [2 if stop is None or si < stop else 1 for si in ran]
     H, W = scales[-1]
     assert summed.shape == (1, 32, 1, H, W) and torch.isfinite(summed).all()
@@ -105,7 +106,7 @@ def test_keep_all_schedule_equals_no_pruning_bit_for_bit(stop, aspect, budget):
     assert torch.equal(base_summed, same_summed)
 
 
-@pytest.mark.parametrize("prune", PRUNES)
+@pytest.mark.parametrize("prune", [p for p in PRUNES if p != "stagevar"])  # its own stop: see test_stages
 @pytest.mark.parametrize("aspect", ASPECTS)
 @pytest.mark.parametrize("budget", BUDGETS)
 def test_stop_beyond_the_last_scale_equals_full_cfg(prune, aspect, budget):
@@ -122,4 +123,5 @@ def test_the_table_exercises_pruning_and_skipping():
     schedules = {(p, a, b): run(p, None, a, b)[0] for p in PRUNES for a in ASPECTS for b in BUDGETS}
     assert schedules["preset", 1.0, 7].prunes and schedules["preset", 1.0, 7].skip  # cache 6x6, drop 8x8, skip the rest
     assert schedules["preset", 1.333, 5].prunes and schedules["preset", 0.5, 7].skip
+    assert schedules["stagevar", 1.0, 7].cfg_stop == 4 and schedules["stagevar", 1.0, 7].selector == "projection"
     assert all(schedules["random", a, b].prunes and schedules["random", a, b].skip for a in ASPECTS for b in BUDGETS)

@@ -60,6 +60,7 @@ def _generate(model: Infinity, scales, prune: PruneSchedule, s: Settings, text_t
     (PruneSchedule.none(), None),
     (PruneSchedule(drop={5: 0.4, 6: 0.5}, skip=frozenset(), layers=(1, 2), cache_scale=4), None),
     (PruneSchedule(drop={5: 0.4}, skip=frozenset({6}), layers=(0, 3), cache_scale=3), 2),
+    (PruneSchedule(drop={5: 0.4, 6: 0.5}, layers=(1, 2), cache_scale=4, selector="projection", rank=3, cfg_stop=5), None),
 ])
 def test_matches_torch_flop_counter(prune, stop):
     """torch's FlopCounterMode on a real generation with CFG (the math attention kernel, so that

@@ -10,6 +10,7 @@ groups' centroids.
 
     python -m minivar.toy.eval --n 200 --json scores.json        # the shipped toy, unpruned
     python -m minivar.toy.eval --prune                           # with the toy pruning preset
+    python -m minivar.toy.eval --prune stagevar                  # prune=True + projection + refinement CFG stop
 
 Categories follow GenEval's: single object (colour + shape), colour attribution (two objects, each
 with its colour), counting, position, and two objects (shapes only). The overall score is the mean
@@ -291,16 +292,25 @@ def evaluate(pipe, n: int = 200, prune=False, batch: int = 8, seed: int = 0, cfg
     dense = resolve_prune(False, pipe.transformer.cfg, scales)
     res = images[0].size[0]
     return {"overall": accuracy(specs, verdicts)["overall"], "categories": accuracy(specs, verdicts),
-            "n": n, "prune": info["prune"] != dense, "settings": {"cfg": cfg, "tau": tau, "batch": batch, "seed": seed},
+            "n": n, "prune": info["prune"] != dense, "preset": prune_label(prune), "settings": {"cfg": cfg, "tau": tau, "batch": batch, "seed": seed},
             "cost": cost(pipe, scales, info["prune"], cfg != 1, text_tokens),
             "cost_unpruned": cost(pipe, scales, dense, cfg != 1, text_tokens),
             "generation_seconds": seconds, "recon_psnr_db": recon_psnr(pipe.vae, scales, psnr_scenes, res=res),
             "failures": [{"prompt": s.caption, "reasons": v.reasons} for s, v in zip(specs, verdicts) if not v.ok]}
 
 
+def prune_label(prune) -> str:
+    """How a `prune` argument reads in a report: off, on (prune=True), a preset word, or "schedule"."""
+    if prune is None or prune is False:
+        return "off"
+    if prune is True:
+        return "on"
+    return prune if isinstance(prune, str) else "schedule"
+
+
 def format_report(name: str, r: dict) -> str:
     cats = r["categories"]
-    lines = [f"mini-GenEval  model={name}  prune={'on' if r['prune'] else 'off'}  n={r['n']}  "
+    lines = [f"mini-GenEval  model={name}  prune={r.get('preset', 'on' if r['prune'] else 'off')}  n={r['n']}  "
              f"cfg={r['settings']['cfg']} tau={r['settings']['tau']}", "",
              "| category | accuracy |", "|---|---:|"]
     lines += [f"| {c} | {cats[c]:.3f} |" for c in CATEGORIES if c in cats]
@@ -328,8 +338,10 @@ def per_scale(text: str) -> float | list[float]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m minivar.toy.eval", description="mini-GenEval on the toy world")
     p.add_argument("model", nargs="?", default="toy", help="model name or directory (default: toy)")
-    p.add_argument("--prune", action=argparse.BooleanOptionalAction, default=False,
-                   help="use the model's pruning preset (prune=True) (default: off)")
+    p.add_argument("--prune", nargs="?", const=True, default=False, choices=[True, "fastvar", "stagevar"],
+                   help="the model's pruning preset: --prune alone is prune=True; --prune stagevar adds StageVAR's "
+                        "projection selector and refinement-stage CFG stop (default: off)")
+    p.add_argument("--no-prune", dest="prune", action="store_const", const=False, help="no pruning (the default)")
     p.add_argument("--n", type=int, default=200, help="prompts, balanced over the categories (default: 200)")
     p.add_argument("--batch", type=int, default=8, help="images per generate call (default: 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first batch; batch i uses seed + i")
