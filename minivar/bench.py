@@ -9,6 +9,10 @@ Subjects:
     toy                the toy model in weights/toy, skipped when it is not there
     infinity-2b-shape  Infinity-2B widths with random weights and --depth layers; random T5-width text
     infinity-8b-shape  the same for Infinity-8B (VAE d56)
+    infinity-2b-synthetic  a full-size random checkpoint set in the published formats (about 10 GB,
+                       written once under $MINIVAR_HOME), run end to end at full depth with real T5,
+                       each --res x --prune arm in a fresh process (load, phase times, peak RSS);
+                       see synthetic.py. Minutes per arm: never part of --quick or CI.
 Shape models build `Infinity` at the real widths with fewer layers (deterministic init), read fixed
 random text features instead of T5's (`RandomText`), and decode with a randomly initialised VAE at real
 widths unless --no-vae. Their per-layer times are extrapolated to the real depth (`extrapolate`).
@@ -75,6 +79,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_DIR = REPO / "tests" / "fixtures" / "tiny-a"
 PROMPT = "a red apple on a wooden table"
 SHAPES = {"infinity-2b-shape": "infinity-2b", "infinity-8b-shape": "infinity-8b"}
+SYNTHETIC = "infinity-2b-synthetic"   # real files, real T5, full depth: see synthetic.py
 PHASES = ("text", "transformer", "vae")
 
 
@@ -963,7 +968,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m minivar.bench", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--subjects", nargs="+", default=["toy", "infinity-2b-shape"],
-                    help="tiny, toy, infinity-2b-shape, infinity-8b-shape")
+                    help="tiny, toy, infinity-2b-shape, infinity-8b-shape, or infinity-2b-synthetic alone")
     ap.add_argument("--res", nargs="+", type=int, default=[1024], help="256 512 1024 2048 ...")
     ap.add_argument("--prune", type=on_off, default=[False, True], help="off, on or both (default)")
     ap.add_argument("--cfg-stop", type=on_off, default=[False], help="stage-aware CFG: off (default), on or both")
@@ -994,6 +999,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if SYNTHETIC in args.subjects:
+        from . import synthetic
+
+        if args.subjects != [SYNTHETIC]:
+            raise SystemExit(f"{SYNTHETIC} runs on its own (each arm in a fresh process): --subjects {SYNTHETIC}")
+        return synthetic.bench(args.res, args.prune, PROMPT, args.threads, args.out)
     report = run_direct(args) if args.direct else run(args)
     write(report, args.out)
     return report
