@@ -68,6 +68,7 @@ from .config import PRESETS, InfinityConfig, budget_for_res, scale_schedule
 from .flops import block_count, param_count, transformer_count, vae_decode_count
 from .flops import summary as flop_summary
 from .memory import kv_cache_bytes
+from .numerics import cache_dtype
 from .pipeline import Pipeline
 from .presets import resolve_prune
 from .pruning import PruneSchedule
@@ -411,8 +412,8 @@ def plan_case(subj: Subject, case: Case, cfg: InfinityConfig | None = None) -> P
     kwargs = dict(res=budget_for_res(case.res), prune=case.prune, cfg=settings.cfg, tau=settings.tau,
                   top_k=settings.top_k, top_p=settings.top_p, seed=settings.seed, cfg_stop_scale=stop,
                   output_type="pil" if subj.vae is not None else "latent")
-    return Plan(scales, prune, settings, counts, flop_summary(counts, vae), kv_cache_bytes(cfg, scales, prune, rows=2),
-                kwargs)
+    kv_bytes = kv_cache_bytes(cfg, scales, prune, rows=2, itemsize=cache_dtype(subj.model.storage_dtype).itemsize)
+    return Plan(scales, prune, settings, counts, flop_summary(counts, vae), kv_bytes, kwargs)
 
 
 def vae_latent_hw(cfg: InfinityConfig, scales) -> tuple[int, int]:

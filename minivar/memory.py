@@ -35,11 +35,12 @@ class MemoryEstimate:
         return ", ".join(f"{k.replace('_', ' ')} {v / GiB:.1f}" for k, v in parts.items())
 
 
-def kv_cache_bytes(cfg: InfinityConfig, scales, prune: PruneSchedule, rows: int) -> int:
-    """Bytes of the preallocated KV caches (see sampling.make_caches: the last scale is not stored)."""
+def kv_cache_bytes(cfg: InfinityConfig, scales, prune: PruneSchedule, rows: int, itemsize: int = F32) -> int:
+    """Bytes of the preallocated KV caches (see sampling.make_caches: the last scale is not stored),
+    `itemsize` bytes per value (2 for bf16 caches)."""
     ran = prune.ran(len(scales))
     tokens = sum(prune.kept(si, li, scales[si][0] * scales[si][1]) for si in ran[:-1] for li in range(cfg.depth))
-    return 2 * rows * tokens * cfg.embed_dim * F32
+    return 2 * rows * tokens * cfg.embed_dim * itemsize
 
 
 def activation_bytes(cfg: InfinityConfig, scales, prune: PruneSchedule, rows: int, images: int) -> int:
@@ -75,9 +76,10 @@ def vae_decode_bytes(vae_cfg, scales, images: int, patchify: bool, tiled: bool |
     return images * (4 * ch * vae_cfg.ch_mult[1] + ch * vae_cfg.ch_mult[0]) * pixels * F32 + images_out
 
 
-def estimate(cfg: InfinityConfig, vae_cfg, scales, prune: PruneSchedule, images: int, cfg_on: bool) -> MemoryEstimate:
+def estimate(cfg: InfinityConfig, vae_cfg, scales, prune: PruneSchedule, images: int, cfg_on: bool,
+             kv_itemsize: int = F32) -> MemoryEstimate:
     rows = images * (2 if cfg_on else 1)
-    return MemoryEstimate(kv_cache_bytes(cfg, scales, prune, rows),
+    return MemoryEstimate(kv_cache_bytes(cfg, scales, prune, rows, kv_itemsize),
                           activation_bytes(cfg, scales, prune, rows, images),
                           vae_decode_bytes(vae_cfg, scales, images, cfg.spatial_patchify))
 

@@ -23,7 +23,7 @@ from .pruning import PruneSchedule
 from .sampling import Settings, Trace, run_scale_loop
 from .t5 import T5Encoder, load_t5
 from .tokenizer import Tokenizer
-from .numerics import image_batch
+from .numerics import cache_dtype, image_batch
 from .transformer import Infinity, load_infinity
 from .vae import BSQVAE, VAEConfig, load_vae, pixels_to_image
 
@@ -114,7 +114,8 @@ class Pipeline:
         seed = None if seed is None else int(seed)  # numpy integers pass the checks; torch generators need an int
         settings = Settings(cfg, tau, int(top_k), float(top_p), seed, cfg_insertion_layer, cfg_stop_scale, force_bits)
         cfg_on = any(c != 1 for c in settings.per_scale(cfg, len(scales)))
-        need = memory.estimate(self.transformer.cfg, self.vae.cfg, scales, schedule, len(prompts), cfg_on)
+        kv_itemsize = cache_dtype(self.transformer.storage_dtype).itemsize
+        need = memory.estimate(self.transformer.cfg, self.vae.cfg, scales, schedule, len(prompts), cfg_on, kv_itemsize)
         memory.check_memory(need, self.device, f"generating {len(prompts)} image(s) at res={res}")
         times, t0 = {}, time.perf_counter()
         kv, segments = self.text_rows(prompts, negative_prompt, cfg_on)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .bsq import bits_to_codes
+from .numerics import cache_dtype
 from .pruning import Pruner, PruneSchedule, ScaleRecord
 from .transformer import Attn, Conditioning, Infinity, KVCache
 
@@ -106,11 +107,13 @@ def latent_to_tokens(summed_Bd1HW: torch.Tensor, hw: tuple[int, int], patchify: 
 # The loop
 # --------------------------------------------------------------------------------------------------
 def make_caches(model: Infinity, batch: int, scales, prune: PruneSchedule, device) -> list[KVCache]:
-    """One preallocated float32 cache per layer, sized for the tokens that later scales attend to."""
+    """One preallocated cache per layer, sized for the tokens that later scales attend to, in the
+    weights' dtype (numerics.cache_dtype: bf16 for published checkpoints, float32 for float32 weights)."""
     ran = prune.ran(len(scales))
     stored = ran[:-1]  # nothing attends to the last scale that runs
     sizes = [sum(prune.kept(si, li, scales[si][0] * scales[si][1]) for si in stored) for li in range(model.cfg.depth)]
-    return [KVCache(batch, model.cfg.num_heads, n, model.cfg.head_dim, torch.float32, device) for n in sizes]
+    dtype = cache_dtype(model.storage_dtype)
+    return [KVCache(batch, model.cfg.num_heads, n, model.cfg.head_dim, dtype, device) for n in sizes]
 
 
 def run_blocks(model: Infinity, x: torch.Tensor, c: Conditioning, caches, rope, si: int, store: bool,

@@ -84,3 +84,16 @@ def test_a_weight_changed_in_place_is_not_released():
     changed = float(w[0, 0])
     memory.release_mapped(pipe.transformer)
     assert float(w[0, 0]) == changed
+
+
+def test_kv_cache_is_stored_in_the_weights_dtype(tmp_path):
+    from minivar.config import scale_schedule
+    from minivar.pruning import PruneSchedule
+    from minivar.sampling import make_caches
+
+    scales = scale_schedule(256)
+    for pipe, dtype in ((minivar.load(bf16_model_dir(tmp_path)), torch.bfloat16), (tiny_pipeline(), torch.float32)):
+        caches = make_caches(pipe.transformer, 2, scales, PruneSchedule.none(), "cpu")
+        assert {c.k.dtype for c in caches} == {c.v.dtype for c in caches} == {dtype}
+        cfg = pipe.transformer.cfg
+        assert sum(c.nbytes for c in caches) == memory.kv_cache_bytes(cfg, scales, PruneSchedule.none(), 2, dtype.itemsize)
