@@ -16,8 +16,9 @@ Subjects:
 Shape models build `Infinity` at the real widths with fewer layers (deterministic init), read fixed
 random text features instead of T5's (`RandomText`), and decode with a randomly initialised VAE at real
 widths unless --no-vae. Their per-layer times are extrapolated to the real depth (`extrapolate`).
---weight-dtype bf16 stores the transformer's weights in bfloat16, as `minivar.load(dtype=torch.bfloat16)`
-does (on CPU the matmuls still run in float32 on a per-call copy of each weight); --decode pins the
+--weight-dtype sets the transformer's weight storage: stored (the default, as `minivar.load()` keeps
+the files; bf16 for the shape models, as Infinity publishes them), fp32 or bf16 (on CPU the matmuls
+still run in float32 on a per-call copy of each weight); --decode pins the
 VAE's row-band or whole-map decoding (default auto: what `BSQVAE.decode` picks, bands above 512x512).
 
 Every subject is a `Pipeline`, and every timed generation is one `Pipeline.generate` call: the phase
@@ -170,7 +171,7 @@ def random_subject(name: str, family: str, full: InfinityConfig, depth: int, vae
     return Subject(name, pipe, full, text_tokens, decodes)
 
 
-def pipeline_subject(name: str, with_vae: bool, weight_dtype: torch.dtype = torch.float32) -> Subject | None:
+def pipeline_subject(name: str, with_vae: bool, weight_dtype: torch.dtype | None = None) -> Subject | None:
     """A real pipeline: the tiny-a fixture, or the toy model (None when weights/toy is absent)."""
     import minivar
 
@@ -194,14 +195,15 @@ def pipeline_subject(name: str, with_vae: bool, weight_dtype: torch.dtype = torc
     return Subject(name, pipe, pipe.transformer.cfg, tokens, with_vae)
 
 
-WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+WEIGHT_DTYPES = {"stored": None, "fp32": torch.float32, "bf16": torch.bfloat16}
+PUBLISHED_DTYPE = torch.bfloat16      # "stored" for the shape models: Infinity's checkpoints are bf16
 DECODE_MODES = {"auto": None, "banded": True, "whole": False}
 
 
 def make_subject(name: str, args) -> Subject | None:
     dtype = WEIGHT_DTYPES[args.weight_dtype]
     if name in SHAPES:
-        subj = shape_subject(name, args.depth, not args.no_vae, args.text_tokens, weight_dtype=dtype)
+        subj = shape_subject(name, args.depth, not args.no_vae, args.text_tokens, weight_dtype=dtype or PUBLISHED_DTYPE)
     elif name in ("tiny", "toy"):
         subj = pipeline_subject(name, not args.no_vae, dtype)
     else:
@@ -977,8 +979,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-vae", action="store_true", help="skip VAE decoding")
     ap.add_argument("--decode", choices=list(DECODE_MODES), default="auto",
                     help="VAE decoding: in row bands, of whole maps, or auto (bands above 512x512 pixels)")
-    ap.add_argument("--weight-dtype", choices=list(WEIGHT_DTYPES), default="fp32",
-                    help="transformer weight storage; bf16 is storage only on CPU (matmuls run in float32)")
+    ap.add_argument("--weight-dtype", choices=list(WEIGHT_DTYPES), default="stored",
+                    help="transformer weight storage: as minivar.load's default (the file's dtype; bf16 for the "
+                         "shape models, as Infinity publishes), fp32 or bf16; CPU matmuls run in float32")
     ap.add_argument("--text-tokens", type=int, default=32, help="text tokens per prompt of the shape models")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)

@@ -51,3 +51,8 @@ def test_safetensors_shards_and_index_cover_every_key_once(tmp_path):
 def test_synthetic_subject_runs_alone():
     with pytest.raises(SystemExit, match="runs on its own"):
         bench.main(["--subjects", "tiny", bench.SYNTHETIC])
+
+
+def test_bench_defaults_to_the_stored_dtype():
+    args = bench.parse_args([])
+    assert args.weight_dtype == "stored" and bench.WEIGHT_DTYPES["stored"] is None
