@@ -24,7 +24,7 @@ from .sampling import Settings
 
 COMMANDS = ("batch", "convert", "download")
 RESOLUTIONS = (256, 512, 768, 1024, 1344, 2048)
-DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+DTYPES = {"stored": None, "fp32": "float32", "bf16": "bfloat16"}
 
 
 class UsageError(ValueError):
@@ -58,8 +58,9 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--negative-prompt", default=None, metavar="TEXT", help="text for the unconditional branch")
     g.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"),
                    help="cuda uses flash-attn when it is installed (default: %(default)s)")
-    g.add_argument("--dtype", default="fp32", choices=tuple(DTYPES),
-                   help="weight storage; on CPU bf16 halves memory but computes in fp32 (default: %(default)s)")
+    g.add_argument("--dtype", default="stored", choices=tuple(DTYPES),
+                   help="weight storage: as the files store it, memory-mapped (Infinity bf16), or cast to fp32 "
+                        "(parity) or bf16; CPU math is fp32 either way (default: %(default)s)")
     g.add_argument("--revision", default=None, metavar="REV", help="pinned hub revision (commit or tag) for downloads")
 
 
@@ -154,7 +155,8 @@ def load_pipeline(args, device: str):
     from .pipeline import load
 
     t0 = time.perf_counter()
-    pipe = load(args.model, device=device, dtype=getattr(torch, DTYPES[args.dtype]), revision=args.revision)
+    dtype = None if DTYPES[args.dtype] is None else getattr(torch, DTYPES[args.dtype])
+    pipe = load(args.model, device=device, dtype=dtype, revision=args.revision)
     print(f"loaded {pipe.name} on {device} ({args.dtype}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return pipe
 

@@ -9,11 +9,16 @@ Subjects:
     toy                the toy model in weights/toy, skipped when it is not there
     infinity-2b-shape  Infinity-2B widths with random weights and --depth layers; random T5-width text
     infinity-8b-shape  the same for Infinity-8B (VAE d56)
+    infinity-2b-synthetic  a full-size random checkpoint set in the published formats (about 10 GB,
+                       written once under $MINIVAR_HOME), run end to end at full depth with real T5,
+                       each --res x --prune arm in a fresh process (load, phase times, peak RSS);
+                       see synthetic.py. Minutes per arm: never part of --quick or CI.
 Shape models build `Infinity` at the real widths with fewer layers (deterministic init), read fixed
 random text features instead of T5's (`RandomText`), and decode with a randomly initialised VAE at real
 widths unless --no-vae. Their per-layer times are extrapolated to the real depth (`extrapolate`).
---weight-dtype bf16 stores the transformer's weights in bfloat16, as `minivar.load(dtype=torch.bfloat16)`
-does (on CPU the matmuls still run in float32 on a per-call copy of each weight); --decode pins the
+--weight-dtype sets the transformer's weight storage: stored (the default, as `minivar.load()` keeps
+the files; bf16 for the shape models, as Infinity publishes them), fp32 or bf16 (on CPU the matmuls
+still run in float32 on a per-call copy of each weight); --decode pins the
 VAE's row-band or whole-map decoding (default auto: what `BSQVAE.decode` picks, bands above 512x512).
 
 Every subject is a `Pipeline`, and every timed generation is one `Pipeline.generate` call: the phase
@@ -67,6 +72,7 @@ from .config import PRESETS, InfinityConfig, budget_for_res, scale_schedule
 from .flops import block_count, param_count, transformer_count, vae_decode_count
 from .flops import summary as flop_summary
 from .memory import kv_cache_bytes
+from .numerics import cache_dtype
 from .pipeline import Pipeline
 from .presets import model_stages, resolve_prune
 from .pruning import PruneSchedule
@@ -78,6 +84,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_DIR = REPO / "tests" / "fixtures" / "tiny-a"
 PROMPT = "a red apple on a wooden table"
 SHAPES = {"infinity-2b-shape": "infinity-2b", "infinity-8b-shape": "infinity-8b"}
+SYNTHETIC = "infinity-2b-synthetic"   # real files, real T5, full depth: see synthetic.py
 PHASES = ("text", "transformer", "vae")
 
 
@@ -167,7 +174,7 @@ def random_subject(name: str, family: str, full: InfinityConfig, depth: int, vae
     return Subject(name, pipe, full, text_tokens, decodes)
 
 
-def pipeline_subject(name: str, with_vae: bool, weight_dtype: torch.dtype = torch.float32) -> Subject | None:
+def pipeline_subject(name: str, with_vae: bool, weight_dtype: torch.dtype | None = None) -> Subject | None:
     """A real pipeline: the tiny-a fixture, or the toy model (None when weights/toy is absent)."""
     import minivar
 
@@ -191,14 +198,15 @@ def pipeline_subject(name: str, with_vae: bool, weight_dtype: torch.dtype = torc
     return Subject(name, pipe, pipe.transformer.cfg, tokens, with_vae)
 
 
-WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+WEIGHT_DTYPES = {"stored": None, "fp32": torch.float32, "bf16": torch.bfloat16}
+PUBLISHED_DTYPE = torch.bfloat16      # "stored" for the shape models: Infinity's checkpoints are bf16
 DECODE_MODES = {"auto": None, "banded": True, "whole": False}
 
 
 def make_subject(name: str, args) -> Subject | None:
     dtype = WEIGHT_DTYPES[args.weight_dtype]
     if name in SHAPES:
-        subj = shape_subject(name, args.depth, not args.no_vae, args.text_tokens, weight_dtype=dtype)
+        subj = shape_subject(name, args.depth, not args.no_vae, args.text_tokens, weight_dtype=dtype or PUBLISHED_DTYPE)
     elif name in ("tiny", "toy"):
         subj = pipeline_subject(name, not args.no_vae, dtype)
     else:
@@ -425,8 +433,8 @@ def plan_case(subj: Subject, case: Case, cfg: InfinityConfig | None = None) -> P
     kwargs = dict(res=budget_for_res(case.res), prune=case.prune, cfg=settings.cfg, tau=settings.tau,
                   top_k=settings.top_k, top_p=settings.top_p, seed=settings.seed, cfg_stop_scale=stop,
                   output_type="pil" if subj.vae is not None else "latent")
-    return Plan(scales, prune, settings, counts, flop_summary(counts, vae), kv_cache_bytes(cfg, scales, prune, rows=2),
-                kwargs)
+    kv_bytes = kv_cache_bytes(cfg, scales, prune, rows=2, itemsize=cache_dtype(subj.model.storage_dtype).itemsize)
+    return Plan(scales, prune, settings, counts, flop_summary(counts, vae), kv_bytes, kwargs)
 
 
 def vae_latent_hw(cfg: InfinityConfig, scales) -> tuple[int, int]:
@@ -997,7 +1005,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m minivar.bench", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--subjects", nargs="+", default=["toy", "infinity-2b-shape"],
-                    help="tiny, toy, infinity-2b-shape, infinity-8b-shape")
+                    help="tiny, toy, infinity-2b-shape, infinity-8b-shape, or infinity-2b-synthetic alone")
     ap.add_argument("--res", nargs="+", type=int, default=[1024], help="256 512 1024 2048 ...")
     ap.add_argument("--prune", type=arms(PRUNE_ARMS), default=[False, True],
                     help="off, on (prune=True), stagevar, both (off,on: default) or a list, e.g. off,on,stagevar")
@@ -1008,8 +1016,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-vae", action="store_true", help="skip VAE decoding")
     ap.add_argument("--decode", choices=list(DECODE_MODES), default="auto",
                     help="VAE decoding: in row bands, of whole maps, or auto (bands above 512x512 pixels)")
-    ap.add_argument("--weight-dtype", choices=list(WEIGHT_DTYPES), default="fp32",
-                    help="transformer weight storage; bf16 is storage only on CPU (matmuls run in float32)")
+    ap.add_argument("--weight-dtype", choices=list(WEIGHT_DTYPES), default="stored",
+                    help="transformer weight storage: as minivar.load's default (the file's dtype; bf16 for the "
+                         "shape models, as Infinity publishes), fp32 or bf16; CPU matmuls run in float32")
     ap.add_argument("--text-tokens", type=int, default=32, help="text tokens per prompt of the shape models")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
@@ -1031,6 +1040,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if SYNTHETIC in args.subjects:
+        from . import synthetic
+
+        if args.subjects != [SYNTHETIC]:
+            raise SystemExit(f"{SYNTHETIC} runs on its own (each arm in a fresh process): --subjects {SYNTHETIC}")
+        return synthetic.bench(args.res, args.prune, PROMPT, args.threads, args.out)
     report = run_direct(args) if args.direct else run(args)
     write(report, args.out)
     return report

@@ -35,11 +35,12 @@ class MemoryEstimate:
         return ", ".join(f"{k.replace('_', ' ')} {v / GiB:.1f}" for k, v in parts.items())
 
 
-def kv_cache_bytes(cfg: InfinityConfig, scales, prune: PruneSchedule, rows: int) -> int:
-    """Bytes of the preallocated KV caches (see sampling.make_caches: the last scale is not stored)."""
+def kv_cache_bytes(cfg: InfinityConfig, scales, prune: PruneSchedule, rows: int, itemsize: int = F32) -> int:
+    """Bytes of the preallocated KV caches (see sampling.make_caches: the last scale is not stored),
+    `itemsize` bytes per value (2 for bf16 caches)."""
     ran = prune.ran(len(scales))
     tokens = sum(prune.kept(si, li, scales[si][0] * scales[si][1]) for si in ran[:-1] for li in range(cfg.depth))
-    return 2 * rows * tokens * cfg.embed_dim * F32
+    return 2 * rows * tokens * cfg.embed_dim * itemsize
 
 
 def activation_bytes(cfg: InfinityConfig, scales, prune: PruneSchedule, rows: int, images: int,
@@ -83,10 +84,10 @@ def vae_decode_bytes(vae_cfg, scales, images: int, patchify: bool, tiled: bool |
 
 
 def estimate(cfg: InfinityConfig, vae_cfg, scales, prune: PruneSchedule, images: int, cfg_on: bool,
-             cfg_stop_scale: int | None = None) -> MemoryEstimate:
+             cfg_stop_scale: int | None = None, kv_itemsize: int = F32) -> MemoryEstimate:
     """The KV caches are allocated for every CFG row even with a CFG stop (later scales use a view)."""
     rows = images * (2 if cfg_on else 1)
-    return MemoryEstimate(kv_cache_bytes(cfg, scales, prune, rows),
+    return MemoryEstimate(kv_cache_bytes(cfg, scales, prune, rows, kv_itemsize),
                           activation_bytes(cfg, scales, prune, rows, images, cfg_stop_scale),
                           vae_decode_bytes(vae_cfg, scales, images, cfg.spatial_patchify))
 
@@ -109,3 +110,83 @@ def check_memory(est: MemoryEstimate, device: torch.device, what: str) -> None:
         raise MemoryError(f"{what} needs about {est.total / GiB:.1f} GiB ({est.describe()} GiB) but "
                           f"{free / GiB:.1f} GiB is available; use prune=True, a lower res, fewer prompts "
                           "or a larger device")
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory-mapped weights. Loading keeps weights in the file's pages (torch.load(mmap=True), safetensors):
+# the kernel reads a page on first touch and counts it in the process's RSS from then on. A model that
+# is done for this generation (T5 after encoding, the transformer before decoding) can hand its pages
+# back: they leave the process but stay in the page cache, so the next touch is a cheap minor fault.
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Mapping:
+    start: int
+    end: int
+    path: str           # "" for anonymous memory (the heap, torch's allocations)
+
+
+def mappings() -> list[Mapping]:
+    """The process's memory mappings, from /proc/self/maps (empty where there is no /proc)."""
+    out = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                start, end = (int(a, 16) for a in fields[0].split("-"))
+                path = fields[5].strip() if len(fields) > 5 else ""
+                out.append(Mapping(start, end, path if path.startswith("/") else ""))
+    except OSError:
+        pass
+    return out
+
+
+def mapping_of(t: torch.Tensor, maps: list[Mapping] | None = None) -> Mapping | None:
+    """The file mapping that holds t's data, or None (anonymous memory, another device, no /proc)."""
+    if t.device.type != "cpu" or t.numel() == 0:
+        return None
+    ptr = t.untyped_storage().data_ptr()
+    hit = next((m for m in maps or mappings() if m.start <= ptr < m.end), None)
+    return hit if hit is not None and hit.path else None
+
+
+def mapping_stats(m: Mapping) -> dict[str, int]:
+    """The kB counters /proc/self/smaps gives one mapping (Rss, Anonymous, ...)."""
+    stats, inside = {}, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(maxsplit=1)[0]
+            if "-" in head and not head.endswith(":"):
+                inside = head == f"{m.start:x}-{m.end:x}"
+            elif inside and line.rstrip().endswith("kB"):
+                stats[head.rstrip(":")] = int(line.split()[1])
+    return stats
+
+
+def release_mapped(module: torch.nn.Module) -> int:
+    """Drop the resident pages of the files `module`'s weights are mapped from; returns the bytes dropped.
+
+    madvise(MADV_DONTNEED) on a private file mapping forgets the process's copy of each page; the
+    next read faults it in again from the page cache. A mapping with pages that were written to
+    (they are then anonymous copies, e.g. a weight changed in place) is left alone: dropping them
+    would silently restore the file's values.
+    """
+    maps = mappings()
+    files = {m for t in [*module.parameters(), *module.buffers()] if (m := mapping_of(t, maps)) is not None}
+    dropped = 0
+    for m in files:
+        stats = mapping_stats(m)
+        if not stats.get("Anonymous", 1) and not stats.get("Private_Dirty", 1) and drop_pages(m):
+            dropped += stats.get("Rss", 0) * 1024
+    return dropped
+
+
+def drop_pages(m: Mapping) -> bool:
+    """madvise(MADV_DONTNEED) over a whole mapping. Safe for clean private file pages and for shared
+    file mappings (written pages stay in the page cache); it would lose a private mapping's writes."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.madvise(ctypes.c_void_p(m.start), ctypes.c_size_t(m.end - m.start), MADV_DONTNEED) == 0
+
+
+MADV_DONTNEED = 4

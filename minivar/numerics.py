@@ -5,10 +5,12 @@ here because minivar promises upstream's sampled bits bit for bit, and an image'
 by comparisons of float logits, so every rounding difference can flip a bit and change the picture
 from that scale on. Each piece says what breaks without it.
 
-* `compute_dtype`, `Linear`, `LayerNorm`: weights may be stored in bfloat16, but CPUs multiply
-  bf16 matrices about 400x slower than fp32 (0.3 vs 130 GFLOP/s on a 2048x2048x8192 product on the
-  project machine), so on CPU every matmul and norm computes in fp32. On CUDA the storage dtype is
-  the compute dtype.
+* `compute_dtype`, `Linear`, `LayerNorm`, `cache_dtype`: weights may be stored in bfloat16, but CPUs
+  multiply bf16 matrices about 400x slower than fp32 (0.3 vs 130 GFLOP/s on a 2048x2048x8192 product
+  on the project machine), so on CPU every matmul and norm computes in fp32. On CUDA the storage
+  dtype is the compute dtype. The KV cache is stored in the weights' dtype: with bf16 weights,
+  rounding the cached keys and values to bf16 halves the cache and moves sampled bits about as much
+  as rounding the weights does (README, "Running Infinity-2B on a laptop").
 * Batch invariance (`image_batch`, `per_image`): BLAS picks its kernels, and with them the
   rounding of every output, by the shape of the product, row count included. With several images
   in a batch, every product therefore runs image by image, on exactly the rows (and row count) a
@@ -68,6 +70,13 @@ def reference_mode() -> None:
 def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """fp32 (the input's dtype) on CPU, the weights' storage dtype elsewhere."""
     return x.dtype if x.device.type == "cpu" else weight.dtype
+
+
+def cache_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """The KV cache stores keys and values like the weights: bf16 (fp16) with half-precision weights,
+    float32 otherwise. It is the largest buffer of a generation after the weights (6.3 GiB in float32
+    for Infinity-2B at 1024x1024 unpruned), and attention reads it back in float32 on CPU."""
+    return weight_dtype if weight_dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
 # --------------------------------------------------------------------------------------------------

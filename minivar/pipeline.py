@@ -19,7 +19,7 @@ from . import memory
 from .checkpoint import load_infinity
 from .checks import check_against_schedule, check_arguments, check_text
 from .config import BUDGETS, HIGH_RES, RES_TO_BUDGET, InfinityConfig, nearest_template, scale_schedule
-from .numerics import image_batch
+from .numerics import cache_dtype, image_batch
 from .presets import model_stages, resolve_prune
 from .pruning import PruneSchedule
 from .sampling import Settings, Trace, run_scale_loop
@@ -122,10 +122,13 @@ class Pipeline:
         seed = None if seed is None else int(seed)  # numpy integers pass the checks; torch generators need an int
         settings = Settings(cfg, tau, int(top_k), float(top_p), seed, cfg_insertion_layer, cfg_stop_scale, force_bits)
         cfg_on = any(c != 1 for c in settings.per_scale(cfg, len(scales)))
-        need = memory.estimate(self.transformer.cfg, self.vae.cfg, scales, schedule, len(prompts), cfg_on, cfg_stop_scale)
+        kv_itemsize = cache_dtype(self.transformer.storage_dtype).itemsize
+        need = memory.estimate(self.transformer.cfg, self.vae.cfg, scales, schedule, len(prompts), cfg_on,
+                               cfg_stop_scale, kv_itemsize)
         memory.check_memory(need, self.device, f"generating {len(prompts)} image(s) at res={res}")
         times, t0 = {}, time.perf_counter()
         kv, segments = self.text_rows(prompts, negative_prompt, cfg_on)
+        self.release(self.text_encoder)  # done with T5 for this call: its mapped pages leave the process
         rec = Trace() if trace else None
         with image_batch(len(prompts)):  # compute small ops image by image: results don't depend on the batch
             cond = self.transformer.condition(kv, segments)
@@ -133,8 +136,10 @@ class Pipeline:
             summed = run_scale_loop(self.transformer, cond, len(prompts), scales, template, settings, schedule,
                                     rec, progress=scale_progress(progress))
         times["transformer"] = time.perf_counter() - t0 - times["text"]
+        self.release(self.transformer)  # its 4 GiB (2B, bf16) of pages are not needed by the decoder
         t1 = time.perf_counter()
         images = self.decode(summed) if output_type == "pil" else []
+        self.release(self.vae)
         times["vae"] = time.perf_counter() - t1
         stages = self.stages(scales, template)
         if rec is not None:
@@ -146,6 +151,11 @@ class Pipeline:
         is not a standard one (it has no reference grid)."""
         cfg = self.transformer.cfg
         return model_stages(cfg, scales, template) if cfg.pn in BUDGETS else []
+
+    def release(self, module: torch.nn.Module) -> None:
+        """Hand back the resident pages of a memory-mapped model (CPU); the next use faults them in again."""
+        if self.device.type == "cpu":
+            memory.release_mapped(module)
 
     @torch.no_grad()
     def decode(self, summed_Bd1HW: torch.Tensor) -> list[Image.Image]:
@@ -222,19 +232,22 @@ def scale_progress(progress):
 
 def load(name: str | Path | None = None, *, transformer: str | Path | None = None, vae: str | Path | None = None,
          text_encoder: str | Path | None = None, config=None, vae_config=None, device: str = "cpu",
-         dtype: torch.dtype = torch.float32, revision: str | None = None) -> Pipeline:
+         dtype: torch.dtype | None = None, revision: str | None = None) -> Pipeline:
     """Load a pipeline from a preset name ("infinity-2b", "infinity-8b", "toy"), a model directory, or
     explicit files.
 
     Files given explicitly win over the preset's; missing preset files are downloaded (see hub.py),
-    from `revision` of the model repo if given.
+    from `revision` of the model repo if given. `dtype=None` keeps every tensor in the dtype its file
+    stores, memory-mapped without a copy (Infinity: bf16; flan-t5-xl and the VAEs: float32); a dtype
+    casts the transformer to it (`torch.float32` for parity work). On CPU the VAE and T5 are float32
+    whatever `dtype` says, and all math runs in float32 (see numerics.py).
     """
     from .hub import resolve_files
 
     files = resolve_files(name, transformer=transformer, vae=vae, text_encoder=text_encoder,
                           config=config, vae_config=vae_config, revision=revision)
-    # On CPU, bf16 is storage only: the transformer upcasts per matmul; the VAE and T5 are small enough
-    # to keep in float32 (CPU half-precision convolutions and matmuls are very slow).
+    # On CPU, bf16 is storage only: the transformer upcasts per matmul. The VAE and T5 stay float32
+    # (their published dtype, so still mapped): CPU half-precision convolutions and matmuls are very slow.
     side_dtype = torch.float32 if torch.device(device).type == "cpu" else dtype
     vae_model = load_vae(files.vae, files.vae_config, device=device, dtype=side_dtype)
     cfg = files.config
@@ -255,7 +268,7 @@ def fit_bits_to_vae(cfg: InfinityConfig, vae_cfg: VAEConfig) -> InfinityConfig:
 
 
 def sample(prompt: str, res: int | None = None, prune=True, model: str = "infinity-2b", device: str = "cpu",
-           dtype: torch.dtype = torch.float32, progress=True, **kwargs) -> Image.Image:
+           dtype: torch.dtype | None = None, progress=True, **kwargs) -> Image.Image:
     """One call from a prompt to a PIL image: loads (downloading if needed, then caching) the model,
     then generates with a progress bar over the scales. `model="toy"` runs offline."""
     check_text("prompt", prompt)  # one prompt, one image (Pipeline.generate takes a list)
@@ -267,4 +280,4 @@ def sample(prompt: str, res: int | None = None, prune=True, model: str = "infini
     return _PIPELINES[key].generate(prompt, res=res, prune=prune, progress=progress, **kwargs).image
 
 
-_PIPELINES: dict[tuple[str, str, torch.dtype], Pipeline] = {}
+_PIPELINES: dict[tuple[str, str, torch.dtype | None], Pipeline] = {}

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .bsq import add_scale_codes, bits_to_codes, bits_to_vae_layout, latent_to_tokens
+from .numerics import cache_dtype
 from .pruning import Pruner, PruneSchedule, ScaleRecord
 from .transformer import Attn, Conditioning, Infinity, KVCache
 
@@ -91,11 +92,13 @@ def guide(x: torch.Tensor, cfg: float) -> torch.Tensor:
 # The loop
 # --------------------------------------------------------------------------------------------------
 def make_caches(model: Infinity, batch: int, scales, prune: PruneSchedule, device) -> list[KVCache]:
-    """One preallocated float32 cache per layer, sized for the tokens that later scales attend to."""
+    """One preallocated cache per layer, sized for the tokens that later scales attend to, in the
+    weights' dtype (numerics.cache_dtype: bf16 for published checkpoints, float32 for float32 weights)."""
     ran = prune.ran(len(scales))
     stored = ran[:-1]  # nothing attends to the last scale that runs
     sizes = [sum(prune.kept(si, li, scales[si][0] * scales[si][1]) for si in stored) for li in range(model.cfg.depth)]
-    return [KVCache(batch, model.cfg.num_heads, n, model.cfg.head_dim, torch.float32, device) for n in sizes]
+    dtype = cache_dtype(model.storage_dtype)
+    return [KVCache(batch, model.cfg.num_heads, n, model.cfg.head_dim, dtype, device) for n in sizes]
 
 
 @dataclass

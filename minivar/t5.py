@@ -297,8 +297,10 @@ def set_dtype(model: T5Encoder, dtype: torch.dtype) -> T5Encoder:
     return model
 
 
-def load_t5(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> T5Encoder:
-    """Build the encoder on the meta device and assign the directory's tensors to it (strictly)."""
+def load_t5(path: str | Path, device: str | torch.device = "cpu",
+            dtype: torch.dtype | None = torch.float32) -> T5Encoder:
+    """Build the encoder on the meta device and assign the directory's tensors to it (strictly).
+    `dtype=None` keeps the dtype the files store (flan-t5-xl: float32), memory-mapped, without a copy."""
     path = Path(path).expanduser()
     if not path.is_dir():
         raise CheckpointError(f"T5 model directory not found: {path} "
@@ -309,7 +311,10 @@ def load_t5(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
                  f"d_ff={cfg.d_ff}, vocab_size={cfg.vocab_size})")
     check_size(cfg.param_count(), sd, f"T5 weights in {path}", described, dtype)
     with torch.device("meta"):
-        model = set_dtype(T5Encoder(cfg), dtype)
-    # without a dtype argument, every tensor is cast to the dtype of the parameter it is assigned to
+        model = T5Encoder(cfg) if dtype is None else set_dtype(T5Encoder(cfg), dtype)
+    if dtype is not None:  # each tensor to its parameter's dtype (in float16 `set_dtype` keeps some float32)
+        want = model.state_dict()
+        sd = {k: v.to(want[k].dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() and k in want
+              and want[k].is_floating_point() else v for k, v in sd.items()}
     assign_state_dict(model, sd, f"T5 weights in {path}", device=device, strict=True)
     return model.eval()

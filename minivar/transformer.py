@@ -329,6 +329,11 @@ class Infinity(nn.Module):
         self.head = Linear(C, 2 * cfg.d_vae)
         self.rope = Rope2D(cfg.head_dim)
 
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        """The dtype the block weights are stored in (the compute dtype is numerics.compute_dtype's)."""
+        return self.blocks[0].sa.mat_qkv.weight.dtype
+
     def condition(self, kv: torch.Tensor, segments: list[tuple[int, int]]) -> Conditioning:
         """Everything the text decides, once per generation.
 

@@ -201,9 +201,11 @@ def assign_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str
                       strict: bool = True, file_name: Callable[[str], str] = lambda k: k) -> nn.Module:
     """Check `sd` against `model` (built on the meta device), then assign its tensors in place.
 
-    Floating tensors are cast to `dtype` when given; everything moves to `device`. Tensors that the
-    state dict does not contain (non-strict mode) stay on the meta device and are reported by
-    `check_state_dict` in strict mode.
+    Floating tensors are cast to `dtype` when given, and otherwise keep the dtype they are stored in;
+    everything moves to `device`. A tensor already in that dtype and on that device is assigned as
+    it is: a memory-mapped file stays mapped, with no copy. Tensors that the state dict does not
+    contain (non-strict mode) stay on the meta device and are reported by `check_state_dict` in
+    strict mode.
     """
     check_state_dict(model, sd, source, strict, file_name)
     expected = model.state_dict()
@@ -213,8 +215,6 @@ def assign_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str
             continue
         if v.is_floating_point() and dtype is not None:
             v = v.to(dtype)
-        elif v.is_floating_point():
-            v = v.to(expected[k].dtype) if expected[k].is_floating_point() else v
         ready[k] = v.to(device)
     model.load_state_dict(ready, strict=strict, assign=True)
     return model

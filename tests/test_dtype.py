@@ -1,8 +1,11 @@
 """bf16 is a storage format on CPU: weights shrink, the math stays float32."""
+from pathlib import Path
+
 import torch
 from helpers import PROMPT, SETTINGS, TINY, tiny_pipeline
 
 import minivar
+from minivar import memory
 
 
 def test_bf16_storage_on_cpu_generates_nearly_the_same_bits():
@@ -16,3 +19,81 @@ def test_bf16_storage_on_cpu_generates_nearly_the_same_bits():
     assert out.trace.logits[0].dtype == torch.float32
     for a, b in zip(out.trace.bits, ref.trace.bits):
         assert (a != b).float().mean() < 0.02  # weight rounding flips a few near-even bits
+
+
+# ---- the default keeps the stored dtype, memory-mapped -------------------------------------------
+def bf16_model_dir(tmp_path):
+    """The tiny-a model directory with its transformer stored in bfloat16, as Infinity publishes it."""
+    import shutil
+
+    sd = torch.load(TINY / "infinity.pth", weights_only=True)
+    torch.save({k: v.bfloat16() if v.is_floating_point() else v for k, v in sd.items()}, tmp_path / "infinity.pth")
+    for name in ("infinity_config.json", "vae.pth", "vae_config.json"):
+        shutil.copy(TINY / name, tmp_path / name)
+    shutil.copytree(TINY / "t5", tmp_path / "t5")
+    return tmp_path
+
+
+def test_default_load_keeps_the_stored_dtype_mapped_without_a_copy(tmp_path):
+    model_dir = bf16_model_dir(tmp_path)
+    pipe = minivar.load(model_dir)
+    weights = list(pipe.transformer.parameters())
+    assert {w.dtype for w in weights} == {torch.bfloat16}
+    maps = memory.mappings()
+    assert {Path(memory.mapping_of(w, maps).path) for w in weights} == {(model_dir / "infinity.pth").resolve()}
+    t5_file = memory.mapping_of(pipe.text_encoder.encoder.block[0].layer[0].SelfAttention.q.weight, maps)
+    assert Path(t5_file.path) == (model_dir / "t5" / "model.safetensors").resolve()
+    assert Path(memory.mapping_of(pipe.vae.decoder.conv_in.conv.weight, maps).path) == (model_dir / "vae.pth").resolve()
+
+
+def test_float32_on_request_copies_out_of_the_file(tmp_path):
+    pipe = minivar.load(bf16_model_dir(tmp_path), dtype=torch.float32)
+    w = pipe.transformer.blocks[0].sa.mat_qkv.weight
+    assert w.dtype == torch.float32 and memory.mapping_of(w) is None  # a copy, in anonymous memory
+
+
+def test_bf16_stored_linear_computes_in_float32_on_cpu(tmp_path):
+    pipe = minivar.load(bf16_model_dir(tmp_path))
+    lin = pipe.transformer.blocks[0].sa.mat_qkv
+    x = torch.randn(3, 5, lin.in_features, generator=torch.Generator().manual_seed(0))
+    out = lin(x)
+    assert out.dtype == torch.float32
+    ref = torch.nn.functional.linear(x, lin.weight.float(), None if lin.bias is None else lin.bias.float())
+    assert torch.equal(out, ref)  # the fp32 product of the bf16 values, not a bf16 product
+    bf16_math = torch.nn.functional.linear(x.bfloat16(), lin.weight, None if lin.bias is None else lin.bias)
+    assert not torch.equal(out, bf16_math.float())
+
+
+def test_released_pages_leave_the_process_and_read_back_unchanged():
+    pipe = minivar.load(transformer=TINY / "infinity.pth", vae=TINY / "vae.pth", text_encoder=TINY / "t5",
+                        config=TINY / "infinity_config.json", vae_config=TINY / "vae_config.json")
+    before = [p.clone() for p in pipe.transformer.parameters()]
+    m = memory.mapping_of(pipe.transformer.head.weight)
+    assert memory.mapping_stats(m)["Rss"] > 0  # cloning read every page
+    assert memory.release_mapped(pipe.transformer) > 0
+    assert memory.mapping_stats(m)["Rss"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, pipe.transformer.parameters()))
+
+
+def test_a_weight_changed_in_place_is_not_released():
+    pipe = minivar.load(transformer=TINY / "infinity.pth", vae=TINY / "vae.pth", text_encoder=TINY / "t5",
+                        config=TINY / "infinity_config.json", vae_config=TINY / "vae_config.json")
+    w = pipe.transformer.head.weight
+    with torch.no_grad():
+        w[0, 0] += 1.0  # copy-on-write: this page is now the process's own
+    changed = float(w[0, 0])
+    memory.release_mapped(pipe.transformer)
+    assert float(w[0, 0]) == changed
+
+
+def test_kv_cache_is_stored_in_the_weights_dtype(tmp_path):
+    from minivar.config import scale_schedule
+    from minivar.pruning import PruneSchedule
+    from minivar.sampling import make_caches
+
+    scales = scale_schedule(256)
+    for pipe, dtype in ((minivar.load(bf16_model_dir(tmp_path)), torch.bfloat16), (tiny_pipeline(), torch.float32)):
+        caches = make_caches(pipe.transformer, 2, scales, PruneSchedule.none(), "cpu")
+        assert {c.k.dtype for c in caches} == {c.v.dtype for c in caches} == {dtype}
+        cfg = pipe.transformer.cfg
+        assert sum(c.nbytes for c in caches) == memory.kv_cache_bytes(cfg, scales, PruneSchedule.none(), 2, dtype.itemsize)

@@ -1,0 +1,58 @@
+"""The synthetic checkpoint writers, on small listings (the full-size set is never written in tests)."""
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from minivar import bench, synthetic
+from minivar.weights import read_state_dict
+
+LISTING = {"text_norm.weight": ([16], "float32"), "blocks.0.fc.weight": ([8, 16], "float32"),
+           "blocks.0.fc.bias": ([8], "float32"), "quantizer.lfq.mask": ([4], "int64")}
+
+
+def test_pth_has_the_listed_keys_shapes_and_dtypes_and_is_deterministic(tmp_path):
+    synthetic.write_pth(tmp_path / "a.pth", LISTING, torch.bfloat16)
+    synthetic.write_pth(tmp_path / "b.pth", LISTING, torch.bfloat16)
+    a, b = read_state_dict(tmp_path / "a.pth"), read_state_dict(tmp_path / "b.pth")
+    assert {k: (list(v.shape), v.dtype) for k, v in a.items()} == {
+        "text_norm.weight": ([16], torch.bfloat16), "blocks.0.fc.weight": ([8, 16], torch.bfloat16),
+        "blocks.0.fc.bias": ([8], torch.bfloat16), "quantizer.lfq.mask": ([4], torch.int64)}
+    assert all(torch.equal(a[k], b[k]) for k in a)  # a fixed seed
+    assert torch.equal(a["text_norm.weight"], torch.ones(16, dtype=torch.bfloat16))
+    assert a["blocks.0.fc.bias"].abs().sum() == 0
+    assert 0 < a["blocks.0.fc.weight"].float().std() < 0.1
+    assert a["quantizer.lfq.mask"].tolist() == [8, 4, 2, 1]
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_nested_pth_keeps_the_vae_wrapping(tmp_path):
+    synthetic.write_pth(tmp_path / "vae.pth", LISTING, torch.float32, nest="vae")
+    obj = torch.load(tmp_path / "vae.pth", weights_only=True)
+    assert list(obj) == ["vae"] and obj["vae"]["blocks.0.fc.weight"].dtype == torch.float32
+
+
+def test_safetensors_shards_and_index_cover_every_key_once(tmp_path):
+    big = {"a.weight": ([32, 16], "float32"), "b.weight": ([32, 16], "float32")}
+    synthetic.write_safetensors_shards(tmp_path, LISTING | big, shards=2)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert shards == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    seen = {}
+    for name in shards:
+        with safe_open(str(tmp_path / name), framework="pt") as f:
+            seen |= {k: f.get_tensor(k) for k in f.keys()}
+    assert set(seen) == set(index["weight_map"]) and len(seen) == 6
+    assert index["weight_map"]["b.weight"] == shards[1]
+    assert seen["b.weight"].dtype == torch.float32 and list(seen["b.weight"].shape) == [32, 16]
+
+
+def test_synthetic_subject_runs_alone():
+    with pytest.raises(SystemExit, match="runs on its own"):
+        bench.main(["--subjects", "tiny", bench.SYNTHETIC])
+
+
+def test_bench_defaults_to_the_stored_dtype():
+    args = bench.parse_args([])
+    assert args.weight_dtype == "stored" and bench.WEIGHT_DTYPES["stored"] is None
