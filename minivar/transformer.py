@@ -177,7 +177,7 @@ class SelfAttention(nn.Module):
         qkv = linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, L, hd)
         # Bound the learned temperature at 100 (the last head of real checkpoints sits above it).
-        scale = self.scale_mul_1H11.clamp_max(self.max_log_scale).exp()
+        scale = self.scale_mul_1H11.float().clamp_max(self.max_log_scale).exp()  # fp32 even when stored in bf16
         # q, k, v stay strided views of qkv: RoPE writes fresh tensors, the cache copies what it keeps
         # and SDPA reads any strides, so no extra copy is made for a "contiguous" layout.
         q = F.normalize(q, dim=-1, eps=1e-12).mul(scale)

@@ -97,3 +97,17 @@ def test_kv_cache_is_stored_in_the_weights_dtype(tmp_path):
         assert {c.k.dtype for c in caches} == {c.v.dtype for c in caches} == {dtype}
         cfg = pipe.transformer.cfg
         assert sum(c.nbytes for c in caches) == memory.kv_cache_bytes(cfg, scales, PruneSchedule.none(), 2, dtype.itemsize)
+
+
+def test_bf16_storage_computes_exactly_what_its_float32_copy_computes(tmp_path, monkeypatch):
+    """Storage only: with the KV cache in float32 too, the bf16-stored model samples the bits of the same
+    weights copied to float32 (a parameter used in bf16 arithmetic, e.g. the attention's learned scale
+    exponentiated in bf16, breaks this)."""
+    from minivar import sampling
+
+    model_dir = bf16_model_dir(tmp_path)
+    copied = minivar.load(model_dir, dtype=torch.float32).generate(PROMPT, res=256, trace=True, output_type="latent",
+                                                                   **SETTINGS)
+    monkeypatch.setattr(sampling, "cache_dtype", lambda dtype: torch.float32)
+    stored = minivar.load(model_dir).generate(PROMPT, res=256, trace=True, output_type="latent", **SETTINGS)
+    assert all(torch.equal(a, b) for a, b in zip(stored.trace.bits, copied.trace.bits))
