@@ -146,10 +146,14 @@ def is_real(v) -> bool:
 
 def pivotal_scores(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """Squared L2 distance of every token of x (B, h*w, C) to the scale's mean token -> (B, h*w)."""
+    return centred(x, h, w).pow_(2).sum(dim=-1)  # squared in place: the same numbers, one (B, L, C) buffer fewer
+
+
+def centred(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Every token of x (B, h*w, C) minus the scale's mean token (its h x w grid average)."""
     B, L, C = x.shape
     grid = x.view(B, h, w, C).permute(0, 3, 1, 2)                       # (B, C, h, w)
-    mean = F.adaptive_avg_pool2d(grid, (1, 1)).permute(0, 2, 3, 1).view(B, 1, C)
-    return (x - mean).pow_(2).sum(dim=-1)  # squared in place: the same numbers, one (B, L, C) buffer fewer
+    return x - F.adaptive_avg_pool2d(grid, (1, 1)).permute(0, 2, 3, 1).view(B, 1, C)
 
 
 def projection_matrix(width: int, rank: int, seed: int) -> torch.Tensor:
@@ -175,10 +179,7 @@ def projection_scores(x: torch.Tensor, h: int, w: int, proj: torch.Tensor) -> to
     pivotal score, so the selector differs from "pivotal" only in the projection. The product runs
     image by image (`per_image`): a batched generation scores each image as a single one does.
     """
-    B, L, C = x.shape
-    grid = x.view(B, h, w, C).permute(0, 3, 1, 2)                       # (B, C, h, w)
-    mean = F.adaptive_avg_pool2d(grid, (1, 1)).permute(0, 2, 3, 1).view(B, 1, C)
-    sketch = per_image(lambda t: t @ proj.to(t.device, t.dtype), x - mean)  # (B, L, r)
+    sketch = per_image(lambda t: t @ proj.to(t.device, t.dtype), centred(x, h, w))  # (B, L, r)
     return sketch.pow_(2).sum(dim=-1)
 
 
