@@ -30,10 +30,10 @@ the same latent layout, the same decoder path and the conversion to PIL images.
 Cases are every combination of --res, --prune and --cfg-stop (--prune: off, on = prune=True, stagevar;
 --cfg-stop: off, on = from 1/8 of the final tokens, refine = from the first refinement-stage scale of
 `presets.stages`). The issue-21 arms are `--prune off,on,stagevar --cfg-stop off,refine`: stagevar carries
-its own CFG stop, so its cfg-stop@refine case equals its plain one. --res is Infinity's pixel side, passed to
-generate as its budget name, so the toy runs the same token grids). After --warmup untimed rounds, each
-of --repeats rounds runs every case once, in order (A/B/A/B), so drifts of a shared machine hit all
-cases alike. Peak memory is measured afterwards, in one separate untimed generation per case (RSS
+its own CFG stop, so its cfg-stop@refine case would equal its plain one and is dropped. --res is
+Infinity's pixel side, passed to generate as its budget name, so the toy runs the same token grids).
+After --warmup untimed rounds, each of --repeats rounds runs every case once, in order (A/B/A/B), so
+drifts of a shared machine hit all cases alike. Peak memory is measured afterwards, in one separate untimed generation per case (RSS
 sampled every few ms on CPU, torch.cuda.max_memory_allocated on CUDA), so the sampling thread never
 runs during a timed generation. Reported per case: median and spread (min..max) of the total, text /
 transformer / VAE split and every scale; per-layer times; achieved GFLOP/s (analytic FLOPs from
@@ -763,6 +763,12 @@ def to_device(subj: Subject, device: torch.device) -> None:
             module.to(device)
 
 
+def redundant(case: Case, cases: list[Case]) -> bool:
+    """stagevar with --cfg-stop refine is stagevar: its schedule already stops CFG at the refinement stage."""
+    plain = Case(case.subject, case.res, case.prune, False)
+    return case.prune == "stagevar" and case.cfg_stop == "refine" and plain in cases
+
+
 def subjects_and_cases(args, device: torch.device):
     """Each subject of the run, built one at a time on `device`, with its cases (res x prune x cfg-stop)."""
     for name in args.subjects:
@@ -770,7 +776,8 @@ def subjects_and_cases(args, device: torch.device):
         if subj is None:
             continue
         to_device(subj, device)
-        yield subj, [Case(name, r, p, s) for r in args.res for p in args.prune for s in args.cfg_stop]
+        cases = [Case(name, r, p, s) for r in args.res for p in args.prune for s in args.cfg_stop]
+        yield subj, [c for c in cases if not redundant(c, cases)]
         del subj  # before the next subject is built: only one model in memory at a time
 
 

@@ -216,6 +216,9 @@ def test_bench_runs_the_issue_arms_and_compares_each_with_unpruned():
     assert args.prune == [False, True, "stagevar"] and args.cfg_stop == [False, "refine"]
     assert bench.refinement_cfg_stop(PRESETS["infinity-2b"], scale_schedule(1024)) == 9  # 32x32
     assert bench.Case("s", 1024, True, "refine").label == "s 1024 prune=on cfg-stop@refine"
+    arms = [bench.Case("s", 1024, p, c) for p in args.prune for c in args.cfg_stop]
+    kept = [(c.prune, c.cfg_stop) for c in arms if not bench.redundant(c, arms)]
+    assert kept == [(False, False), (False, "refine"), (True, False), (True, "refine"), ("stagevar", False)]
 
     def case(prune, stop, seconds):
         return {"subject": "s", "res": 1024, "prune_on": prune, "cfg_stop_on": stop,
