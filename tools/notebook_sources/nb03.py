@@ -301,6 +301,30 @@ for name, key in (("prune=True", ("preset", None)), ("stagevar", ("stagevar", No
           f"{r['gflop']:.3f} GFLOP ({100 * r['gflop'] / ref_gflop:.0f} % of unpruned)")
 '''),
 ("md", """
+The few prompts above cannot tell presets apart. `tools/stagevar_sweep.py` scores every setting on
+1000 mini-GenEval prompts (the same prompts and seeds for each) and writes
+`docs/bench/stagevar_sweep.json`; the cell below plots the committed run. Two families: the projection
+rank r at the default boundary, and the refinement boundary (where guidance stops) at rank 8; beside
+them, guidance dropped in the refinement stage with no pruning at all ("CFG stop alone"). A point up
+and to the left is better: higher score for fewer transformer FLOPs.
+"""),
+("code", '''
+import json
+import sys
+from pathlib import Path
+checkout = Path(minivar.__file__).resolve().parents[1]    # the clone this notebook runs from
+sys.path.insert(0, str(checkout / "tools"))
+from stagevar_sweep import draw      # the plotting function of tools/stagevar_sweep.py
+
+runs = json.loads((checkout / "docs/bench/stagevar_sweep.json").read_text())
+print(f"n = {runs['n']} prompts per setting, seed {runs['seed']}")
+for r in runs["rows"]:
+    print(f"{r['label']:26s} mini-GenEval {r['overall']:.3f}  {r['transformer_gflops']:.3f} GFLOP")
+fig, ax = plt.subplots(figsize=(8, 5))
+draw(ax, runs["rows"])
+plt.show()
+'''),
+("md", """
 ## 6. Cross-scale attention: why restoring from an earlier scale works
 
 The third observation: **a token attends strongly to the same place at the previous scale.** We
