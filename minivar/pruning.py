@@ -173,10 +173,13 @@ def projection_scores(x: torch.Tensor, h: int, w: int, proj: torch.Tensor) -> to
     """StageVAR's low-rank token scores: x (B, h*w, C) minus the scale's mean token, projected on
     proj (C, r); the squared norm of the r-dimensional sketch -> (B, h*w).
 
-    The paper scores tokens in a random projection of their features instead of the full width (the
-    features of the refinement scales are close to low-rank, so a few directions carry the spread).
-    Its excerpts we could read do not give the score itself; we take the JL estimate of FastVAR's
-    pivotal score, so the selector differs from "pivotal" only in the projection. The product runs
+    The paper works in a random projection of the features instead of the full width (the features of
+    the refinement scales are close to low-rank, so a few directions carry the spread), computes
+    representative tokens and restores the rest, with a fixed rank chosen from offline statistics. The
+    parts of it we could read do not give the score that picks the representatives; we take the JL
+    estimate of FastVAR's pivotal score, so the selector differs from "pivotal" only in the projection,
+    and restoration is FastVAR's cache. Rank 8 is the flat part of the toy's rank sweep
+    (`docs/bench/stagevar/README.md`). The product runs
     image by image (`per_image`): a batched generation scores each image as a single one does.
     """
     sketch = per_image(lambda t: t @ proj.to(t.device, t.dtype), centred(x, h, w))  # (B, L, r)
