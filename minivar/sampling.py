@@ -133,8 +133,8 @@ def conditional_only(c: Conditioning, caches: list[KVCache], pruner: Pruner,
 
     Why the conditional half: StageVAR's descriptions run the refinement stage without text (guidance
     scale 0, the null prompt); they are silent on why. Measured on the toy (`tools/stagevar_branch.py`,
-    mini-GenEval, 1000 prompts), keeping the null-prompt rows instead costs 0.096 with no pruning
-    (0.185 against 0.267 here; unpruned 0.281), so minivar keeps the prompt's rows: guidance scale 1.
+    mini-GenEval, 1000 prompts, no pruning), keeping the null-prompt rows scores 0.185 against 0.267
+    for the conditional ones (unpruned 0.281), so minivar keeps the prompt's rows: guidance scale 1.
     """
     pruner.keep_rows(B)
     return Conditioning(c.text, c.cond[:B], c.gss[:B]), [cache.rows(B) for cache in caches]
