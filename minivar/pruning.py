@@ -179,8 +179,8 @@ def projection_scores(x: torch.Tensor, h: int, w: int, proj: torch.Tensor) -> to
     parts of it we could read do not give the score that picks the representatives; we take the JL
     estimate of FastVAR's pivotal score, so the selector differs from "pivotal" only in the projection,
     and restoration is FastVAR's cache. Rank 8 is the flat part of the toy's rank sweep
-    (`docs/bench/stagevar/README.md`). The product runs
-    image by image (`per_image`): a batched generation scores each image as a single one does.
+    (`docs/bench/stagevar/README.md`). The product runs image by image (`per_image`): a batched
+    generation scores each image as a single one does.
     """
     sketch = per_image(lambda t: t @ proj.to(t.device, t.dtype), centred(x, h, w))  # (B, L, r)
     return sketch.pow_(2).sum(dim=-1)
