@@ -35,8 +35,8 @@ Infinity's pixel side, passed to generate as its budget name, so the toy runs th
 After --warmup untimed rounds, each of --repeats rounds runs every case once, in order (A/B/A/B), so
 drifts of a shared machine hit all cases alike. Peak memory is measured afterwards, in one separate
 untimed generation per case (RSS sampled every few ms on CPU, torch.cuda.max_memory_allocated on
-CUDA), so the sampling thread never runs during a timed generation. Reported per case: median and spread (min..max) of the total, text /
-transformer / VAE split and every scale; per-layer times; achieved GFLOP/s (analytic FLOPs from
+CUDA), so the sampling thread never runs during a timed generation. Reported per case: median and
+spread (min..max) of the total, text / transformer / VAE split and every scale; per-layer times; achieved GFLOP/s (analytic FLOPs from
 minivar.flops) of the transformer against a matmul peak and of the VAE decoder against a 3x3
 convolution peak, both measured in the same process; peak memory per phase; KV-cache bytes. Output:
 bench.json, bench.md, bench.png. --direct instead times plain `Pipeline.generate` calls (no hooks, no
