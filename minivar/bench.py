@@ -29,18 +29,19 @@ the same latent layout, the same decoder path and the conversion to PIL images.
 
 Cases are every combination of --res, --prune and --cfg-stop (--prune: off, on = prune=True, stagevar;
 --cfg-stop: off, on = from 1/8 of the final tokens, refine = from the first refinement-stage scale of
-`presets.stages`). The issue-21 arms are `--prune off,on,stagevar --cfg-stop off,refine`: stagevar carries
-its own CFG stop, so its cfg-stop@refine case would equal its plain one and is dropped. --res is
+`presets.stages`). The issue-21 arms are `--prune off,on,stagevar --cfg-stop off,refine`: stagevar
+carries its own CFG stop, so its cfg-stop@refine case would equal its plain one and is dropped. --res is
 Infinity's pixel side, passed to generate as its budget name, so the toy runs the same token grids).
 After --warmup untimed rounds, each of --repeats rounds runs every case once, in order (A/B/A/B), so
 drifts of a shared machine hit all cases alike. Peak memory is measured afterwards, in one separate
-untimed generation per case (RSS sampled every few ms on CPU, torch.cuda.max_memory_allocated on
-CUDA), so the sampling thread never runs during a timed generation. Reported per case: median and
-spread (min..max) of the total, text / transformer / VAE split and every scale; per-layer times; achieved GFLOP/s (analytic FLOPs from
-minivar.flops) of the transformer against a matmul peak and of the VAE decoder against a 3x3
-convolution peak, both measured in the same process; peak memory per phase; KV-cache bytes. Output:
-bench.json, bench.md, bench.png. --direct instead times plain `Pipeline.generate` calls (no hooks, no
-memory pass, no peaks) and writes direct.json and direct.md: the check of the bench's figures.
+untimed generation per case (RSS sampled every few ms on CPU, torch.cuda.max_memory_allocated on CUDA),
+so the sampling thread never runs during a timed generation. Reported per case: median and spread
+(min..max) of the total, text / transformer / VAE split and every scale; per-layer times; achieved
+GFLOP/s (analytic FLOPs from minivar.flops) of the transformer against a matmul peak and of the VAE
+decoder against a 3x3 convolution peak, both measured in the same process; peak memory per phase;
+KV-cache bytes. Output: bench.json, bench.md, bench.png. --direct instead times plain
+`Pipeline.generate` calls (no hooks, no memory pass, no peaks) and writes direct.json and direct.md: the
+check of the bench's figures.
 
 For a --depth k shape model, prune=True uses the preset computed for depth k, which scales FastVAR's
 layer window 3..27 of 32 to round(3k/32)..round(27k/32). The full-depth estimate instead places each
