@@ -7,7 +7,8 @@ Every setting uses the same prompts and seeds (`minivar.toy.geneval.evaluate`). 
 refinement boundary at r = 0.20; the boundary sweep keeps rank 8 and moves only where guidance stops
 (`presets.stagevar(refinement_from=...)`): the pruning band is prune=True's in every setting. "CFG stop
 alone" drops guidance from the refinement stage on and prunes nothing: the cost of StageVAR's first idea
-by itself.
+by itself. The band family keeps stagevar's selector and stop but computes the scales prune=True skips,
+with half their tokens dropped: all but the last of them, or all.
 """
 from __future__ import annotations
 
@@ -34,6 +35,11 @@ def settings(pipe) -> list[tuple[str, object]]:
     points += [(f"stagevar r={r}", stagevar(scales, cfg.depth, ref, rank=r)) for r in RANKS]
     points += [(f"stagevar refine>={b:.2f}", stagevar(scales, cfg.depth, ref, STAGEVAR_RANK, refinement_from=b))
                for b in BOUNDARIES if b != REFINEMENT_FROM]
+    skipped = sorted(sv.skip)  # a lighter band: skipped scales computed instead, half their tokens dropped
+    points += [("stagevar band: last scale skipped only",
+                replace(sv, drop={**sv.drop, **{si: 0.5 for si in skipped[:-1]}}, skip=frozenset(skipped[-1:]))),
+               ("stagevar band: no scale skipped",
+                replace(sv, drop={**sv.drop, **{si: 0.5 for si in skipped}}, skip=frozenset()))]
     return points
 
 
@@ -58,7 +64,7 @@ def markdown(rows: list[dict], n: int) -> str:
 
 
 GROUPS = (("unpruned", "ks"), ("CFG stop alone", "gD"), ("prune=True", "r*"), ("stagevar r=", "o-"),
-          ("stagevar refine", "^--"))
+          ("stagevar refine", "^--"), ("stagevar band", "v:"))
 
 
 def draw(ax, rows: list[dict]) -> None:
@@ -81,7 +87,7 @@ def draw(ax, rows: list[dict]) -> None:
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set(xlabel="transformer GFLOP per image (analytic, CFG on; log scale)", ylabel="mini-GenEval overall",
-           title="StageVAR on the toy: rank and refinement boundary")
+           title="StageVAR on the toy: projection rank, refinement boundary, pruning band")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
 

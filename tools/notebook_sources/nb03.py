@@ -305,8 +305,9 @@ The few prompts above cannot tell presets apart. `tools/stagevar_sweep.py` score
 1000 mini-GenEval prompts (the same prompts and seeds for each) and writes
 `docs/bench/stagevar_sweep.json`; the cell below plots the committed run. Two families: the projection
 rank r at the default boundary, and the refinement boundary (where guidance stops) at rank 8; beside
-them, guidance dropped in the refinement stage with no pruning at all ("CFG stop alone"). A point up
-and to the left is better: higher score for fewer transformer FLOPs.
+them, guidance dropped in the refinement stage with no pruning at all ("CFG stop alone"), and a
+lighter pruning band that computes the scales `prune=True` skips ("band"). A point up and to the left
+is better: higher score for fewer transformer FLOPs.
 """),
 ("code", '''
 import json
