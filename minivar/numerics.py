@@ -202,6 +202,10 @@ class Text:
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Text:
         return Text([fn(t) for t in self.tokens], self.segments)
 
+    def segment(self, k: int) -> Text:
+        """Only segment k of every image (0: the prompt, 1: the negative or null prompt), sharing `kv`."""
+        return Text(self.tokens, [[segs[k]] for segs in self.segments], self.kv)
+
     def row_segments(self, rows: int) -> list[tuple[int, int]]:
         """(image, start, end) of the text each of `rows` batch rows attends to."""
         n = len(self.tokens)

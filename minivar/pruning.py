@@ -241,9 +241,9 @@ class Pruner:
             return dense
         return lambda name, x, fn: self._pruned(si, layer, name, x, fn, k)
 
-    def keep_rows(self, n: int) -> None:
-        """Keep the first n batch rows of the restoration cache (stage-aware CFG drops the rest)."""
-        self.cache = {key: out[:n] for key, out in self.cache.items()}
+    def keep_rows(self, rows: slice) -> None:
+        """Keep some batch rows of the restoration cache (stage-aware CFG drops one half of a guided batch)."""
+        self.cache = {key: out[rows] for key, out in self.cache.items()}
 
     def _store(self, layer: int, name: str, out: torch.Tensor) -> torch.Tensor:
         self.cache[layer, name] = out

@@ -124,20 +124,24 @@ def run_blocks(model: Infinity, x: torch.Tensor, c: Conditioning, caches: list[K
     return x
 
 
-def conditional_only(c: Conditioning, caches: list[KVCache], pruner: Pruner,
-                     B: int) -> tuple[Conditioning, list[KVCache]]:
-    """The conditional rows of a CFG batch (stage-aware CFG drops the unconditional half).
+# Which half of a guided batch runs on after the CFG stop: 0 the conditional rows (guidance scale 1),
+# 1 the negative / null prompt's rows (guidance scale 0). StageVAR's descriptions run the refinement
+# stage without text, i.e. 1; they are silent on why. Measured on the toy (`tools/stagevar_branch.py`,
+# mini-GenEval, 1000 prompts, no pruning), the null prompt's rows score 0.185 against 0.267 for the
+# conditional ones (unpruned 0.281), so minivar keeps the prompt's rows.
+BRANCH_AFTER_CFG_STOP = 0
 
-    Every per-row state follows: the KV caches, and the pruner's restoration cache, whose rows must
-    pair with the rows of the scales that it restores.
 
-    Why the conditional half: StageVAR's descriptions run the refinement stage without text (guidance
-    scale 0, the null prompt); they are silent on why. Measured on the toy (`tools/stagevar_branch.py`,
-    mini-GenEval, 1000 prompts, no pruning), keeping the null-prompt rows scores 0.185 against 0.267
-    for the conditional ones (unpruned 0.281), so minivar keeps the prompt's rows: guidance scale 1.
+def one_branch(c: Conditioning, caches: list[KVCache], pruner: Pruner, B: int,
+               half: int) -> tuple[Conditioning, list[KVCache]]:
+    """Half `half` (0 conditional, 1 unconditional) of a CFG batch: stage-aware CFG drops the other.
+
+    Every per-row state follows: the conditioning rows and text segments, the KV caches, and the
+    pruner's restoration cache, whose rows must pair with the rows of the scales that it restores.
     """
-    pruner.keep_rows(B)
-    return Conditioning(c.text, c.cond[:B], c.gss[:B]), [cache.rows(B) for cache in caches]
+    rows = slice(half * B, (half + 1) * B)
+    pruner.keep_rows(rows)
+    return Conditioning(c.text.segment(half), c.cond[rows], c.gss[rows]), [cache.rows(rows) for cache in caches]
 
 
 def run_scale_loop(model: Infinity, c: Conditioning, B: int, scales: list[tuple[int, int]], template: float,
@@ -165,8 +169,9 @@ def run_scale_loop(model: Infinity, c: Conditioning, B: int, scales: list[tuple[
     for k, si in enumerate(progress(ran) if progress else ran):
         t0 = time.perf_counter()
         if guided and stop is not None and si >= stop:
-            # stage-aware CFG: conditional rows only from here (">=": the stop scale may be skipped)
-            (c, caches), x, guided = conditional_only(c, caches, pruner, B), x[:B], False
+            # stage-aware CFG: one half only from here (">=": the stop scale may be skipped); both
+            # halves of x are the same tokens
+            (c, caches), x, guided = one_branch(c, caches, pruner, B, BRANCH_AFTER_CFG_STOP), x[:B], False
         step = Step(si, scales[si], cfgs[si], taus[si], guided, last=si == ran[-1])
         rope = model.rope.table(template, *step.hw, device)
         x = run_blocks(model, x, c, caches, rope, pruner, step, mix_after)

@@ -116,10 +116,10 @@ class KVCache:
         self.v = torch.empty(shape, dtype=dtype, device=device)
         self.pos = 0
 
-    def rows(self, n: int) -> KVCache:
-        """A view of the first n batch rows (stage-aware CFG keeps only the conditional rows)."""
+    def rows(self, rows: slice) -> KVCache:
+        """A view of some batch rows (stage-aware CFG keeps one half of a guided batch)."""
         view = KVCache.__new__(KVCache)
-        view.k, view.v, view.pos = self.k[:n], self.v[:n], self.pos
+        view.k, view.v, view.pos = self.k[rows], self.v[rows], self.pos
         return view
 
     def extend(self, k: torch.Tensor, v: torch.Tensor, store: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
