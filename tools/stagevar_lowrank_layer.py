@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 import minivar
 from minivar.config import PRESETS
+from minivar.transformer import FFN
 
 PROMPTS = ["a red circle", "two green squares", "three purple diamonds", "a blue triangle above a yellow circle"]
 RANKS = (8, 32, 64)
@@ -35,18 +36,20 @@ def low_rank(x: torch.Tensor, r: int, seed: int = 0) -> tuple[torch.Tensor, torc
     """(mean (1, C), Q (N, r) orthonormal, Z (r, C)) with x ~ mean + Q Z, from a seeded Gaussian sketch."""
     g = torch.randn(x.shape[-1], r, generator=torch.Generator().manual_seed(seed), dtype=x.dtype)
     m = x.mean(0, keepdim=True)
-    q = torch.linalg.qr((x - m) @ g).Q
-    return m, q, q.T @ (x - m)
+    xc = x - m
+    q = torch.linalg.qr(xc @ g).Q
+    return m, q, q.T @ xc
 
 
-def ffn_full(x, w1, b1, w2, b2):
-    return F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh"), w2, b2)
-
-
-def ffn_low_rank(x, w1, b1, w2, b2, r):
+def fc1_low_rank(ffn: FFN, x: torch.Tensor, r: int) -> torch.Tensor:
+    """fc1 of the rank-r approximation of x: on r + 1 rows, then expanded to N."""
     m, q, z = low_rank(x, r)
-    h = F.linear(m, w1, b1) + q @ F.linear(z, w1)     # fc1 on r + 1 rows, then expanded to N
-    return F.linear(F.gelu(h, approximate="tanh"), w2, b2)
+    return ffn.fc1(m) + q @ F.linear(z, ffn.fc1.weight)
+
+
+def ffn_low_rank(ffn: FFN, x: torch.Tensor, r: int) -> torch.Tensor:
+    """`FFN.forward` with fc1 in rank r (GELU and fc2 on all N rows)."""
+    return ffn.fc2(F.gelu(fc1_low_rank(ffn, x, r), approximate="tanh"))
 
 
 def error_table() -> str:
@@ -56,13 +59,12 @@ def error_table() -> str:
     hooks = [blocks[i].ffn.register_forward_hook(lambda mod, args, out, i=i: seen[i].append((mod, args[0][0], out[0])))
              for i in seen]
     try:
-        scales = None
         for prompt in PROMPTS:
-            out = pipe.generate(prompt, seed=0, trace=True, output_type="latent")
-            scales = out.trace.scales
+            out = pipe.generate(prompt, seed=0, trace=True, output_type="latent")  # every prompt: the same scales
     finally:
         for h in hooks:
             h.remove()
+    scales = out.trace.scales
     refine = {s for s, stage in zip(scales, out.stages) if stage == "refinement"}
     rows = {}
     for i, calls in seen.items():
@@ -73,8 +75,7 @@ def error_table() -> str:
             x, y = x.double(), y.double()
             for r in RANKS:
                 m, q, z = low_rank(x, r)
-                xc = x - m
-                kept = float((q.T @ xc).square().sum() / xc.square().sum())
+                kept = float(z.square().sum() / (x - m).square().sum())
                 err = float((mod(m + q @ z) - y).norm() / (y - y.mean(0)).norm())
                 rows.setdefault((hw, r), []).append((kept, err))
     lines = ["| scale | rank r | centred input energy kept | FFN output error (relative to its spread) |",
@@ -100,27 +101,24 @@ def time_table(n: int = 64 * 64) -> str:
     c, hidden = cfg.embed_dim, cfg.ffn_hidden
     torch.manual_seed(0)
     x = torch.randn(n, c)
-    w1, b1 = torch.randn(hidden, c) / c ** 0.5, torch.zeros(hidden)
-    w2, b2 = torch.randn(c, hidden) / hidden ** 0.5, torch.zeros(c)
-    full = timed(lambda: ffn_full(x, w1, b1, w2, b2))
-    lin = timed(lambda: F.linear(x, w1, b1))
+    ffn = FFN(c, hidden)  # minivar's FFN, default (random) initialisation
+    full = timed(lambda: ffn(x))
+    lin = timed(lambda: ffn.fc1(x))
     lines = [f"One FFN of Infinity-2B width (C {c}, hidden {hidden}), {n} tokens, float32, "
              f"{torch.get_num_threads()} threads; median of 5:", "",
              "| variant | rank r | seconds | speedup |", "|---|---:|---:|---:|",
              f"| FFN, full | | {full:.3f} | 1.00x |"]
     for r in RANKS:
-        t = timed(lambda: ffn_low_rank(x, w1, b1, w2, b2, r))
+        t = timed(lambda: ffn_low_rank(ffn, x, r))
         lines.append(f"| FFN, fc1 in rank r (GELU, fc2 full) | {r} | {t:.3f} | {full / t:.2f}x |")
     lines.append(f"| fc1 alone, full | | {lin:.3f} | 1.00x |")
     for r in RANKS:
-        def factored():
-            m, q, z = low_rank(x, r)
-            return F.linear(m, w1, b1) + q @ F.linear(z, w1)
-        t = timed(factored)
+        t = timed(lambda: fc1_low_rank(ffn, x, r))
         lines.append(f"| fc1 alone, factored | {r} | {t:.3f} | {lin / t:.2f}x |")
     return "\n".join(lines)
 
 
+@torch.no_grad()
 def main() -> None:
     print(error_table())
     print()
