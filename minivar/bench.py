@@ -6,11 +6,11 @@
 
 Subjects:
     tiny               the golden fixture tests/fixtures/tiny-a: real T5, transformer and VAE
-    toy                the toy model in weights/toy, skipped when it is not there
+    toy                the toy model shipped in minivar/toy/weights, skipped when it is not there
     infinity-2b-shape  Infinity-2B widths with random weights and --depth layers; random T5-width text
     infinity-8b-shape  the same for Infinity-8B (VAE d56)
     infinity-2b-synthetic  a full-size random checkpoint set in the published formats (about 10 GB,
-                       written once under $MINIVAR_HOME), run end to end at full depth with real T5,
+                       written once under the weights home), run end to end at full depth with real T5,
                        each --res x --prune arm in a fresh process (load, phase times, peak RSS);
                        see synthetic.py. Minutes per arm: never part of --quick or CI.
 Shape models build `Infinity` at the real widths with fewer layers (deterministic init), read fixed
@@ -176,7 +176,7 @@ def random_subject(name: str, family: str, full: InfinityConfig, depth: int, vae
 
 
 def pipeline_subject(name: str, with_vae: bool, weight_dtype: torch.dtype | None = None) -> Subject | None:
-    """A real pipeline: the tiny-a fixture, or the toy model (None when weights/toy is absent)."""
+    """A real pipeline: the tiny-a fixture, or the shipped toy model (None when it is absent)."""
     import minivar
 
     if name == "tiny":
@@ -185,10 +185,10 @@ def pipeline_subject(name: str, with_vae: bool, weight_dtype: torch.dtype | None
                             config=t / "infinity_config.json", vae_config=t / "vae_config.json",
                             dtype=weight_dtype)
     else:
-        from .hub import weights_home
+        from .hub import SHIPPED
 
-        if not (weights_home() / "toy").is_dir():
-            print(f"skipping toy: {weights_home() / 'toy'} does not exist")
+        if not SHIPPED["toy"].is_dir():
+            print(f"skipping toy: {SHIPPED['toy']} does not exist")
             return None
         try:
             pipe = minivar.load("toy", dtype=weight_dtype)

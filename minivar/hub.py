@@ -1,6 +1,6 @@
 """Model registry: which files make up each preset, where they live on disk, and how to fetch them.
 
-    weights/                               ($MINIVAR_HOME moves it)
+    ~/.cache/minivar/                      the weights home: $MINIVAR_HOME, else $XDG_CACHE_HOME/minivar
       infinity-2b/infinity_2b_reg.pth          Infinity-2B (a .safetensors twin from `minivar convert` wins)
       infinity-2b/infinity_vae_d32reg.pth      its VAE
       infinity-8b/infinity_8b_weights/         Infinity-8B: model.safetensors.index.json + 4 shards
@@ -8,7 +8,12 @@
       flan-t5-xl/                              the text encoder both presets share: config.json,
                                                spiece.model, the shard index and the shards that hold
                                                encoder tensors (the decoder is never downloaded)
-      toy/                                     a model directory (layout below); nothing to download
+
+    minivar/toy/weights/                   the toy, a model directory (layout below) inside the package,
+                                           so every install has it; nothing to download
+
+The weights home is outside the package, the same for editable and regular installs, so downloads
+never land in site-packages (an old checkout's weights/ folder still works as MINIVAR_HOME=weights).
 
 A *model directory* (`minivar.load("path/to/dir")`, `minivar --model path/to/dir`) holds
 
@@ -30,7 +35,6 @@ from pathlib import Path
 from .config import PRESETS, InfinityConfig
 from .weights import CheckpointError, shard_files
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 TOY_HINT = 'or run offline with the toy model: minivar "a red fox" --model toy'
 
 
@@ -38,7 +42,7 @@ TOY_HINT = 'or run offline with the toy model: minivar "a red fox" --model toy'
 class ModelSpec:
     name: str
     repo: str | None               # Hugging Face repo of the transformer and VAE; None: local files only
-    transformer: str               # file (or shard index) inside `repo` and inside weights/<name>/
+    transformer: str               # file (or shard index) inside `repo` and inside <weights home>/<name>/
     vae: str
     vae_config: str                # VAE preset name, or a JSON file next to the weights
     text_encoder_repo: str | None
@@ -56,9 +60,9 @@ SPECS: dict[str, ModelSpec] = {
                              "infinity_vae_d56_f8_14_patchify.pth", "d56", "google/flan-t5-xl", PRESETS["infinity-8b"]),
 }
 
-# Model directories that ship with the checkout, found by name whatever $MINIVAR_HOME says.
-# "toy" is trained by `python -m minivar.toy.train --out weights/toy` (see weights/toy/README.md).
-SHIPPED = {"toy": REPO_ROOT / "weights" / "toy"}
+# Model directories that ship inside the package (package data), found by name whatever $MINIVAR_HOME says.
+# "toy" is trained by `python -m minivar.toy.train --out minivar/toy/weights` (see its README.md).
+SHIPPED = {"toy": Path(__file__).resolve().parent / "toy" / "weights"}
 
 # What the text encoder needs from its repo, besides the shards that hold encoder tensors.
 T5_FILES = ("config.json", "spiece.model")
@@ -75,8 +79,11 @@ LAYOUT = {
 
 
 def weights_home() -> Path:
-    """Where weights live: $MINIVAR_HOME, else the checkout's weights/ folder."""
-    return Path(os.environ.get("MINIVAR_HOME") or REPO_ROOT / "weights").expanduser()
+    """Where presets are downloaded: $MINIVAR_HOME, else the user cache ($XDG_CACHE_HOME/minivar, default
+    ~/.cache/minivar); never inside the package, which a regular install puts in site-packages."""
+    if os.environ.get("MINIVAR_HOME"):
+        return Path(os.environ["MINIVAR_HOME"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "minivar"
 
 
 def prefer_converted(path: Path) -> Path:
@@ -122,11 +129,12 @@ def resolve_files(name: str | os.PathLike | None, *, transformer=None, vae=None,
 
 
 def find_directory(name: str | os.PathLike) -> Path:
-    """A model directory given as a path, or by its name under the weights home (e.g. weights/toy)."""
+    """A model directory: shipped (toy), given as a path, or by its name under the weights home."""
     for path in (SHIPPED.get(str(name)), Path(name).expanduser(), weights_home() / str(name)):
         if path is not None and path.is_dir():
             return path
-    hint = "; build the toy model with `python -m minivar.toy.train --out weights/toy`" if str(name) == "toy" else ""
+    hint = ("; build the toy model with `python -m minivar.toy.train --out minivar/toy/weights`"
+            if str(name) == "toy" else "")
     raise ValueError(f"unknown model {str(name)!r}: it is not a preset ({', '.join(sorted(SPECS))}) and there is "
                      f"no model directory {Path(name).expanduser()} or {weights_home() / str(name)}{hint}")
 

@@ -4,11 +4,11 @@
 
 `write_set` writes, once, random weights with the exact keys, shapes, dtypes, file formats and folder
 layout of the published Infinity-2B (bf16 `.pth`), its d32 VAE (float32 `.pth`, `{"vae": ...}`) and the
-flan-t5-xl encoder (float32 safetensors shards with an index), about 10 GB, under
-`$MINIVAR_HOME/infinity-2b-synthetic/`. That folder is a weights home of its own, so
-`minivar.load("infinity-2b")` finds the set there (with MINIVAR_HOME pointing at it) exactly as it would
-find downloaded weights, and never mistakes it for the real ones. Writing streams the values chunk by
-chunk: a `.pth` is first saved with its data left out (`torch.serialization.skip_data`), then filled
+flan-t5-xl encoder (float32 safetensors shards with an index), about 10 GB, in `infinity-2b-synthetic/`
+under the weights home (`$MINIVAR_HOME`, default ~/.cache/minivar). That folder is a weights home of its
+own, so `minivar.load("infinity-2b")` finds the set there (with MINIVAR_HOME pointing at it) exactly as it
+would find downloaded weights, and never mistakes it for the real ones. Writing streams the values chunk
+by chunk: a `.pth` is first saved with its data left out (`torch.serialization.skip_data`), then filled
 through a shared memory map; safetensors shards are written tensor by tensor.
 
 `run_arm` is one measured run in a fresh process (so peaks of different runs never mix): it does what
@@ -144,7 +144,7 @@ def _numel(shape: list[int]) -> int:
 # The set: a weights home laid out as hub.py expects
 # --------------------------------------------------------------------------------------------------
 def set_home() -> Path:
-    """The synthetic set's own weights home, inside the user's: $MINIVAR_HOME/infinity-2b-synthetic."""
+    """The synthetic set's own weights home, inside the user's: <weights home>/infinity-2b-synthetic."""
     from .hub import weights_home
 
     return weights_home() / NAME

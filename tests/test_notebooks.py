@@ -6,7 +6,7 @@ again headless (nbclient, python3 kernel, this checkout first on the kernel's im
 the same code cells, outputs where there were outputs, the same number of plots, and no errors.
 Numbers and pixels are not compared: timings and plots change from run to run.
 
-A failure here usually means the package or weights/toy changed: rebuild with
+A failure here usually means the package or the toy weights changed: rebuild with
 `python tools/notebook_sources/build.py` and commit notebooks/.
 """
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""The shipped toy model (weights/toy): real checkpoint formats, offline loading, and pictures the
-checker can judge.
+"""The shipped toy model (minivar/toy/weights, package data): real checkpoint formats, offline loading,
+and pictures the checker can judge.
 
 The shipped weights do not reach issue 5's quality bar (mini-GenEval overall 0.055, single object
-0.275; see weights/toy/README.md). The tests below assert what they do meet, at bars a model that
-ignores its caption, or the previous weights (0.075 single object), fail.
+0.275; see minivar/toy/weights/README.md). The tests below assert what they do meet, at bars a model
+that ignores its caption, or the previous weights (0.075 single object), fail.
 """
 import json
 

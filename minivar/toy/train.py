@@ -1,7 +1,7 @@
 """Train the toy Infinity from scratch on procedural shape scenes, in the real checkpoint formats.
 
-    python -m minivar.toy.train --out weights/toy                     # the shipped toy, all three stages
-    python -m minivar.toy.train --reuse-vae weights/toy --steps 1050 --eval 100 --out /tmp/run \
+    python -m minivar.toy.train --out minivar/toy/weights             # the shipped toy, all three stages
+    python -m minivar.toy.train --reuse-vae minivar/toy/weights --steps 1050 --eval 100 --out /tmp/run \
         --set t5.num_layers=4                                         # a short A/B run (about 20 min)
 
 The short-run protocol keeps the tokenizer and VAE of an existing model directory, trains only the
@@ -509,7 +509,8 @@ def override(recipe: Recipe, assignment: str) -> Recipe:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m minivar.toy.train", description=__doc__.split("\n\n")[0])
     p.add_argument("recipe", nargs="?", default="toy", choices=sorted(RECIPES),
-                   help="'toy' makes weights/toy; 'tiny' is a seconds-long smoke run (default: toy)")
+                   help="'toy' makes the shipped toy (minivar/toy/weights); 'tiny' is a seconds-long smoke run "
+                        "(default: toy)")
     p.add_argument("--out", type=Path, required=True, help="model directory to write")
     p.add_argument("--threads", type=int, default=2,
                    help="torch CPU threads (default: %(default)s; results are bit-exact for a given thread count)")

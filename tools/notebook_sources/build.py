@@ -4,9 +4,9 @@
     python tools/notebook_sources/build.py 02 03            # only some of them
     python tools/notebook_sources/build.py --model infinity-2b --out /tmp/nb    # try other weights (not for committing)
 
-Run it from any directory after the weights in weights/toy or the package change, then commit
-notebooks/: tests/test_notebooks.py re-executes every notebook and fails when one no longer runs the
-way it was committed. Each nbNN.py holds one notebook as a list of ("md" | "code", source) cells;
+Run it from any directory after the toy weights (minivar/toy/weights) or the package change, then
+commit notebooks/: tests/test_notebooks.py re-executes every notebook and fails when one no longer runs
+the way it was committed. Each nbNN.py holds one notebook as a list of ("md" | "code", source) cells;
 common.py holds the cells they share. A notebook executes headless with nbclient on the python3
 kernel, in notebooks/, with this checkout first on the kernel's import path and one torch thread.
 """

@@ -4,7 +4,7 @@ import nbformat
 FASTVAR = "[FastVAR (arXiv 2503.23367)](https://arxiv.org/abs/2503.23367)"
 INFINITY = "[Infinity (arXiv 2412.04431)](https://arxiv.org/abs/2412.04431)"
 
-MODEL_MD = """Choose the model in the next cell. `'toy'` is the small model shipped in `weights/toy`: it works
+MODEL_MD = """Choose the model in the next cell. `'toy'` is the small model shipped in `minivar/toy/weights`: it works
 offline, and the whole notebook runs in well under a minute on two CPU cores. `'infinity-2b'` uses the
 real Infinity-2B weights at 1024x1024 (downloaded on first use: several GB, see the README's section on
 weights); a GPU is advisable. The code below works the same for both."""
