@@ -69,7 +69,8 @@ def build_parsers() -> dict[str, Parser]:
                  epilog="other commands: minivar batch --help | minivar convert --help | minivar download --help")
     gen.add_argument("prompt", help="the text prompt")
     gen.add_argument("--seed", type=int, default=Settings.seed, metavar="N", help="sampling seed (default: %(default)s)")
-    gen.add_argument("--out", default=None, metavar="FILE", help="image file (default: the prompt's first words .png)")
+    gen.add_argument("--out", default=None, metavar="FILE", help="image file, replaced if it exists (default: the prompt's first words and the seed, "
+                          "e.g. a-red-fox-seed1.png, never replacing an earlier image)")
     gen.add_argument("--trace", default=None, metavar="FILE.pt", help="also save the per-scale trace (torch.save)")
     add_generation_flags(gen)
 
@@ -89,7 +90,7 @@ def build_parsers() -> dict[str, Parser]:
     convert.add_argument("--out", default=None, metavar="FILE", help="output file (only with one .pth target)")
 
     download = Parser(prog="minivar download", description="Download a preset's files into the weights folder "
-                      "($MINIVAR_HOME, default weights/).")
+                      "($MINIVAR_HOME, default ~/.cache/minivar).")
     download.add_argument("model", help="infinity-2b or infinity-8b")
     download.add_argument("--revision", default=None, metavar="REV", help="pinned hub revision (commit or tag)")
     return {"generate": gen, "batch": batch, "convert": convert, "download": download}
@@ -184,9 +185,14 @@ class ScaleTimer:
             self.seconds[si] = time.perf_counter() - t0
 
 
-def default_out(prompt: str) -> Path:
-    words = re.findall(r"[A-Za-z0-9]+", prompt.lower())[:6]
-    return Path(("-".join(words) or "minivar") + ".png")
+def default_out(prompt: str, seed: int, folder: Path = Path(".")) -> Path:
+    """The prompt's first words and the seed, e.g. a-red-fox-seed1.png; if that file exists, the first
+    free a-red-fox-seed1-2.png, -3 ...: a rerun never replaces an earlier image unless --out names it."""
+    stem = "-".join(re.findall(r"[A-Za-z0-9]+", prompt.lower())[:6]) or "minivar"
+    path, n = folder / f"{stem}-seed{seed}.png", 2
+    while path.exists():
+        path, n = folder / f"{stem}-seed{seed}-{n}.png", n + 1
+    return path
 
 
 def cmd_generate(args) -> int:
@@ -197,7 +203,7 @@ def cmd_generate(args) -> int:
 
     check_arguments(prompt=args.prompt, seed=args.seed)
     kwargs = generation_kwargs(args)
-    out_path = Path(args.out) if args.out else default_out(args.prompt)
+    out_path = Path(args.out) if args.out else default_out(args.prompt, args.seed)
     if out_path.suffix.lower() not in Image.registered_extensions():
         raise UsageError(f"--out {out_path}: unknown image type {out_path.suffix!r}; use .png, .jpg or .webp")
     check_writable(out_path.parent, f"--out {out_path}")

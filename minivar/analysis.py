@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .pruning import ScaleRecord
-from .transformer import Infinity
+from .transformer import ATTENTION_PROBES, Infinity
 
 
 def radial_power_spectrum(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,8 +182,8 @@ def capture_attention(model: Infinity, layers: list[int], rows: int | None = Non
     first batch rows: the conditional images come first) or every row. The keys are every cached
     token of earlier scales, then the scale's own. Heads are averaged one at a time, so the probe
     never holds more than one head's (R, Lq, Lk) map: at 1024 px on Infinity-2B that is 0.35 GB
-    instead of 5.5 GB for all heads at once. The probe is off outside this block; when off the
-    attention path is a single attribute check.
+    instead of 5.5 GB for all heads at once. The probe is off outside this block and in other threads
+    (`transformer.ATTENTION_PROBES` is a context variable); when off the attention path is one lookup.
     """
     maps: dict[int, list[torch.Tensor]] = {li: [] for li in layers}
 
@@ -195,13 +195,11 @@ def capture_attention(model: Infinity, layers: list[int], rows: int | None = Non
             maps[li].append(mean.cpu())
         return record
 
-    for li in layers:
-        model.blocks[li].sa.probe = probe(li)
+    token = ATTENTION_PROBES.set({model.blocks[li].sa: probe(li) for li in layers})
     try:
         yield maps
     finally:
-        for li in layers:
-            model.blocks[li].sa.probe = None
+        ATTENTION_PROBES.reset(token)
 
 
 def previous_scale_attention(p: torch.Tensor, scales: list[tuple[int, int]], si: int) -> torch.Tensor:

@@ -48,12 +48,19 @@ def check_text(name: str, text) -> None:
                               "UTF-8); pass UTF-8 text") from None
 
 
+def check_prompt_text(name: str, text) -> None:
+    """A prompt: text with something to read. (An empty negative prompt is fine: it means the default.)"""
+    check_text(name, text)
+    if not text.strip():
+        raise bad(name, text, "the prompt is empty or blank; describe the image to generate")
+
+
 def check_prompt(name: str, prompt) -> None:
     if isinstance(prompt, (list, tuple)) and prompt:
         for i, p in enumerate(prompt):
-            check_text(f"{name}[{i}]", p)
+            check_prompt_text(f"{name}[{i}]", p)
     elif isinstance(prompt, str):
-        check_text(name, prompt)
+        check_prompt_text(name, prompt)
     else:
         raise bad(name, prompt, "use a string or a non-empty list of strings")
 
@@ -81,8 +88,8 @@ def check_top_k(name: str, value) -> None:
 
 
 def check_top_p(name: str, value) -> None:
-    if not is_real(value) or not 0 < value <= 1:
-        raise bad(name, value, "use a number in (0, 1] (1 keeps every value)")
+    if not is_real(value) or not 0 <= value <= 1:
+        raise bad(name, value, "use a number in [0, 1] (0 or 1 turn the top-p filter off, as upstream's 0 does)")
 
 
 def check_seed(name: str, value) -> None:

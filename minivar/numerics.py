@@ -14,7 +14,9 @@ from that scale on. Each piece says what breaks without it.
 * Batch invariance (`image_batch`, `per_image`): BLAS picks its kernels, and with them the
   rounding of every output, by the shape of the product, row count included. With several images
   in a batch, every product therefore runs image by image, on exactly the rows (and row count) a
-  single-image run would have. Measured on the tiny fixture (Intel Xeon, AVX-512): computing the
+  single-image run would have, in the same contiguous layout (a strided view of the same rows can
+  take another kernel: on AMD EPYC a 10x96 @ 96x64 product of a strided view and of its contiguous
+  copy differ in the last bit). Measured on the tiny fixture (Intel Xeon, AVX-512): computing the
   batch as a whole moved an image's logits by up to 8e-5 (relative) against its single-image run,
   enough to flip bits; image by image they are identical, so `generate([a, b])` gives image a the
   logits of `generate(a)` bit for bit.
@@ -102,12 +104,17 @@ def images_in_batch() -> int:
 
 
 def per_image(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """fn applied row-wise to x (R, ...), one image's rows at a time."""
+    """fn applied row-wise to x (R, ...), one image's rows at a time.
+
+    Each image's rows reach `fn` as a fresh contiguous tensor: the shape, strides and alignment a
+    single-image run gives its own (contiguous) input, so BLAS takes the same kernel for both on any
+    CPU. The model only hands contiguous inputs to its products (tests/test_numerics.py checks it).
+    """
     n, R = _IMAGES.get(), x.shape[0]
     if n == 1 or R % n:
         return fn(x)
     groups = torch.arange(R, device=x.device).view(R // n, n).t()  # (n, R/n): the rows of each image
-    outs = [fn(x[rows]) for rows in groups]
+    outs = [fn(x[rows].contiguous()) for rows in groups]  # advanced indexing copies: contiguous already
     out = outs[0].new_empty(R, *outs[0].shape[1:])
     for rows, o in zip(groups, outs):
         out[rows] = o

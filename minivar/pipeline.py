@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from PIL import Image
 
 from . import memory
 from .checkpoint import load_infinity
-from .checks import check_against_schedule, check_arguments, check_text
+from .checks import check_against_schedule, check_arguments, check_prompt_text
 from .config import BUDGETS, HIGH_RES, RES_TO_BUDGET, InfinityConfig, nearest_template, scale_schedule
 from .numerics import cache_dtype, image_batch
 from .presets import model_stages, resolve_prune
@@ -115,7 +116,7 @@ class Pipeline:
                         output_type=output_type)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         scales, template = self.schedule(res, h_div_w), nearest_template(h_div_w)
-        schedule = resolve_prune(prune, self.transformer.cfg, scales, template)
+        schedule = resolve_prune(prune, self.transformer.cfg, scales)
         check_against_schedule(cfg=cfg, tau=tau, cfg_stop_scale=cfg_stop_scale, cfg_insertion_layer=cfg_insertion_layer,
                                force_bits=force_bits, scales=scales, prune=schedule, depth=self.transformer.cfg.depth,
                                d_bits=self.transformer.cfg.d_vae, batch=len(prompts))
@@ -141,16 +142,14 @@ class Pipeline:
         images = self.decode(summed) if output_type == "pil" else []
         self.release(self.vae)
         times["vae"] = time.perf_counter() - t1
-        stages = self.stages(scales, template)
+        stages = self.stages(scales)
         if rec is not None:
             rec.stage = [stages[si] for si in rec.index]
         return Output(images, summed.squeeze(2).float().contiguous(), rec, scales, schedule, times, stages)
 
-    def stages(self, scales: list[tuple[int, int]], template: float) -> list[str]:
-        """The StageVAR stage of each scale (`presets.stages`); empty for a model whose trained budget
-        is not a standard one (it has no reference grid)."""
-        cfg = self.transformer.cfg
-        return model_stages(cfg, scales, template) if cfg.pn in BUDGETS else []
+    def stages(self, scales: list[tuple[int, int]]) -> list[str]:
+        """The StageVAR stage of each scale (`presets.stages`), against the model's own reference grid."""
+        return model_stages(self.transformer.cfg, scales)
 
     def release(self, module: torch.nn.Module) -> None:
         """Hand back the resident pages of a memory-mapped model (CPU); the next use faults them in again."""
@@ -271,13 +270,23 @@ def sample(prompt: str, res: int | None = None, prune=True, model: str = "infini
            dtype: torch.dtype | None = None, progress=True, **kwargs) -> Image.Image:
     """One call from a prompt to a PIL image: loads (downloading if needed, then caching) the model,
     then generates with a progress bar over the scales. `model="toy"` runs offline."""
-    check_text("prompt", prompt)  # one prompt, one image (Pipeline.generate takes a list)
+    check_prompt_text("prompt", prompt)  # one prompt, one image (Pipeline.generate takes a list)
     check_arguments(res=res, prune=prune, progress=progress, **kwargs)  # before loading a model
+    return cached_pipeline(model, device, dtype).generate(prompt, res=res, prune=prune, progress=progress,
+                                                           **kwargs).image
+
+
+def cached_pipeline(model: str, device: str, dtype: torch.dtype | None) -> Pipeline:
+    """The pipeline `sample` uses: loaded once, at most one model kept. Threads asking at the same time
+    wait for one load; a pipeline in use by another thread stays valid when the cache moves on."""
     key = (str(model), device, dtype)
-    if key not in _PIPELINES:
-        _PIPELINES.clear()  # keep at most one model in memory
-        _PIPELINES[key] = load(model, device=device, dtype=dtype)
-    return _PIPELINES[key].generate(prompt, res=res, prune=prune, progress=progress, **kwargs).image
+    with _PIPELINES_LOCK:
+        pipe = _PIPELINES.get(key)
+        if pipe is None:
+            _PIPELINES.clear()  # keep at most one model in memory
+            pipe = _PIPELINES[key] = load(model, device=device, dtype=dtype)
+        return pipe
 
 
 _PIPELINES: dict[tuple[str, str, torch.dtype | None], Pipeline] = {}
+_PIPELINES_LOCK = threading.Lock()

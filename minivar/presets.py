@@ -2,14 +2,14 @@
 
 `prune="fastvar"` is FastVAR's released recipe taken literally, whatever the model: absolute layers
 3..27 (cut to the model's depth), scales 32 and 40 wide drop 40 % and 50 % of their tokens, the
-576-token (24x24) scale is the restoration cache, and scales 48 or 64 wide are skipped. It only
-makes sense for 1:1 schedules; it is what parity with FastVAR's code is checked against.
+576-token (24x24) scale is the restoration cache, and scales 48 or 64 wide are skipped. It is keyed
+on square grids, so other aspects are refused; it is what parity with FastVAR's code is checked against.
 
 `prune=True` is the same recipe expressed so that it transfers to every model, aspect and budget.
-Each scale is placed by its token count relative to the model's reference grid (the template's
-final grid at the model's native resolution, i.e. the budget `pn` of its config: 64x64 for 1:1 at
-1024 on Infinity, 16x16 for the toy), and the layer
-window is scaled with depth:
+Each scale is placed by its token count relative to the model's reference grid (the square grid at
+the model's native resolution, i.e. the budget `pn` of its config: 64x64 at 1024 on Infinity, 16x16
+for the toy), read on the scale's square twin (`square_twin`: the 1:1 grid at the same index, so
+that every aspect is treated at the same places), and the layer window is scaled with depth:
 
     share r = tokens / reference tokens     1:1 at 1024 (Infinity-2B)
     largest scale with r < 0.20             24x24 (r 0.14)      restoration cache
@@ -19,19 +19,23 @@ window is scaled with depth:
     layers round(3/32 depth) .. round(27/32 depth)              3 .. 27 of 32
 
 On Infinity-2B at 1:1 and 1024 this reproduces FastVAR exactly; on 2:1 it picks 38x19 as the cache,
-46x23 and 60x30 as pruned scales and skips 74x37 and 90x45, the same positions in the schedule.
+46x23 and 60x30 as pruned scales and skips 74x37 and 90x45, the same positions in the schedule
+(which 2:1's own shares would pick too); on the toy every aspect caches scale 3, drops 40 % of
+scale 4 and skips 5 and 6.
 Lower budgets prune only the scales that reach these shares (none at 256). Zero-shot high resolution
 (1344, 2048) keeps every scale, since skipping would throw away exactly what the extra scales add:
 scales with r >= 0.47 are computed on 25 % of their tokens instead.
 
-`stages` splits any schedule into StageVAR's three stages by the same share r, and
+`stages` splits any schedule into StageVAR's three stages by the same share r (`model_stages`: on the
+square twin, like the presets), and
 `prune="stagevar"` is prune=True plus StageVAR's two refinement-stage accelerations (see `stagevar`).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import fields, replace
 
-from .config import BUDGETS, TEMPLATES, InfinityConfig
+from .config import TEMPLATES, InfinityConfig, scale_schedule
 from .pruning import PruneSchedule
 
 CACHE_BELOW, DROP40_BELOW, DROP50_BELOW = 0.20, 0.32, 0.47
@@ -71,9 +75,9 @@ def stages(scales: list[tuple[int, int]], reference_tokens: int, semantic_below:
     return [stage_of(h * w / reference_tokens, semantic_below, refinement_from) for h, w in scales]
 
 
-def model_stages(cfg: InfinityConfig, scales: list[tuple[int, int]], template: float = 1.0) -> list[str]:
-    """`stages` against the model's own reference grid (`reference_tokens`)."""
-    return stages(scales, reference_tokens(cfg, template))
+def model_stages(cfg: InfinityConfig, scales: list[tuple[int, int]]) -> list[str]:
+    """`stages` of any template's schedule, read on its square twin against the model's own reference grid."""
+    return stages(square_twin(scales), reference_tokens(cfg, 1.0))
 
 
 def stagevar(scales: list[tuple[int, int]], depth: int, reference_tokens: int, rank: int = STAGEVAR_RANK,
@@ -88,7 +92,15 @@ def stagevar(scales: list[tuple[int, int]], depth: int, reference_tokens: int, r
 
 
 def fastvar_literal(scales: list[tuple[int, int]]) -> PruneSchedule:
-    """FastVAR's recipe exactly as released: triggers are literal widths and a literal token count."""
+    """FastVAR's recipe exactly as released: triggers are literal widths and a literal token count.
+
+    Those widths mean something only on square grids (on h/w 0.75 "48 wide" is the middle 36x48 of
+    three large scales), so any other schedule is refused: prune=True is the recipe for every aspect.
+    """
+    if any(h != w for h, w in scales):
+        ratio = scales[-1][0] / scales[-1][1]
+        raise ValueError(f"prune='fastvar' is FastVAR's literal recipe for square (h/w 1.0) schedules; this one "
+                         f"is h/w {ratio:.3g}: use prune=True, which places the same recipe on every aspect")
     drop = {si: {32: 0.4, 40: 0.5}[w] for si, (h, w) in enumerate(scales) if w in (32, 40)}
     skip = frozenset(si for si, (h, w) in enumerate(scales) if w in (48, 64))
     cache = next((si for si, (h, w) in enumerate(scales) if h * w == 576), None)
@@ -119,17 +131,27 @@ def proportional(scales: list[tuple[int, int]], depth: int, reference_tokens: in
 
 
 def reference_tokens(cfg: InfinityConfig, template: float) -> int:
-    """Tokens of the model's native final grid for this aspect template: the template's 1M grid,
-    scaled to the side of the 1:1 grid of the budget the model was trained at (`cfg.pn`): 64 cells
-    for Infinity (1M), 16 for the toy (0.06M). It follows from the config, never from a name."""
-    if cfg.pn not in BUDGETS:
-        raise ValueError(f"the model config's trained budget pn={cfg.pn!r} is not one of {list(BUDGETS)}")
-    h, w = TEMPLATES[template][-1]
-    side = TEMPLATES[1.0][BUDGETS[cfg.pn] - 1][0]
-    return round(h * w * (side / 64) ** 2)
+    """Tokens of the model's native final grid for this aspect template: the template's own last grid
+    at the budget the model was trained at (`cfg.pn`): 64x64 for Infinity at 1:1 (1M), 16x16 for the
+    toy (0.06M), 20x16 for the toy at h/w 1.25. It follows from the config, never from a name."""
+    h, w = scale_schedule(cfg.pn, template)[-1]
+    return h * w
 
 
-def resolve_prune(prune, cfg: InfinityConfig, scales: list[tuple[int, int]], template: float = 1.0) -> PruneSchedule:
+def square_twin(scales: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The grid of the square (1:1) template at each index of `scales`.
+
+    Every template of a budget has the same number of scales, and the scale at index i plays the same
+    part in each of them. The presets therefore read each scale's share on its square twin, so that
+    every aspect is pruned at the same places (on Infinity's 13 scales the aspects' own shares agree
+    anyway; on the toy's 7 they would not: h/w 1.5 would prune nothing and 1.75 would prune two
+    scales). Past the 1M list (zero-shot high resolution) the twin is the square of equal area.
+    """
+    square = TEMPLATES[1.0]
+    return [square[i] if i < len(square) else (round(math.sqrt(h * w)),) * 2 for i, (h, w) in enumerate(scales)]
+
+
+def resolve_prune(prune, cfg: InfinityConfig, scales: list[tuple[int, int]]) -> PruneSchedule:
     """Accepts False/None (no pruning), True (the preset), "fastvar", "stagevar", a dict or a PruneSchedule.
 
     The result is not yet checked against the schedule: call `validate` (the pipeline does).
@@ -139,9 +161,9 @@ def resolve_prune(prune, cfg: InfinityConfig, scales: list[tuple[int, int]], tem
     if isinstance(prune, PruneSchedule):
         return prune
     if prune is True or prune == "preset":
-        return proportional(scales, cfg.depth, reference_tokens(cfg, template))
+        return proportional(square_twin(scales), cfg.depth, reference_tokens(cfg, 1.0))
     if prune == "stagevar":
-        return stagevar(scales, cfg.depth, reference_tokens(cfg, template))
+        return stagevar(square_twin(scales), cfg.depth, reference_tokens(cfg, 1.0))
     if prune == "fastvar":  # FastVAR's absolute window, cut to the layers the model has
         literal = fastvar_literal(scales)
         return replace(literal, layers=(literal.layers[0], min(literal.layers[1], cfg.depth - 1)))

@@ -5,7 +5,8 @@ For each scale si with an h x w token grid:
   2. blocks    every layer runs on the scale's tokens; self-attention also sees the KV cache of all
                earlier scales; pruning (pruning.py) may compute only some tokens of some layers
   3. CFG       conditional and unconditional rows run as one doubled batch; their logits are mixed
-               (from the CFG stop on, e.g. StageVAR's refinement stage, the conditional rows run alone)
+               (from the CFG stop on, e.g. StageVAR's refinement stage, one branch runs alone: the
+               conditional rows unless the schedule's cfg_stop_branch says otherwise)
   4. sample    one bit per (token, channel) from the tempered, top-p filtered logits
   5. codes     bits -> +-1/sqrt(d) codes, upsampled to the final grid and added to the running sum
 The sum after the last scale is the latent the VAE decodes.
@@ -20,7 +21,7 @@ import torch
 
 from .bsq import add_scale_codes, bits_to_codes, bits_to_vae_layout, latent_to_tokens
 from .numerics import cache_dtype
-from .pruning import Pruner, PruneSchedule, ScaleRecord
+from .pruning import BRANCHES, Pruner, PruneSchedule, ScaleRecord
 from .transformer import Attn, Conditioning, Infinity, KVCache
 
 
@@ -68,7 +69,8 @@ def sample_bits(logits: torch.Tensor, top_k: int, top_p: float, gen: torch.Gener
 
     A bit has only two values, so the usual filters shrink to one comparison each. top-k keeps both
     values for any k >= 2 (and k = 0 means no filter); k = 1 keeps only the likelier value. top-p
-    keeps the less likely value only while its own probability exceeds 1 - top_p. A removed value
+    keeps the less likely value only while its own probability exceeds 1 - top_p (top_p = 0 means no
+    filter, upstream's convention; top_p = 1 removes only values of probability 0). A removed value
     gets probability 0, and the draw takes one number per bit from `gen` whatever was removed.
     """
     B, n, _ = logits.shape
@@ -124,14 +126,6 @@ def run_blocks(model: Infinity, x: torch.Tensor, c: Conditioning, caches: list[K
     return x
 
 
-# Which half of a guided batch runs on after the CFG stop: 0 the conditional rows (guidance scale 1),
-# 1 the negative / null prompt's rows (guidance scale 0). StageVAR's descriptions run the refinement
-# stage without text, i.e. 1; they are silent on why. Measured on the toy (`tools/stagevar_branch.py`,
-# mini-GenEval, 1000 prompts, no pruning), the null prompt's rows score 0.185 against 0.267 for the
-# conditional ones (unpruned 0.281), so minivar keeps the prompt's rows.
-BRANCH_AFTER_CFG_STOP = 0
-
-
 def one_branch(c: Conditioning, caches: list[KVCache], pruner: Pruner, B: int,
                half: int) -> tuple[Conditioning, list[KVCache]]:
     """Half `half` (0 conditional, 1 unconditional) of a CFG batch: stage-aware CFG drops the other.
@@ -169,9 +163,9 @@ def run_scale_loop(model: Infinity, c: Conditioning, B: int, scales: list[tuple[
     for k, si in enumerate(progress(ran) if progress else ran):
         t0 = time.perf_counter()
         if guided and stop is not None and si >= stop:
-            # stage-aware CFG: one half only from here (">=": the stop scale may be skipped); both
-            # halves of x are the same tokens
-            (c, caches), x, guided = one_branch(c, caches, pruner, B, BRANCH_AFTER_CFG_STOP), x[:B], False
+            # stage-aware CFG: one half only from here (">=": the stop scale may be skipped)
+            half = BRANCHES.index(prune.cfg_stop_branch)
+            (c, caches), x, guided = one_branch(c, caches, pruner, B, half), x[half * B:(half + 1) * B], False
         step = Step(si, scales[si], cfgs[si], taus[si], guided, last=si == ran[-1])
         rope = model.rope.table(template, *step.hw, device)
         x = run_blocks(model, x, c, caches, rope, pruner, step, mix_after)

@@ -20,6 +20,7 @@ from the grouping of blocks (`block_chunks.{c}.module.{i}` upstream, `blocks.{n}
 from __future__ import annotations
 
 import math
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -152,6 +153,10 @@ class Attn:
     mask: torch.Tensor | None = None  # (L, L) bool, for whole-sequence forwards without a cache
 
 
+# Opt-in probes of self-attention (analysis.capture_attention): module -> fn(q, k). A context variable,
+# so a probe set by one thread (or task) never sees another's generation.
+ATTENTION_PROBES: ContextVar[dict[nn.Module, Callable[[torch.Tensor, torch.Tensor], None]] | None] = \
+    ContextVar("attention_probes", default=None)
 MAX_LOG_SCALE = float(np.float32(math.log(100.0)))  # log(100) rounded to float32, as upstream clamps (no kernel at import)
 
 
@@ -168,7 +173,6 @@ class SelfAttention(nn.Module):
         self.scale_mul_1H11 = nn.Parameter(torch.full((1, heads, 1, 1), 4.0).log())
         self.max_log_scale = MAX_LOG_SCALE
         self.proj = Linear(dim, dim)
-        self.probe: Callable[[torch.Tensor, torch.Tensor], None] | None = None  # see analysis.capture_attention
 
     def forward(self, x: torch.Tensor, attn: Attn, keep: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, L, C) -> (B, L, C). `keep` (B, L) holds the grid index of each row when x is a pruned subset."""
@@ -183,10 +187,14 @@ class SelfAttention(nn.Module):
         q = F.normalize(q, dim=-1, eps=1e-12).mul(scale)
         k = F.normalize(k, dim=-1, eps=1e-12)
         q, k = self._rotate(q, k, attn.rope, keep)
+        # Scale, norms and RoPE ran in fp32; attention takes q and k in the compute dtype of v (fp32 on
+        # CPU; bf16 on CUDA with bf16 weights, where `attend` can then use flash-attn).
+        q, k = q.to(v.dtype), k.to(v.dtype)
         if attn.cache is not None:
             k, v = attn.cache.extend(k, v, attn.store)
-        if self.probe is not None:
-            self.probe(q, k)
+        probes = ATTENTION_PROBES.get()
+        if probes is not None and self in probes:
+            probes[self](q, k)
         out = attend(q, k, v, scale=1.0, mask=attn.mask)  # the cosine scale is already folded into q
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
 

@@ -1,5 +1,6 @@
 """Spectra and attention probes used by the notebooks."""
 import math
+import threading
 
 import torch
 from helpers import PROMPT, SETTINGS, tiny_pipeline
@@ -8,6 +9,7 @@ from minivar.analysis import (band_average, band_energy, bit_entropy, capture_at
                               change_spectra, computed_fraction, diagonal_strength, offset_attention, pca_rgb, previous_scale_attention,
                               psnr, radial_power_spectrum, relative_change, token_maps)
 from minivar.pruning import ScaleRecord
+from minivar.transformer import ATTENTION_PROBES
 
 
 def test_a_constant_map_has_all_its_energy_at_frequency_zero():
@@ -68,7 +70,7 @@ def test_attention_probe_records_and_then_turns_off():
     pipe = tiny_pipeline()
     with capture_attention(pipe.transformer, [1]) as maps:
         out = pipe.generate(PROMPT, res=256, output_type="latent", **SETTINGS)
-    assert pipe.transformer.blocks[1].sa.probe is None
+    assert ATTENTION_PROBES.get() is None
     assert len(maps[1]) == len(out.scales)
     p = maps[1][6]                                      # 16x16 scale over every token so far
     assert p.shape == (2, 256, sum(h * w for h, w in out.scales))
@@ -79,12 +81,25 @@ def test_attention_probe_records_and_then_turns_off():
 
 def test_attention_probe_is_off_by_default_and_does_not_change_the_result():
     pipe = tiny_pipeline()
-    assert all(b.sa.probe is None for b in pipe.transformer.blocks)
+    assert ATTENTION_PROBES.get() is None
     plain = pipe.generate(PROMPT, res=256, output_type="latent", **SETTINGS).summed_codes
     with capture_attention(pipe.transformer, [0, 2], rows=1) as maps:
         probed = pipe.generate(PROMPT, res=256, output_type="latent", **SETTINGS).summed_codes
     assert torch.equal(plain, probed)
     assert [m.shape[0] for m in maps[2]] == [1] * len(maps[2])     # only the conditional row is kept
+
+
+def test_attention_probe_sees_only_its_own_threads_generations():
+    """Two generations at once (e.g. a server's threads): the probe records its own thread's only."""
+    pipe = tiny_pipeline()
+    with capture_attention(pipe.transformer, [1]) as maps:
+        other = threading.Thread(target=pipe.generate, args=(PROMPT,),
+                                 kwargs=dict(res=256, output_type="latent", **SETTINGS))
+        other.start()
+        other.join()
+        assert maps[1] == []
+        out = pipe.generate(PROMPT, res=256, output_type="latent", **SETTINGS)
+    assert len(maps[1]) == len(out.scales)
 
 
 def test_change_spectra_see_moved_content_that_power_spectra_miss():

@@ -1,4 +1,6 @@
 """The public API around generation: image encoding, guidance variants, negative prompts, traces."""
+import threading
+
 import numpy as np
 import torch
 from helpers import PROMPT, SETTINGS, TINY, fixture, rel_err, tiny_pipeline
@@ -69,3 +71,33 @@ def test_aspect_ratios_snap_to_templates_like_upstream():
     assert nearest_template(16 / 9) == 1.75 and nearest_template(9 / 16) == 0.571
     assert nearest_template(0.9) == 1.0  # a tie goes to the template listed first upstream
     assert scale_schedule(1024, 0.5)[-1] == (45, 90) and scale_schedule(512, 2.0)[-1] == (46, 23)
+
+
+def test_sample_cache_loads_once_for_threads_asking_together(monkeypatch):
+    """Threads calling minivar.sample for the same model share one load (the cache is locked while it
+    loads), and a thread always gets the pipeline of the model it asked for."""
+    from minivar import pipeline
+
+    loads = []
+
+    def fake_load(name, device, dtype):
+        assert pipeline._PIPELINES_LOCK.locked()  # no other thread can look or clear meanwhile
+        loads.append(name)
+        return f"pipeline of {name}"
+
+    monkeypatch.setattr(pipeline, "load", fake_load)
+    monkeypatch.setattr(pipeline, "_PIPELINES", {})
+    start, got = threading.Barrier(8), {}
+
+    def ask(i):
+        start.wait()
+        name = "a" if i < 6 else f"b{i}"
+        got[i] = (name, pipeline.cached_pipeline(name, "cpu", None))
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(p == f"pipeline of {name}" for name, p in got.values()) and len(got) == 8
+    assert loads.count("b6") == 1 and loads.count("b7") == 1 and 1 <= loads.count("a") <= 3  # a: reloaded only after a b

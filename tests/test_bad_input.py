@@ -53,7 +53,9 @@ API_CASES = [
     ("tau-bool", dict(tau=True), "tau=True"),
     ("tau-list-short", dict(tau=[0.5] * 3), "tau has 3 per-scale values"),
     ("tau-list-zero", dict(tau=[0.5] * 6 + [0.0]), "tau=[0.5"),
-    ("top_p-zero", dict(top_p=0), "top_p=0"),
+    ("prompt-empty", dict(prompt=""), "prompt=''"),
+    ("prompt-blank", dict(prompt=" \n\t"), "prompt="),
+    ("prompt-empty-in-list", dict(prompt=["a cat", ""]), "prompt[1]=''"),
     ("top_p-above-one", dict(top_p=1.5), "top_p=1.5"),
     ("top_p-negative", dict(top_p=-0.1), "top_p=-0.1"),
     ("top_p-nan", dict(top_p=NAN), "top_p=nan"),
@@ -192,7 +194,8 @@ def test_issue_example_cache_scale_skipped_at_1024():
 @pytest.mark.parametrize("kwargs, culprit", [
     (dict(cfg=NAN), "cfg=nan"),
     (dict(tau=-1), "tau=-1"),
-    (dict(top_p=0), "top_p=0"),
+    (dict(top_p=-0.1), "top_p=-0.1"),
+    (dict(prompt=""), "prompt=''"),
     (dict(seed=2**70), "seed="),
     (dict(prompt="\udcff"), "prompt="),
     (dict(prompt=["a list"]), "prompt=['a list']"),  # sample returns one image: it takes one prompt
@@ -232,7 +235,7 @@ CLI_CASES = [
     ("tau-negative", ["--tau", "-1"], "tau=-1.0"),
     ("tau-zero", ["--tau", "0"], "tau=0.0"),
     ("tau-nan", ["--tau", "nan"], "tau=nan"),
-    ("top-p-zero", ["--top-p", "0"], "top_p=0.0"),
+    ("top-p-negative", ["--top-p", "-0.1"], "top_p=-0.1"),
     ("top-p-above-one", ["--top-p", "1.5"], "top_p=1.5"),
     ("top-p-nan", ["--top-p", "nan"], "top_p=nan"),
     ("top-k-negative", ["--top-k", "-1"], "top_k=-1"),
@@ -255,6 +258,13 @@ def test_cli_refuses(flags, culprit, tmp_path, capsys):
     out = tmp_path / "x.png"
     code, line = run_cli(["a cat", "--model", str(TINY), "--out", str(out), *flags], capsys)
     assert code == 2 and culprit in line
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("prompt", ["", "   "])
+def test_cli_refuses_an_empty_prompt(prompt, tmp_path, capsys):
+    code, line = run_cli([prompt, "--model", str(TINY), "--out", str(tmp_path / "x.png")], capsys)
+    assert code == 2 and "prompt=" in line and "empty" in line
     assert list(tmp_path.iterdir()) == []
 
 

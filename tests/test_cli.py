@@ -57,9 +57,22 @@ def test_bf16_storage_on_cpu(tmp_path, tiny_dir, capsys):
     assert code == 0 and "on cpu (bf16)" in err and Image.open(tmp_path / "cat.png").size == (256, 256)
 
 
-def test_default_out_is_named_after_the_prompt():
-    assert default_out("A Cat, on a mat!") == Path("a-cat-on-a-mat.png")
-    assert default_out("一只猫") == Path("minivar.png")
+def test_default_out_is_named_after_the_prompt_and_seed():
+    assert default_out("A Cat, on a mat!", 1) == Path("a-cat-on-a-mat-seed1.png")
+    assert default_out("一只猫", 7) == Path("minivar-seed7.png")
+
+
+def test_a_rerun_without_out_never_replaces_an_earlier_image(tmp_path, tiny_dir, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    common = ["a blue car", "--model", str(tiny_dir), "--res", "256"]
+    for seed in ("1", "2", "1"):
+        code, _, err = run(common + ["--seed", seed], capsys)
+        assert code == 0, err
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["a-blue-car-seed1-2.png", "a-blue-car-seed1.png", "a-blue-car-seed2.png"]
+    first, again, other = (np.asarray(Image.open(tmp_path / n)) for n in
+                           ("a-blue-car-seed1.png", "a-blue-car-seed1-2.png", "a-blue-car-seed2.png"))
+    assert np.array_equal(first, again) and not np.array_equal(first, other)
 
 
 def test_convert_command_writes_safetensors_next_to_the_checkpoints(tmp_path, tiny_dir, capsys):

@@ -111,3 +111,24 @@ def test_bf16_storage_computes_exactly_what_its_float32_copy_computes(tmp_path, 
     monkeypatch.setattr(sampling, "cache_dtype", lambda dtype: torch.float32)
     stored = minivar.load(model_dir).generate(PROMPT, res=256, trace=True, output_type="latent", **SETTINGS)
     assert all(torch.equal(a, b) for a, b in zip(stored.trace.bits, copied.trace.bits))
+
+
+def test_cuda_compute_rule_hands_attention_bf16_so_flash_attn_can_run(monkeypatch):
+    """On CUDA the weights' dtype is the compute dtype (numerics.compute_dtype), and `attend` takes
+    flash-attn only for half-precision q, k and v. Simulated on the CPU: the CUDA rule for products,
+    bf16 weights, and a look at what reaches self-attention's kernel."""
+    from minivar import numerics, transformer
+
+    pipe = minivar.load(transformer=TINY / "infinity.pth", vae=TINY / "vae.pth", text_encoder=TINY / "t5",
+                        config=TINY / "infinity_config.json", vae_config=TINY / "vae_config.json",
+                        dtype=torch.bfloat16)
+    seen, real = [], numerics.attend
+
+    def spy(q, k, v, *args, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return real(q, k, v, *args, **kw)
+
+    monkeypatch.setattr(numerics, "compute_dtype", lambda x, weight: weight.dtype)
+    monkeypatch.setattr(transformer, "attend", spy)
+    pipe.generate(PROMPT, res=256, output_type="latent", **SETTINGS)
+    assert seen and set(seen) == {(torch.bfloat16,) * 3}

@@ -86,12 +86,14 @@ def test_unknown_aspect_names_the_templates(h_div_w):
     assert "templates" in one_line(err)
 
 
-def test_empty_prompt_works_like_upstream():
+def test_empty_prompt_is_refused_though_the_tokenizer_takes_it_like_upstream():
     pipe = tiny_pipeline()
     ids, mask = pipe.tokenizer([""])
     assert mask.sum() == 1 and ids[0, 0] == pipe.tokenizer.eos_id  # only EOS, as upstream's tokenizer
-    out = pipe.generate("", res=256, seed=0)
-    assert out.image.size == (256, 256)
+    for prompt in ("", "  ", ["a cat", "\n"]):
+        with pytest.raises(ValueError, match="empty") as err:
+            pipe.generate(prompt, res=256, seed=0)
+        assert "\n" not in str(err.value)
 
 
 def test_long_prompt_is_truncated_with_a_warning():

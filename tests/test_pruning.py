@@ -10,8 +10,8 @@ from helpers import PROMPT, SETTINGS, TINY, rel_err, tiny_pipeline
 
 import minivar
 from minivar import memory
-from minivar.config import BUDGETS, PRESETS, TEMPLATES, scale_schedule
-from minivar.presets import fastvar_literal, proportional, reference_tokens, resolve_prune
+from minivar.config import BUDGETS, PRESETS, TEMPLATES, InfinityConfig, scale_schedule
+from minivar.presets import HIGH_RES_DROP, fastvar_literal, proportional, reference_tokens, resolve_prune
 from minivar.pruning import Pruner, PruneSchedule, pivotal_scores, restore, select
 
 
@@ -71,7 +71,7 @@ def test_every_preset_is_valid(model):
     for template in TEMPLATES:
         for res in [256, 512, 768, 1024, 1344, 2048]:
             scales = scale_schedule(res, template)
-            p = resolve_prune(True, cfg, scales, template)
+            p = resolve_prune(True, cfg, scales)
             p.validate(len(scales), cfg.depth)
             pruned = [si for si, f in p.drop.items() if f > 0]
             if pruned:
@@ -98,8 +98,30 @@ def test_preset_fits_every_depth():
 
 def test_fastvar_literal_needs_a_24x24_scale():
     with pytest.raises(ValueError, match="24x24"):
-        fastvar_literal(scale_schedule(1024, 1.5))
-    assert not fastvar_literal(scale_schedule(1024, 0.5)).prunes  # 1:2 has no 32/40-wide scale
+        fastvar_literal([(1, 1), (8, 8), (16, 16), (32, 32), (48, 48)])  # a square list without 24x24
+    assert fastvar_literal(scale_schedule(512, 1.0)).drop == {9: 0.4}  # 0.25M: 32x32 pruned from 24x24
+
+
+@pytest.mark.parametrize("h_div_w", [0.75, 0.5, 1.333, 2.0, 0.333])
+def test_fastvar_literal_refuses_non_square_schedules_with_one_line(h_div_w):
+    """At h/w 0.75 the literal widths would skip the middle 36x48 scale and run 45x60 and 54x72."""
+    pipe = tiny_pipeline()
+    with pytest.raises(ValueError, match="square") as e:
+        pipe.generate(PROMPT, res=1024, h_div_w=h_div_w, prune="fastvar", output_type="latent", **SETTINGS)
+    assert "\n" not in str(e.value) and "prune=True" in str(e.value)
+
+
+def test_preset_treats_every_aspect_of_a_low_budget_model_alike():
+    """The toy (trained at 0.06M) prunes every aspect at the same places of its 7 scales: a cache,
+    pruned scales, the last scales skipped, never the zero-shot 75 % drop of a higher resolution."""
+    toy = InfinityConfig(depth=4, embed_dim=128, num_heads=2, pn="0.06M")
+    for template in TEMPLATES:
+        scales = scale_schedule("0.06M", template)
+        s = resolve_prune(True, toy, scales)
+        assert s.drop and s.cache_scale is not None, template
+        assert len(scales) - 1 in s.skip, template
+        assert HIGH_RES_DROP not in s.drop.values(), template
+        assert s.cache_scale < min(s.drop) < min(s.skip), template
 
 
 def test_random_selector_keeps_the_sampling_stream():

@@ -34,3 +34,14 @@ def test_generator_use_does_not_depend_on_what_was_removed():
     logits = torch.randn(2, 64, 2) * 4
     states = [draw(logits, k, p)[1] for k, p in [(0, 0.0), (1, 0.0), (900, 0.97), (900, 0.5)]]
     assert all(torch.equal(states[0], s) for s in states[1:])
+
+
+def test_top_p_zero_is_accepted_and_means_no_filter_as_upstream():
+    """Scripts ported from upstream pass top_p=0 for "no top-p": generate takes it, and it draws
+    exactly what top_p=1 (keep every value) draws."""
+    from helpers import PROMPT, SETTINGS, tiny_pipeline
+
+    pipe, kw = tiny_pipeline(), {**SETTINGS, "res": 256, "trace": True, "output_type": "latent"}
+    off, one, filtered = (pipe.generate(PROMPT, **{**kw, "top_p": p}) for p in (0, 1.0, 0.5))
+    assert all(torch.equal(a, b) for a, b in zip(off.trace.bits, one.trace.bits))
+    assert not all(torch.equal(a, b) for a, b in zip(off.trace.bits, filtered.trace.bits))

@@ -13,7 +13,7 @@ from minivar.analysis import low_band_changes
 from minivar.config import BUDGETS, HIGH_RES, PRESETS, TEMPLATES, scale_schedule
 from minivar.flops import totals, transformer_count
 from minivar.hub import SHIPPED
-from minivar.presets import proportional, reference_tokens, resolve_prune, stages
+from minivar.presets import model_stages, proportional, reference_tokens, resolve_prune, stages
 from minivar.pruning import Pruner, PruneSchedule, pivotal_scores, projection_matrix, projection_scores, select
 from minivar.vae import VAE_PRESETS
 
@@ -24,7 +24,7 @@ MODELS = [PRESETS["infinity-2b"], PRESETS["infinity-8b"], replace(PRESETS["infin
 @lru_cache(maxsize=None)
 def toy() -> minivar.Pipeline:
     if not (SHIPPED["toy"] / "infinity.pth").exists():
-        pytest.skip("the toy model is not built (python -m minivar.toy.train --out weights/toy)")
+        pytest.skip("the toy model is not built (python -m minivar.toy.train --out minivar/toy/weights)")
     return minivar.load("toy")
 
 
@@ -40,12 +40,11 @@ def every_schedule():
 # --------------------------------------------------------------------------------------------------
 def test_stage_split_on_every_template_budget_and_model():
     for cfg, template, budget, scales in every_schedule():
-        ref = reference_tokens(cfg, template)
-        labels = stages(scales, ref)
+        labels = model_stages(cfg, scales)
         where = (cfg.pn, template, budget)
         assert len(labels) == len(scales) and labels[0] == "semantic", where
         assert [ORDER[s] for s in labels] == sorted(ORDER[s] for s in labels), where  # never goes back
-        preset = proportional(scales, cfg.depth, ref)
+        preset = resolve_prune(True, cfg, scales)
         for si in [*preset.drop, *preset.skip]:  # FastVAR's pruned and skipped scales are all refinement
             assert labels[si] == "refinement", (where, si)
         if preset.cache_scale is not None:  # the restoration cache is the last scale before refinement
@@ -117,12 +116,12 @@ def test_keep_all_projection_schedule_equals_no_pruning_bit_for_bit():
 # --------------------------------------------------------------------------------------------------
 def test_stagevar_preset_is_prune_true_plus_projection_and_the_refinement_cfg_stop():
     for cfg, template, budget, scales in every_schedule():
-        sv = resolve_prune("stagevar", cfg, scales, template)
+        sv = resolve_prune("stagevar", cfg, scales)
         sv.validate(len(scales), cfg.depth)
-        labels = stages(scales, reference_tokens(cfg, template))
+        labels = model_stages(cfg, scales)
         first = labels.index("refinement") if "refinement" in labels else None
         assert sv.selector == "projection" and sv.cfg_stop == first, (cfg.pn, template, budget)
-        assert replace(sv, selector="pivotal", cfg_stop=None) == resolve_prune(True, cfg, scales, template)
+        assert replace(sv, selector="pivotal", cfg_stop=None) == resolve_prune(True, cfg, scales)
 
 
 def test_cfg_stop_past_the_last_scale_equals_full_cfg():
@@ -231,3 +230,31 @@ def test_bench_runs_the_issue_arms_and_compares_each_with_unpruned():
     assert rows[("prune+cfg-stop@refine", "s 1024 prune=on cfg-stop@refine")] == 5.0
     with pytest.raises(SystemExit):
         bench.parse_args(["--prune", "off,fast"])
+
+
+def test_unconditional_branch_after_a_stop_at_scale_0_starts_from_the_null_start_token():
+    """A stop at scale 0 hands over before the start tokens are used: the unconditional branch must
+    take its own (from the null text), giving exactly the logits that guidance scale 0 gives there."""
+    pipe, kw = tiny_pipeline(), {**SETTINGS, "res": 256, "trace": True, "output_type": "latent"}
+    n = len(pipe.schedule(256, 1.0))
+    null = pipe.generate(PROMPT, prune=PruneSchedule(cfg_stop=0, cfg_stop_branch="unconditional"), **kw)
+    prompt = pipe.generate(PROMPT, prune=PruneSchedule(cfg_stop=0), **kw)
+    kw["cfg"] = [0.0] + [SETTINGS["cfg"]] * (n - 1)
+    guided_0 = pipe.generate(PROMPT, **kw)                       # cfg 0 at scale 0: the unconditional logits
+    assert null.trace.cfg_rows == [1] * n
+    assert rel_err(null.trace.logits[0], guided_0.trace.logits[0]) < 1e-5
+    assert rel_err(prompt.trace.logits[0], guided_0.trace.logits[0]) > 1e-2  # the prompt's own logits differ
+
+
+def test_cfg_stop_branch_is_checked():
+    with pytest.raises(ValueError, match="cfg_stop_branch"):
+        tiny_pipeline().generate(PROMPT, res=256, prune={"cfg_stop": 3, "cfg_stop_branch": "null"}, **SETTINGS)
+
+
+@pytest.mark.parametrize("pn", ["1.8M", "4M"])
+def test_trace_names_the_stages_for_a_model_trained_at_a_high_resolution_budget(pn, monkeypatch):
+    pipe = tiny_pipeline()
+    monkeypatch.setattr(pipe.transformer, "cfg", replace(pipe.transformer.cfg, pn=pn))
+    out = pipe.generate(PROMPT, res=256, trace=True, output_type="latent", **SETTINGS)
+    assert out.trace.stage == ["semantic"] * len(out.trace.index)  # 256 is all semantic for a 1.8M+ model
+    assert len(out.stages) == len(out.scales)

@@ -3,19 +3,18 @@
     python tools/stagevar_branch.py --n 1000
 
 StageVAR's descriptions run the refinement stage without text conditioning (guidance scale 0, the null
-prompt). minivar keeps the conditional rows instead (`sampling.BRANCH_AFTER_CFG_STOP`). This script
+prompt). minivar keeps the conditional rows instead (`PruneSchedule.cfg_stop_branch`). This script
 scores both on the toy's mini-GenEval with the same prompts and seeds, for guidance stopped at the
-refinement stage with no pruning and for the stagevar preset, by setting that constant for the run.
+refinement stage with no pruning and for the stagevar preset.
 """
 from __future__ import annotations
 
 import argparse
 from dataclasses import replace
-from unittest import mock
 
 import minivar
-from minivar import sampling
 from minivar.presets import reference_tokens, resolve_prune, stagevar
+from minivar.pruning import BRANCHES
 from minivar.toy.geneval import evaluate
 
 
@@ -31,9 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---:|---:|")
     for label, prune in arms.items():
         scores = []
-        for half in (0, 1):
-            with mock.patch.object(sampling, "BRANCH_AFTER_CFG_STOP", half):
-                scores.append(evaluate(pipe, n=a.n, prune=prune, psnr_scenes=1)["overall"])
+        for branch in BRANCHES:
+            scores.append(evaluate(pipe, n=a.n, prune=replace(prune, cfg_stop_branch=branch), psnr_scenes=1)["overall"])
         print(f"| {label} | {scores[0]:.3f} | {scores[1]:.3f} |", flush=True)
 
 

@@ -171,7 +171,7 @@ measured in two ways: mini-GenEval accuracy, and the PSNR of each image against 
 (same prompt and seed; higher means closer). Cost is the analytic transformer FLOP count per image
 (`minivar.flops`, guidance included). mini-GenEval is scored for the toy only: its checker reads
 flat palette colours, which only the toy's world has, and it only means something for a model that
-passes it unpruned (see the model card in `weights/toy/README.md`). The PSNR works for any model.
+passes it unpruned (see the model card in `minivar/toy/weights/README.md`). The PSNR works for any model.
 
 What to look for: how far the keep ratio can fall before PSNR drops steeply; whether pivotal selection
 stays above random selection at the same cost, which is the case for choosing tokens by score; and
@@ -330,9 +330,9 @@ plt.show()
 
 The third observation: **a token attends strongly to the same place at the previous scale.** We
 record self-attention probabilities with `analysis.capture_attention`, an opt-in probe. Inside the
-`with` block each chosen layer hands its queries and keys to the probe once per scale; outside it the
-attention code only checks that the probe is `None`, so normal generation pays nothing for it (and a
-test checks that the probe does not change the result).
+`with` block (and only in this thread) each chosen layer hands its queries and keys to the probe once
+per scale; outside it the attention code finds no probe table, so normal generation pays nothing for
+it (and a test checks that the probe does not change the result).
 
 For every recorded layer and scale we take the attention a query pays to the *previous* scale's
 tokens, normalised to sum to one, and measure:
@@ -352,7 +352,8 @@ with distance.
 att_layers = list(range(cfg.depth)) if cfg.depth <= 8 else [cfg.depth // 4, cfg.depth // 2, 3 * cfg.depth // 4]
 with analysis.capture_attention(pipe.transformer, att_layers, rows=1) as maps:   # conditional row only
     pipe.generate(prompt, res=res, seed=SEED, output_type="latent")
-assert all(b.sa.probe is None for b in pipe.transformer.blocks)          # the probe is gone again
+from minivar.transformer import ATTENTION_PROBES
+assert ATTENTION_PROBES.get() is None                                   # the probe is gone again
 
 def prev_block(layer, s):
     \"\"\"Conditional row's attention from scale s to scale s - 1, each query's row summing to 1: (h*w, hp*wp).\"\"\"
