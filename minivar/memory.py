@@ -166,16 +166,19 @@ def release_mapped(module: torch.nn.Module) -> int:
     """Drop the resident pages of the files `module`'s weights are mapped from; returns the bytes dropped.
 
     madvise(MADV_DONTNEED) on a private file mapping forgets the process's copy of each page; the
-    next read faults it in again from the page cache. A mapping with pages that were written to
+    next read faults it in again from the page cache. A mapping with pages that the process wrote to
     (they are then anonymous copies, e.g. a weight changed in place) is left alone: dropping them
-    would silently restore the file's values.
+    would silently restore the file's values. Dirty page-cache pages are not such writes: a file
+    written or downloaded moments ago stays dirty until the kernel writes it back (smaps counts its
+    pages as Private_Dirty), and its pages read back the same, so they are dropped like clean ones
+    (keeping them held T5's 4.6 GiB through the scale loop: 11.2 instead of 6.9 GiB at 1024).
     """
     maps = mappings()
     files = {m for t in [*module.parameters(), *module.buffers()] if (m := mapping_of(t, maps)) is not None}
     dropped = 0
     for m in files:
         stats = mapping_stats(m)
-        if not stats.get("Anonymous", 1) and not stats.get("Private_Dirty", 1) and drop_pages(m):
+        if not stats.get("Anonymous", 1) and drop_pages(m):
             dropped += stats.get("Rss", 0) * 1024
     return dropped
 
