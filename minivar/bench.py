@@ -1053,7 +1053,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         if args.subjects != [SYNTHETIC]:
             raise SystemExit(f"{SYNTHETIC} runs on its own (each arm in a fresh process): --subjects {SYNTHETIC}")
-        return synthetic.bench(args.res, args.prune, PROMPT, args.threads, args.out)
+        return synthetic.bench(args.res, args.prune, PROMPT, args.out)
     report = run_direct(args) if args.direct else run(args)
     write(report, args.out)
     return report

@@ -11,9 +11,11 @@ would find downloaded weights, and never mistakes it for the real ones. Writing 
 by chunk: a `.pth` is first saved with its data left out (`torch.serialization.skip_data`), then filled
 through a shared memory map; safetensors shards are written tensor by tensor.
 
-`run_arm` is one measured run in a fresh process (so peaks of different runs never mix): it does what
-`minivar.sample` does, `minivar.load` with the defaults and then `generate`, timing each phase and
-reading the kernel's peak resident set (VmHWM, mapped file pages included) per phase.
+`measure` is one measured run: exactly the call a user makes, `minivar.sample(prompt, res, prune,
+model="infinity-2b")` with every other default, in a fresh child process. Its peak is the child's
+ru_maxrss as the parent reads it (the kernel's high-water mark, mapped file pages included: what the
+machine must hold); inside, a thread samples /proc/self/status every 20 ms and says which phase
+(load, text, transformer, VAE) holds the peak, and how much of it is anonymous and file-backed.
 """
 from __future__ import annotations
 
@@ -182,88 +184,117 @@ def write_set(home: Path | None = None) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------
-# One measured run, in its own process
+# One measured run: exactly the call a user makes, in a fresh process
 # --------------------------------------------------------------------------------------------------
-def peak_rss() -> int:
-    """The kernel's high-water mark of this process's resident set (anonymous and file pages), bytes."""
+STATUS_FIELDS = ("VmRSS", "RssAnon", "RssFile", "VmHWM")
+PHASES = ("load", "text", "transformer", "vae")
+
+
+def status() -> dict[str, int]:
+    """VmRSS, RssAnon, RssFile and VmHWM of this process from /proc/self/status, bytes."""
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+        rows = (line.split() for line in f)
+        return {r[0][:-1]: int(r[1]) * 1024 for r in rows if r and r[0][:-1] in STATUS_FIELDS}
 
 
-def reset_peak() -> None:
-    """Start a new high-water mark (writing 5 to clear_refs, Linux 4.0+)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+class Sampler:
+    """Reads /proc/self/status every `every` seconds on a thread, tagging each reading with the phase
+    the call is in (`watch_phases` marks the boundaries), and keeps each phase's reading with the
+    largest VmRSS, with the anonymous and file-backed parts of it, and when each phase began."""
+
+    def __init__(self, every: float = 0.02):
+        import threading
+
+        self.every, self.phase, self.peaks, self.began = every, "import", {}, {"import": time.perf_counter()}
+        self.stop, self.thread = threading.Event(), threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        while not self.stop.wait(self.every):
+            self.read()
+
+    def read(self) -> None:
+        now, phase = status(), self.phase
+        if now["VmRSS"] > self.peaks.get(phase, {}).get("VmRSS", -1):
+            self.peaks[phase] = now
+
+    def enter(self, phase: str) -> None:
+        self.read()  # the last reading of the phase before
+        self.phase, self.began[phase] = phase, time.perf_counter()
+
+    def seconds(self, end: float) -> dict[str, float]:
+        starts = sorted(self.began.items(), key=lambda kv: kv[1]) + [("end", end)]
+        return {name: b - a for (name, a), (_, b) in zip(starts, starts[1:])}
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self.read()
 
 
-def rss() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+def watch_phases(sampler: Sampler) -> None:
+    """Mark the phases of a `sample` call for the sampler, without changing what runs: load, text
+    (tokenizer and T5), transformer (the scale loop), vae (decoding)."""
+    from . import pipeline
+
+    def marking(phase, fn):
+        def marked(*args, **kw):
+            sampler.enter(phase)
+            return fn(*args, **kw)
+        return marked
+
+    pipeline.load = marking("load", pipeline.load)
+    pipeline.Pipeline.text_rows = marking("text", pipeline.Pipeline.text_rows)
+    pipeline.run_scale_loop = marking("transformer", pipeline.run_scale_loop)
+    pipeline.Pipeline.decode = marking("vae", pipeline.Pipeline.decode)
 
 
-def run_arm(res: int, prune: bool, prompt: str, threads: int) -> dict:
-    """`minivar.sample(prompt, res, prune)` on the set, split into load and generate so that each phase is
-    timed (`Output.timings`) and gets its own peak RSS. Call it in a fresh process with MINIVAR_HOME
-    pointing at the set."""
-    import minivar
+def run_sample(res: int, prune: bool, prompt: str, model: str = "infinity-2b") -> dict:
+    """`minivar.sample(prompt, res=res, prune=prune, model=model)` with every other default, as a user
+    calls it; /proc/self/status is sampled every 20 ms from before `import minivar` to the end.
+    Run it in a fresh process (`measure`), so that nothing else shares its peak."""
+    with Sampler() as sampler:
+        import minivar
 
-    torch.set_num_threads(threads)
-    peaks, now = {}, {}
-
-    def phase_end(name: str) -> None:
-        peaks[name], now[name] = peak_rss(), rss()
-        reset_peak()
-
-    reset_peak()
-    t0 = time.perf_counter()
-    pipe = minivar.load("infinity-2b")  # what minivar.sample does, with its defaults
-    load_s = time.perf_counter() - t0
-    phase_end("load")
-    decode = pipe.decode
-
-    def starting_loop(ran):  # generate's progress hook, called as the scale loop starts: text is done
-        phase_end("text")
-        return ran
-
-    def decoding(summed):
-        phase_end("transformer")
-        return decode(summed)
-
-    pipe.decode = decoding
-    out = pipe.generate(prompt, res=res, prune=prune, progress=starting_loop)
-    phase_end("vae")
-    dtypes = {name: str(next(m.parameters()).dtype).removeprefix("torch.")
-              for name, m in (("transformer", pipe.transformer), ("t5", pipe.text_encoder), ("vae", pipe.vae))}
-    return {"label": f"{NAME} {res} prune={'on' if prune else 'off'}", "res": res, "prune": prune,
-            "load_s": load_s, "timings": out.timings, "peak_bytes": peaks, "rss_after": now,
-            "peak_whole_run": max(peaks.values()), "dtypes": dtypes, "threads": threads,
-            "image_size": list(out.image.size), "loadavg": os.getloadavg()}
+        watch_phases(sampler)
+        image = minivar.sample(prompt, res=res, prune=prune, model=model)
+    peak_phase = max(sampler.peaks, key=lambda k: sampler.peaks[k]["VmRSS"])
+    return {"label": f"{model} {res} prune={'on' if prune else 'off'}", "res": res, "prune": prune,
+            "seconds": sampler.seconds(time.perf_counter()), "peaks": sampler.peaks, "peak_phase": peak_phase,
+            "image_size": list(image.size), "threads": torch.get_num_threads(), "loadavg": os.getloadavg()}
 
 
-def measure(res: int, prune: bool, prompt: str, threads: int, home: Path) -> dict:
-    """`run_arm` in a child process (its own peak), with MINIVAR_HOME set to the synthetic home."""
-    env = {**os.environ, "MINIVAR_HOME": str(home), "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "minivar.synthetic", str(res), "on" if prune else "off", prompt, str(threads)]
-    t0 = time.perf_counter()
-    done = subprocess.run(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"the {res} prune={prune} run failed (exit code {done.returncode}); its error is above")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    result["wall_s"] = time.perf_counter() - t0
+def measure(res: int, prune: bool, prompt: str, home: Path | None, model: str = "infinity-2b") -> dict:
+    """`run_sample` in a child process (MINIVAR_HOME at `home` when given). The peak a user meets is
+    the child's ru_maxrss as its parent reads it (os.wait4: the kernel's high-water mark of its
+    resident set, mapped file pages included), which this adds as `ru_maxrss`."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **({"MINIVAR_HOME": str(home)} if home else {})}
+    cmd = [sys.executable, "-m", "minivar.synthetic", str(res), "on" if prune else "off", prompt, model]
+    child = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, text=True)
+    out = child.stdout.read()
+    _, wait_status, usage = os.wait4(child.pid, 0)
+    if os.waitstatus_to_exitcode(wait_status) != 0:
+        raise RuntimeError(f"the {res} prune={prune} run failed (exit status {os.waitstatus_to_exitcode(wait_status)}); "
+                           "its error is above")
+    result = json.loads(out.strip().splitlines()[-1])
+    result["ru_maxrss"] = usage.ru_maxrss * 1024  # KiB on Linux
     return result
 
 
 if __name__ == "__main__":
-    res, prune, prompt, threads = sys.argv[1:5]
-    print(json.dumps(run_arm(int(res), prune == "on", prompt, int(threads))), flush=True)
+    res, prune, prompt, model = sys.argv[1:5]
+    print(json.dumps(run_sample(int(res), prune == "on", prompt, model)), flush=True)
 
 
 # --------------------------------------------------------------------------------------------------
 # The benchmark subject: every arm in its own process, results merged into OUT/synthetic.{json,md}
 # --------------------------------------------------------------------------------------------------
-def bench(res_list: list[int], prunes: list[bool], prompt: str, threads: int, out: Path) -> dict:
-    """Write (or reuse) the set, then measure each res x prune arm; arms already in OUT with other
-    labels are kept, so arms can be run one command at a time into one folder."""
+def bench(res_list: list[int], prunes: list[bool], prompt: str, out: Path) -> dict:
+    """Write (or reuse) the set, then measure each res x prune arm (`measure`); arms already in OUT with
+    other labels are kept, so arms can be run one command at a time into one folder."""
     home = write_set()
     out.mkdir(parents=True, exist_ok=True)
     path = out / "synthetic.json"
@@ -272,8 +303,8 @@ def bench(res_list: list[int], prunes: list[bool], prompt: str, threads: int, ou
                   machine=machine())
     for res in res_list:
         for prune in prunes:
-            print(f"{NAME} {res} prune={'on' if prune else 'off'}: running in a fresh process ...", flush=True)
-            arm = measure(res, prune, prompt, threads, home)
+            print(f"{NAME} {res} prune={'on' if prune else 'off'}: minivar.sample in a fresh process ...", flush=True)
+            arm = measure(res, prune, prompt, home)
             report["arms"] = [a for a in report["arms"] if a["label"] != arm["label"]] + [arm]
             path.write_text(json.dumps(report, indent=1))
             (out / "synthetic.md").write_text(markdown(report))
@@ -289,20 +320,28 @@ def machine() -> dict:
             "torch": torch.__version__, "ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}
 
 
+def gib(n: int) -> str:
+    return f"{n / GiB:.2f}"
+
+
 def arm_line(a: dict) -> str:
-    t, p = a["timings"], a["peak_bytes"]
-    return (f"| {a['label']} | {a['load_s']:.1f} | {t['text']:.1f} | {t['transformer']:.1f} | {t['vae']:.1f} | "
-            f"{p['load'] / GiB:.2f} | {p['text'] / GiB:.2f} | {p['transformer'] / GiB:.2f} | {p['vae'] / GiB:.2f} | "
-            f"**{a['peak_whole_run'] / GiB:.2f}** | {a['loadavg'][0]:.1f} |")
+    """One table row: phase times, each phase's largest resident set (anonymous + file), the whole run."""
+    t, p = a["seconds"], a["peaks"]
+    times = " | ".join(f"{t.get(ph, 0):.1f}" for ph in PHASES)
+    peaks = " | ".join(f"{gib(p[ph]['VmRSS'])} ({gib(p[ph]['RssAnon'])} + {gib(p[ph]['RssFile'])})" if ph in p else "-"
+                       for ph in PHASES)
+    return f"| {a['label']} | {times} | {peaks} | **{gib(a['ru_maxrss'])}** | {a['peak_phase']} | {a['loadavg'][0]:.1f} |"
 
 
 def markdown(report: dict) -> str:
     size = sum(report["set_bytes"].values()) / 1e9
     lines = [f"Full-size random Infinity-2B set ({size:.2f} GB on disk: bf16 transformer, float32 VAE and "
-             f"flan-t5-xl encoder), `minivar.load(\"infinity-2b\")` with the defaults, then `generate` "
-             f"(what `minivar.sample` does), CFG 3, prompt {report['prompt']!r}; each arm in a fresh process. "
-             "Peak RSS is the kernel's high-water mark (VmHWM: anonymous and mapped file pages), reset at "
-             "each phase boundary. Times in seconds, memory in GiB.", "",
-             "| arm | load s | text s | transformer s | VAE s | peak load | peak text | peak transformer | "
-             "peak VAE | peak whole run | load avg |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"flan-t5-xl encoder). Each arm is one call, `minivar.sample(prompt, res=..., prune=..., "
+             f"model=\"infinity-2b\")` with every other default, in a fresh process, prompt {report['prompt']!r}. "
+             "**Whole run** is the child's ru_maxrss as its parent reads it (os.wait4): the kernel's high-water "
+             "mark of its resident set, mapped file pages included, the figure a user's machine must hold. Per "
+             "phase: the largest VmRSS sampled every 20 ms from /proc/self/status, as anonymous + file-backed "
+             "(RssAnon + RssFile). Times in seconds, memory in GiB.", "",
+             "| arm | load s | text s | transformer s | VAE s | load | text | transformer | VAE | whole run | "
+             "peak phase | load avg |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     return "\n".join(lines + [arm_line(a) for a in report["arms"]]) + "\n"
