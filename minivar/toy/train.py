@@ -3,11 +3,16 @@
     python -m minivar.toy.train --out minivar/toy/weights             # the shipped toy, all three stages
     python -m minivar.toy.train --reuse-vae minivar/toy/weights --steps 1050 --eval 100 --out /tmp/run \
         --set t5.num_layers=4                                         # a short A/B run (about 20 min)
+    python -m minivar.toy.train --out minivar/toy/weights --resume    # the first, continued after an interruption
 
 The short-run protocol keeps the tokenizer and VAE of an existing model directory, trains only the
 transformer and T5 for `--steps`, then scores the result with mini-GenEval (`--eval N` prompts).
 `--set` changes one field of the recipe (dotted for nested configs), so two runs that differ in one
 `--set` are a controlled comparison; docs/toy/experiments.md records every one.
+
+Runs are resumable: the VAE and transformer stages write OUT/resume.pt every `--checkpoint-every`
+steps (default 100), and the same command plus `--resume` continues from it, ending with the weights
+of an uninterrupted run (same --threads; tests/test_train_resume.py checks it tensor for tensor).
 
 Three stages, each seeded, each with a progress bar and a loss log (train_log.jsonl):
 
@@ -38,6 +43,7 @@ import argparse
 import io
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -149,6 +155,122 @@ def pixels_batch(rng: random.Random, n: int, res: int, layout: str = "random") -
 
 
 # --------------------------------------------------------------------------------------------------
+# Checkpoints: stopping and resuming a run
+# --------------------------------------------------------------------------------------------------
+class ResumeError(ValueError):
+    """--resume cannot continue: the checkpoint is missing, unreadable, or of other arguments."""
+
+
+class Clock:
+    """Seconds per stage. A resumed run starts from the checkpoint's, so it reports the whole run
+    (less the time between the last checkpoint and the interruption)."""
+
+    def __init__(self, seconds: dict[str, float] | None = None):
+        self.seconds, self.t = dict(seconds or {}), time.perf_counter()
+
+    def lap(self, stage: str) -> dict[str, float]:
+        """Add the time since the last lap to `stage`."""
+        now = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self.t
+        self.t = now
+        return self.seconds
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+    """{"t5": {"num_layers": 2}} -> {"t5.num_layers": 2}: the dotted names --set uses."""
+    out = {}
+    for k, v in d.items():
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+class Checkpoint:
+    """OUT/resume.pt: all a stage's loop needs to continue bit for bit (weights, optimiser state, every
+    random state it draws from, the log so far, the seconds spent), with the recipe it belongs to.
+
+    Written after every `every`-th step of the VAE and transformer stages and after their last step
+    (every = 0: never), to a temporary name then renamed, so a kill while writing keeps the previous
+    one; removed when the run completes. Read with weights_only=True, so it holds only tensors and
+    plain Python values (a random.Random state becomes [version, tensor, gauss_next]).
+    """
+
+    def __init__(self, out: Path, recipe: Recipe, every: int, reuse: Path | None, log: Log):
+        self.path, self.recipe, self.every, self.reuse, self.log = out / "resume.pt", recipe, every, reuse, log
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.fields = flat(json.loads(json.dumps(asdict(recipe))))  # tuples as lists, as they load back
+        self.clock, self.state = Clock(), None
+
+    def start(self) -> str:
+        """A fresh run: forget an earlier run's checkpoint and log; begin with the tokenizer."""
+        self.remove()
+        self.log.path.unlink(missing_ok=True)
+        return "tokenizer"
+
+    def remove(self) -> None:
+        """Delete the checkpoint, and a half-written one a kill may have left."""
+        self.path.unlink(missing_ok=True)
+        self.tmp.unlink(missing_ok=True)
+
+    def resume(self) -> str:
+        """Read the checkpoint (ResumeError, one line, if it is missing, unreadable or of another recipe),
+        put the log back as it was when the checkpoint was written, and return the stage to continue."""
+        where = f"--resume: {self.path}"
+        if not self.path.exists():
+            raise ResumeError(f"{where} not found (a completed run removes it); start without --resume")
+        try:
+            state = torch.load(self.path, weights_only=True)
+            stage, step, theirs = state["stage"], state["step"], state["recipe"]
+        except Exception as e:  # a truncated or foreign file: whatever torch.load or the lookups raise
+            raise ResumeError(f"{where} is not a readable checkpoint ({type(e).__name__}); "
+                              "start without --resume") from None
+        diff = [f"{k} {theirs.get(k)} here {self.fields.get(k)}" for k in sorted(theirs.keys() | self.fields.keys())
+                if theirs.get(k) != self.fields.get(k)]
+        if diff:
+            raise ResumeError(f"{where} is of another recipe ({'; '.join(diff)}); "
+                              "resume with the same recipe, --steps and --set")
+        if (state["reuse"] is None) != (self.reuse is None):
+            raise ResumeError(f"{where} was written by a run {'with' if state['reuse'] else 'without'} --reuse-vae; "
+                              "resume with the same arguments")
+        self.state, self.clock = state, Clock(state["seconds"])
+        self.log.path.write_text(state["log"])
+        self.log(stage="resumed", at=stage, step=step, threads=torch.get_num_threads())
+        return stage
+
+    def restore(self, stage: str, modules: dict[str, nn.Module], opt: torch.optim.Optimizer, rng: random.Random,
+                gen: torch.Generator | None = None) -> int:
+        """Load a resumed stage's state into its freshly built loop; the step to continue from (0 unless
+        the checkpoint is of this stage)."""
+        state, self.state = self.state, None
+        if state is None or state["stage"] != stage:
+            return 0
+        for name, module in modules.items():
+            module.load_state_dict(state["modules"][name])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        version, internal, gauss = state["rng"]["python"]
+        rng.setstate((version, tuple(internal.tolist()), gauss))
+        if gen is not None:
+            gen.set_state(state["rng"]["generator"])
+        return state["step"]
+
+    def step_done(self, stage: str, step: int, modules: dict[str, nn.Module], opt: torch.optim.Optimizer,
+                  rng: random.Random, gen: torch.Generator | None = None) -> None:
+        """Called after each step (0-based `step`, logged already): writes the checkpoint when it is due."""
+        done, steps = step + 1, {"vae": self.recipe.vae_stage, "infinity": self.recipe.gpt_stage}[stage].steps
+        if not self.every or (done % self.every and done < steps):
+            return
+        version, internal, gauss = rng.getstate()
+        state = {"recipe": self.fields, "reuse": None if self.reuse is None else str(self.reuse),
+                 "stage": stage, "step": done, "modules": {k: m.state_dict() for k, m in modules.items()},
+                 "optimizer": opt.state_dict(),
+                 "rng": {"torch": torch.get_rng_state(), "python": [version, torch.tensor(internal), gauss],
+                         **({"generator": gen.get_state()} if gen is not None else {})},
+                 "log": self.log.path.read_text(), "seconds": dict(self.clock.lap(stage))}
+        torch.save(state, self.tmp)
+        os.replace(self.tmp, self.path)
+
+
+# --------------------------------------------------------------------------------------------------
 # Stage 1: tokenizer
 # --------------------------------------------------------------------------------------------------
 def train_tokenizer(recipe: Recipe, out_dir: Path) -> Tokenizer:
@@ -198,12 +320,15 @@ def init_vae(vae: BSQVAE) -> BSQVAE:
     return vae
 
 
-def train_vae(recipe: Recipe, log: Log) -> BSQVAE:
+def train_vae(recipe: Recipe, log: Log, ckpt: Checkpoint | None = None) -> BSQVAE:
+    """The VAE stage; with `ckpt`, continued from a resumed checkpoint and checkpointed as it goes."""
     torch.manual_seed(recipe.seed)
     rng, stage = random.Random(recipe.seed + 1), recipe.vae_stage
     vae = init_vae(BSQVAE(recipe.vae)).train()
     opt = optimizer(vae.parameters(), stage)
-    bar = tqdm(range(stage.steps), desc="vae", unit="step")
+    loop = {"modules": {"vae": vae}, "opt": opt, "rng": rng}
+    start = ckpt.restore("vae", **loop) if ckpt else 0
+    bar = tqdm(range(start, stage.steps), desc="vae", unit="step", initial=start, total=stage.steps)
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, stage)
@@ -219,6 +344,8 @@ def train_vae(recipe: Recipe, log: Log) -> BSQVAE:
         bar.set_postfix(psnr=f"{stats['psnr']:.1f}", l1=f"{stats['l1']:.4f}")
         if step % 25 == 0 or step == stage.steps - 1:
             log(stage="vae", step=step, lr=lr_at(step, stage), keep=keep, **stats)
+        if ckpt:
+            ckpt.step_done("vae", step, **loop)
     return vae.eval().requires_grad_(False)
 
 
@@ -339,13 +466,15 @@ def teacher_batch(recipe: Recipe, vae: BSQVAE, t5: T5Encoder, model: Infinity, t
     return model.condition(kv, segments), next_inputs[: k - 1], bits[:k]
 
 
-def train_infinity(recipe: Recipe, vae: BSQVAE, tok: Tokenizer, log: Log) -> tuple[Infinity, T5Encoder]:
+def train_infinity(recipe: Recipe, vae: BSQVAE, tok: Tokenizer, log: Log,
+                   ckpt: Checkpoint | None = None) -> tuple[Infinity, T5Encoder]:
     """Each step: `gpt_stage.batch` scenes over the whole schedule, plus `coarse_batch` more over its
     first `coarse_scales` scales only. Those few tokens decide the layout (where objects go, how
     many there are), the hardest thing for the small model to learn, and cost little: at 64 px, the
     first 5 scales are 121 of 521 tokens. The loss is the mean over scales of each scale's mean
     bitwise cross-entropy (so the few tokens that fix the layout are not drowned by the many of the
-    last scale), a scale's mean taken over every image that reached it."""
+    last scale), a scale's mean taken over every image that reached it. With `ckpt`, continued from a
+    resumed checkpoint and checkpointed as it goes."""
     torch.manual_seed(recipe.seed + 2)
     rng, stage, scales = random.Random(recipe.seed + 3), recipe.gpt_stage, recipe.scales
     gen = torch.Generator().manual_seed(recipe.seed + 4)
@@ -357,7 +486,9 @@ def train_infinity(recipe: Recipe, vae: BSQVAE, tok: Tokenizer, log: Log) -> tup
     Lc = sum(h * w for h, w in coarse)
     params = list(model.parameters()) + list(t5.parameters())
     opt = optimizer(params, stage)
-    bar = tqdm(range(stage.steps), desc="infinity", unit="step")
+    loop = {"modules": {"infinity": model, "t5": t5}, "opt": opt, "rng": rng, "gen": gen}
+    start = ckpt.restore("infinity", **loop) if ckpt else 0
+    bar = tqdm(range(start, stage.steps), desc="infinity", unit="step", initial=start, total=stage.steps)
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, stage)
@@ -377,6 +508,8 @@ def train_infinity(recipe: Recipe, vae: BSQVAE, tok: Tokenizer, log: Log) -> tup
         bar.set_postfix(loss=f"{loss.item():.4f}", last=f"{logged[-1]:.4f}")
         if step % 25 == 0 or step == stage.steps - 1:
             log(stage="infinity", step=step, lr=lr_at(step, stage), loss=loss.item(), per_scale=logged)
+        if ckpt:
+            ckpt.step_done("infinity", step, **loop)
     return model.eval().requires_grad_(False), t5.eval().requires_grad_(False)
 
 
@@ -447,29 +580,42 @@ def save_t5(t5: T5Encoder, out: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------
-def run(recipe: Recipe, out: Path, dtype: torch.dtype = torch.bfloat16, reuse: Path | None = None) -> dict[str, float]:
+def run(recipe: Recipe, out: Path, dtype: torch.dtype = torch.bfloat16, reuse: Path | None = None,
+        checkpoint_every: int = 0, resume: bool = False) -> dict[str, float]:
     """All three stages into the model directory `out`, or (with `reuse`, a model directory) only the
-    transformer and T5 on top of that directory's tokenizer and VAE; returns the seconds each took."""
+    transformer and T5 on top of that directory's tokenizer and VAE; returns the seconds each took.
+
+    With `checkpoint_every` N, out/resume.pt is written every N steps (see Checkpoint); `resume`
+    continues from it (skipping the finished stages, whose files are in `out`) and ends with the
+    weights an uninterrupted run with the same arguments and thread count would have.
+    """
+    log = Log(out / "train_log.jsonl")
+    ckpt = Checkpoint(out, recipe, checkpoint_every, reuse, log)
+    begin = ckpt.resume() if resume else ckpt.start()      # "tokenizer", "vae" or "infinity"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train_log.jsonl").unlink(missing_ok=True)
-    log, seconds, t0 = Log(out / "train_log.jsonl"), {}, time.perf_counter()
-    if reuse is None:
-        tok = train_tokenizer(recipe, out / "t5")
-        seconds["tokenizer"] = time.perf_counter() - t0
-        vae = train_vae(recipe, log)
+    if begin == "infinity":                                  # resumed: the tokenizer and VAE are in `out`
+        tok, vae = Tokenizer(out / "t5" / "spiece.model"), load_vae(out / "vae.pth", out / "vae_config.json")
+    elif reuse is not None:
+        tok, vae = reuse_tokenizer_and_vae(reuse, out, recipe)
+    else:
+        if begin == "tokenizer":
+            tok = train_tokenizer(recipe, out / "t5")
+            ckpt.clock.lap("tokenizer")
+        else:
+            tok = Tokenizer(out / "t5" / "spiece.model")
+        vae = train_vae(recipe, log, ckpt)
         save_vae(vae, out, dtype)
         vae.load_state_dict(storage(vae.state_dict(), dtype))  # the transformer learns the VAE as stored
-    else:
-        tok, vae = reuse_tokenizer_and_vae(reuse, out, recipe)
-    seconds["vae"] = time.perf_counter() - t0 - sum(seconds.values())
-    model, t5 = train_infinity(recipe, vae, tok, log)
+    ckpt.clock.lap("vae")
+    model, t5 = train_infinity(recipe, vae, tok, log, ckpt)
     # The transformer is stored in float32 (the VAE as `dtype`): minivar's KV cache follows the weights'
     # storage dtype, and the toy's scores are measured with the float32 cache it computes with.
     save_infinity(model, recipe, out, torch.float32)
     save_t5(t5, out / "t5")
-    seconds["infinity"] = time.perf_counter() - t0 - sum(seconds.values())
-    seconds["total"] = time.perf_counter() - t0
+    seconds = dict(ckpt.clock.lap("infinity"))
+    seconds["total"] = sum(seconds.values())
     log(stage="done", seconds=seconds, threads=torch.get_num_threads(), reused=str(reuse) if reuse else None)
+    ckpt.remove()
     return seconds
 
 
@@ -520,6 +666,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="overrides",
                    help="change one recipe field, e.g. t5.num_layers=4 or layout=random (repeatable)")
     p.add_argument("--eval", type=int, default=0, metavar="N", help="score N mini-GenEval prompts at the end")
+    p.add_argument("--checkpoint-every", type=int, default=100, metavar="N",
+                   help="write OUT/resume.pt every N steps of the VAE and transformer stages (0: never; "
+                        "default: %(default)s)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/resume.pt: the same command plus --resume ends with the weights of an "
+                        "uninterrupted run (same --threads)")
     args = p.parse_args(argv)
     recipe = RECIPES[args.recipe]
     try:
@@ -530,7 +682,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.steps is not None:
         recipe = replace(recipe, gpt_stage=replace(recipe.gpt_stage, steps=args.steps))
     torch.set_num_threads(args.threads)
-    seconds = run(recipe, args.out, reuse=args.reuse_vae)
+    try:
+        seconds = run(recipe, args.out, reuse=args.reuse_vae, checkpoint_every=args.checkpoint_every, resume=args.resume)
+    except ResumeError as e:
+        p.exit(2, f"{p.prog}: error: {e}\n")
     print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
     if args.eval:
         from .geneval import main as geneval
