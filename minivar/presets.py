@@ -77,7 +77,7 @@ def stages(scales: list[tuple[int, int]], reference_tokens: int, semantic_below:
 
 def model_stages(cfg: InfinityConfig, scales: list[tuple[int, int]]) -> list[str]:
     """`stages` of any template's schedule, read on its square twin against the model's own reference grid."""
-    return stages(square_twin(scales), reference_tokens(cfg, 1.0))
+    return stages(*placement(cfg, scales))
 
 
 def stagevar(scales: list[tuple[int, int]], depth: int, reference_tokens: int, rank: int = STAGEVAR_RANK,
@@ -151,6 +151,12 @@ def square_twin(scales: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return [square[i] if i < len(square) else (round(math.sqrt(h * w)),) * 2 for i, (h, w) in enumerate(scales)]
 
 
+def placement(cfg: InfinityConfig, scales: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], int]:
+    """What the presets and the stage split read a schedule on: its square twin and the model's square
+    reference grid (tokens)."""
+    return square_twin(scales), reference_tokens(cfg, 1.0)
+
+
 def resolve_prune(prune, cfg: InfinityConfig, scales: list[tuple[int, int]]) -> PruneSchedule:
     """Accepts False/None (no pruning), True (the preset), "fastvar", "stagevar", a dict or a PruneSchedule.
 
@@ -161,9 +167,11 @@ def resolve_prune(prune, cfg: InfinityConfig, scales: list[tuple[int, int]]) -> 
     if isinstance(prune, PruneSchedule):
         return prune
     if prune is True or prune == "preset":
-        return proportional(square_twin(scales), cfg.depth, reference_tokens(cfg, 1.0))
+        twin, ref = placement(cfg, scales)
+        return proportional(twin, cfg.depth, ref)
     if prune == "stagevar":
-        return stagevar(square_twin(scales), cfg.depth, reference_tokens(cfg, 1.0))
+        twin, ref = placement(cfg, scales)
+        return stagevar(twin, cfg.depth, ref)
     if prune == "fastvar":  # FastVAR's absolute window, cut to the layers the model has
         literal = fastvar_literal(scales)
         return replace(literal, layers=(literal.layers[0], min(literal.layers[1], cfg.depth - 1)))

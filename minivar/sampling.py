@@ -126,16 +126,19 @@ def run_blocks(model: Infinity, x: torch.Tensor, c: Conditioning, caches: list[K
     return x
 
 
-def one_branch(c: Conditioning, caches: list[KVCache], pruner: Pruner, B: int,
-               half: int) -> tuple[Conditioning, list[KVCache]]:
-    """Half `half` (0 conditional, 1 unconditional) of a CFG batch: stage-aware CFG drops the other.
+def one_branch(x: torch.Tensor, c: Conditioning, caches: list[KVCache], pruner: Pruner, B: int,
+               branch: str) -> tuple[torch.Tensor, Conditioning, list[KVCache]]:
+    """One half of a CFG batch ("conditional" or "unconditional"): stage-aware CFG drops the other.
 
-    Every per-row state follows: the conditioning rows and text segments, the KV caches, and the
-    pruner's restoration cache, whose rows must pair with the rows of the scales that it restores.
+    Every per-row state follows: the next scale's input x (at scale 0 each half has its own start
+    token), the conditioning rows and text segments, the KV caches, and the pruner's restoration
+    cache, whose rows must pair with the rows of the scales that it restores.
     """
+    half = BRANCHES.index(branch)
     rows = slice(half * B, (half + 1) * B)
     pruner.keep_rows(rows)
-    return Conditioning(c.text.segment(half), c.cond[rows], c.gss[rows]), [cache.rows(rows) for cache in caches]
+    c = Conditioning(c.text.segment(half), c.cond[rows], c.gss[rows])
+    return x[rows], c, [cache.rows(rows) for cache in caches]
 
 
 def run_scale_loop(model: Infinity, c: Conditioning, B: int, scales: list[tuple[int, int]], template: float,
@@ -164,8 +167,8 @@ def run_scale_loop(model: Infinity, c: Conditioning, B: int, scales: list[tuple[
         t0 = time.perf_counter()
         if guided and stop is not None and si >= stop:
             # stage-aware CFG: one half only from here (">=": the stop scale may be skipped)
-            half = BRANCHES.index(prune.cfg_stop_branch)
-            (c, caches), x, guided = one_branch(c, caches, pruner, B, half), x[half * B:(half + 1) * B], False
+            x, c, caches = one_branch(x, c, caches, pruner, B, prune.cfg_stop_branch)
+            guided = False
         step = Step(si, scales[si], cfgs[si], taus[si], guided, last=si == ran[-1])
         rope = model.rope.table(template, *step.hw, device)
         x = run_blocks(model, x, c, caches, rope, pruner, step, mix_after)

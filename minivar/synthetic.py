@@ -25,6 +25,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -203,8 +204,6 @@ class Sampler:
     largest VmRSS, with the anonymous and file-backed parts of it, and when each phase began."""
 
     def __init__(self, every: float = 0.02):
-        import threading
-
         self.every, self.phase, self.peaks, self.began = every, "import", {}, {"import": time.perf_counter()}
         self.stop, self.thread = threading.Event(), threading.Thread(target=self.run, daemon=True)
 

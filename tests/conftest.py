@@ -13,6 +13,16 @@ FIXTURES = Path(__file__).parent / "fixtures"
 TINY = FIXTURES / "tiny-a"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny runs: a second thread mostly waits on a busy machine,
+    and bit-identity across runs needs only the same count throughout."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir() -> Path:
     return TINY

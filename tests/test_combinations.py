@@ -47,12 +47,7 @@ def schedule_for(prune: str, scales: list[tuple[int, int]], template: float, dep
     return resolve_prune(word, replace(tiny_pipeline().transformer.cfg, pn="0.06M"), scales)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @lru_cache(maxsize=None)

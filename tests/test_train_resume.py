@@ -50,13 +50,7 @@ def steps_logged(out) -> list[tuple[str, int]]:
     return [(r["stage"], r["step"]) for r in rows(out) if r["stage"] in ("vae", "infinity")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny runs gain nothing from a second thread; bit-identity needs only the same count throughout."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
