@@ -6,10 +6,10 @@
 Reading order (README, "Reading the code"): sampling (the scale loop) -> transformer -> pruning/presets
 -> bsq/vae -> t5/tokenizer -> pipeline/checks -> config -> numerics.
 """
-from .config import InfinityConfig, scale_schedule
+from .model.config import InfinityConfig, scale_schedule
 from .pipeline import Output, Pipeline, load, sample
-from .pruning import PruneSchedule
-from .sampling import Trace
+from .model.pruning import PruneSchedule
+from .model.sampling import Trace
 
 __version__ = "0.1.0"
 __all__ = ["InfinityConfig", "Output", "Pipeline", "PruneSchedule", "Trace", "load", "sample", "scale_schedule"]

@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 import torch
 
-from .config import BUDGETS, HIGH_RES, RES_TO_BUDGET, nearest_template
-from .pruning import PruneSchedule, is_index, is_real
+from .model.config import BUDGETS, HIGH_RES, RES_TO_BUDGET, nearest_template
+from .model.pruning import PruneSchedule, is_index, is_real
 
 MAX_PROMPT_CHARS = 20_000  # far beyond T5's 512 tokens; longer input is almost surely a mistake
 MAX_SEED = 2**64 - 1       # torch generators take a 64-bit unsigned seed

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import InfinityConfig
-from .pruning import PruneSchedule
-from .vae import banded_decode_bytes, use_bands
+from .model.config import InfinityConfig
+from .model.pruning import PruneSchedule
+from .model.vae import banded_decode_bytes, use_bands
 
 GiB = 1024**3
 F32 = 4

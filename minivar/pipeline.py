@@ -17,17 +17,18 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import memory
-from .checkpoint import load_infinity
+from .loading.checkpoint import load_infinity
 from .checks import check_against_schedule, check_arguments, check_prompt_text
-from .config import BUDGETS, HIGH_RES, RES_TO_BUDGET, InfinityConfig, nearest_template, scale_schedule
-from .numerics import cache_dtype, image_batch
-from .presets import model_stages, resolve_prune
-from .pruning import PruneSchedule
-from .sampling import Settings, Trace, run_scale_loop
-from .t5 import T5Encoder, load_t5
-from .tokenizer import Tokenizer
-from .transformer import Infinity
-from .vae import BSQVAE, VAEConfig, load_vae, pixels_to_image
+from .model.config import BUDGETS, HIGH_RES, RES_TO_BUDGET, InfinityConfig, nearest_template, scale_schedule
+from .model.numerics import cache_dtype, image_batch
+from .model.pruning import model_stages, resolve_prune
+from .model.pruning import PruneSchedule
+from .model.sampling import Settings, Trace, run_scale_loop
+from .loading.checkpoint import load_t5, load_vae
+from .model.t5 import T5Encoder
+from .model.t5 import Tokenizer
+from .model.transformer import Infinity
+from .model.vae import BSQVAE, VAEConfig, pixels_to_image
 
 
 @dataclass
@@ -199,7 +200,7 @@ def to_pixels(image) -> torch.Tensor:
     if isinstance(image, np.ndarray):
         image = torch.from_numpy(np.array(image))  # a writable copy
     if image.dtype == torch.uint8:
-        from .vae import image_to_pixels
+        from .model.vae import image_to_pixels
         return image_to_pixels(image)
     if image.ndim != 4 or image.shape[1] != 3:
         raise ValueError(f"expected a float image (B, 3, H, W) in [-1, 1], got shape {tuple(image.shape)}")
@@ -241,7 +242,7 @@ def load(name: str | Path | None = None, *, transformer: str | Path | None = Non
     casts the transformer to it (`torch.float32` for parity work). On CPU the VAE and T5 are float32
     whatever `dtype` says, and all math runs in float32 (see numerics.py).
     """
-    from .hub import resolve_files
+    from .loading.hub import resolve_files
 
     files = resolve_files(name, transformer=transformer, vae=vae, text_encoder=text_encoder,
                           config=config, vae_config=vae_config, revision=revision)

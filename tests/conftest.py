@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minivar import numerics
+from minivar.model import numerics
 
 # Upstream's fixtures were recorded with ATen's AVX2 kernels; ask for them before any kernel runs.
 # Subprocesses (CLI, batch, notebooks) inherit the choice through the environment.

@@ -5,11 +5,11 @@ import threading
 import torch
 from helpers import PROMPT, SETTINGS, tiny_pipeline
 
-from minivar.analysis import (band_average, band_energy, bit_entropy, capture_attention, capture_hidden,
+from minivar.bench.analysis import (band_average, band_energy, bit_entropy, capture_attention, capture_hidden,
                               change_spectra, computed_fraction, diagonal_strength, offset_attention, pca_rgb, previous_scale_attention,
                               psnr, radial_power_spectrum, relative_change, token_maps)
-from minivar.pruning import ScaleRecord
-from minivar.transformer import ATTENTION_PROBES
+from minivar.model.pruning import ScaleRecord
+from minivar.model.transformer import ATTENTION_PROBES
 
 
 def test_a_constant_map_has_all_its_energy_at_frequency_zero():

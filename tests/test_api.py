@@ -6,7 +6,7 @@ import torch
 from helpers import PROMPT, SETTINGS, TINY, fixture, rel_err, tiny_pipeline
 from PIL import Image
 
-from minivar.bsq import codes_from_bits
+from minivar.model.vae import codes_from_bits
 
 
 def test_encode_image_gives_upstreams_bits_and_reconstruction():
@@ -66,7 +66,7 @@ def test_trace_contents_are_consistent():
 
 
 def test_aspect_ratios_snap_to_templates_like_upstream():
-    from minivar.config import nearest_template, scale_schedule
+    from minivar.model.config import nearest_template, scale_schedule
 
     assert nearest_template(16 / 9) == 1.75 and nearest_template(9 / 16) == 0.571
     assert nearest_template(0.9) == 1.0  # a tie goes to the template listed first upstream

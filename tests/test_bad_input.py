@@ -14,9 +14,9 @@ import torch
 from helpers import PROMPT, SETTINGS, TINY, tiny_pipeline
 
 import minivar
-from minivar.__main__ import main
+from minivar.cli import main
 from minivar.checks import check_arguments
-from minivar.pruning import PruneSchedule
+from minivar.model.pruning import PruneSchedule
 
 ROOT = Path(__file__).resolve().parents[1]
 N256 = 7  # scales of the 256 schedule

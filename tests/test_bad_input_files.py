@@ -26,13 +26,13 @@ from test_cli import ROOT, run
 from test_errors import one_line
 
 import minivar
-from minivar import batch
-from minivar.checkpoint import load_infinity
-from minivar.config import InfinityConfig
-from minivar.convert import convert
-from minivar.files import LOCK_FILE, FolderBusy, FolderLock
-from minivar.vae import load_vae
-from minivar.weights import CheckpointError
+from minivar.cli import batch
+from minivar.loading.checkpoint import load_infinity
+from minivar.model.config import InfinityConfig
+from minivar.loading.convert import convert
+from minivar.loading.files import LOCK_FILE, FolderBusy, FolderLock
+from minivar.loading.checkpoint import load_vae
+from minivar.loading.weights import CheckpointError
 
 CFG = InfinityConfig.from_upstream(TINY / "infinity_config.json")
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -429,7 +429,7 @@ def test_non_ascii_ids_stay_distinct(tmp_path):
 
 def test_a_stale_lock_of_a_killed_run_is_taken_over(tmp_path):
     f = finished_folder(tmp_path)
-    take_and_die = ("import os, signal, sys\nfrom minivar.files import FolderLock\n"
+    take_and_die = ("import os, signal, sys\nfrom minivar.loading.files import FolderLock\n"
                     "FolderLock(sys.argv[1], 'batch').acquire()\nos.kill(os.getpid(), signal.SIGKILL)\n")
     child = subprocess.Popen([sys.executable, "-c", take_and_die, str(f.out)], env=ENV)
     assert child.wait(timeout=120) == -signal.SIGKILL
@@ -442,7 +442,7 @@ def test_a_stale_lock_of_a_killed_run_is_taken_over(tmp_path):
 
 def test_a_second_process_holding_the_folder_stops_a_run(tmp_path):
     f = finished_folder(tmp_path)
-    hold = ("import sys\nfrom minivar.files import FolderLock\nFolderLock(sys.argv[1], 'batch').acquire()\n"
+    hold = ("import sys\nfrom minivar.loading.files import FolderLock\nFolderLock(sys.argv[1], 'batch').acquire()\n"
             "print('locked', flush=True)\nsys.stdin.read()\n")
     holder = subprocess.Popen([sys.executable, "-c", hold, str(f.out)], env=ENV, stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)

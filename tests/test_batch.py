@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from minivar import batch
-from minivar.batch import Job, Prompt, make_jobs, parse_seeds, read_prompts, shard
+from minivar.cli import batch
+from minivar.cli.batch import Job, Prompt, make_jobs, parse_seeds, read_prompts, shard
 
 PROMPTS = '{"prompt": "a red apple", "id": "apple"}\n{"prompt": "a blue car"\n\n{"prompt": "a green tree"}\n'
 JOBS = {"apple_seed0.png", "apple_seed1.png", "00003_seed0.png", "00003_seed1.png"}
@@ -85,8 +85,8 @@ def test_a_malformed_line_is_reported_with_its_number_and_the_rest_continues(ref
 
 KILL_ON_SECOND_RECORD = textwrap.dedent("""
     import os, signal, sys
-    import minivar.batch as b
-    from minivar.__main__ import main
+    import minivar.cli.batch as b
+    from minivar.cli import main
 
     calls = []
     real_append = b.append_record

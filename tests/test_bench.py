@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import minivar
-from minivar import bench
-from minivar.config import InfinityConfig
+from minivar.bench import run as bench
+from minivar.model.config import InfinityConfig
 
 TINY = InfinityConfig(depth=4, embed_dim=128, num_heads=2, mlp_ratio=4, text_channels=128, d_vae=32)
 
@@ -58,7 +58,7 @@ def test_full_depth_estimate_reuses_measured_layers():
 
 
 def test_default_cfg_stop_is_the_first_scale_with_an_eighth_of_the_final_tokens():
-    from minivar.config import scale_schedule
+    from minivar.model.config import scale_schedule
 
     assert scale_schedule(1024)[bench.default_cfg_stop(scale_schedule(1024))] == (24, 24)
 
@@ -68,8 +68,8 @@ def test_bf16_weights_and_banded_decode_enter_the_memory_arithmetic():
     is the sum of the parts the report lists."""
     import torch
 
-    from minivar.flops import param_count
-    from minivar.vae import VAEConfig
+    from minivar.bench.flops import param_count
+    from minivar.model.vae import VAEConfig
 
     vae = VAEConfig(codebook_dim=32, base_ch=24, num_res_blocks=1, ch_mult=(1, 2, 4, 4, 4), patch_size=16)
     subj = bench.random_subject("tiny-shape", "custom", TINY, depth=2, vae=vae, text_tokens=4,
@@ -119,8 +119,8 @@ def record_calls(monkeypatch) -> list:
     appends (name, described arguments). The scale loop's `progress` hook is left out: it is how the
     bench reads per-scale times."""
     import minivar.pipeline as pipeline_mod
-    from minivar.transformer import Infinity
-    from minivar.vae import BSQVAE, Decoder
+    from minivar.model.transformer import Infinity
+    from minivar.model.vae import BSQVAE, Decoder
 
     calls = []
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import minivar
-from minivar.__main__ import default_out, main, parse_aspect
+from minivar.cli import default_out, main, parse_aspect
 
 ROOT = Path(__file__).resolve().parents[1]
 

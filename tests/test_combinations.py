@@ -21,11 +21,11 @@ import pytest
 import torch
 from helpers import PROMPT, SETTINGS, tiny_pipeline
 
-from minivar.config import TEMPLATES, nearest_template, scale_schedule
-from minivar.presets import resolve_prune
-from minivar.pruning import PruneSchedule
-from minivar.sampling import Settings, Trace, run_scale_loop
-from minivar.transformer import image_batch
+from minivar.model.config import TEMPLATES, nearest_template, scale_schedule
+from minivar.model.pruning import resolve_prune
+from minivar.model.pruning import PruneSchedule
+from minivar.model.sampling import Settings, Trace, run_scale_loop
+from minivar.model.transformer import image_batch
 
 PRUNES = ["off", "preset", "fastvar", "stagevar", "random", "keep-all"]
 ASPECTS = [1.0, 0.5, 1.333]        # h/w templates: square, 2:1 wide, 3:4 tall

@@ -109,9 +109,9 @@ def test_a_weight_changed_in_place_is_not_released():
 
 
 def test_kv_cache_is_stored_in_the_weights_dtype(tmp_path):
-    from minivar.config import scale_schedule
-    from minivar.pruning import PruneSchedule
-    from minivar.sampling import make_caches
+    from minivar.model.config import scale_schedule
+    from minivar.model.pruning import PruneSchedule
+    from minivar.model.sampling import make_caches
 
     scales = scale_schedule(256)
     for pipe, dtype in ((minivar.load(bf16_model_dir(tmp_path)), torch.bfloat16), (tiny_pipeline(), torch.float32)):
@@ -125,7 +125,7 @@ def test_bf16_storage_computes_exactly_what_its_float32_copy_computes(tmp_path, 
     """Storage only: with the KV cache in float32 too, the bf16-stored model samples the bits of the same
     weights copied to float32 (a parameter used in bf16 arithmetic, e.g. the attention's learned scale
     exponentiated in bf16, breaks this)."""
-    from minivar import sampling
+    from minivar.model import sampling
 
     model_dir = bf16_model_dir(tmp_path)
     copied = minivar.load(model_dir, dtype=torch.float32).generate(PROMPT, res=256, trace=True, output_type="latent",
@@ -139,7 +139,8 @@ def test_cuda_compute_rule_hands_attention_bf16_so_flash_attn_can_run(monkeypatc
     """On CUDA the weights' dtype is the compute dtype (numerics.compute_dtype), and `attend` takes
     flash-attn only for half-precision q, k and v. Simulated on the CPU: the CUDA rule for products,
     bf16 weights, and a look at what reaches self-attention's kernel."""
-    from minivar import numerics, transformer
+    from minivar.model import numerics
+    from minivar.model import transformer
 
     pipe = minivar.load(transformer=TINY / "infinity.pth", vae=TINY / "vae.pth", text_encoder=TINY / "t5",
                         config=TINY / "infinity_config.json", vae_config=TINY / "vae_config.json",

@@ -7,9 +7,9 @@ import torch
 from helpers import TINY, tiny_pipeline
 
 import minivar
-from minivar.checkpoint import load_infinity
-from minivar.config import InfinityConfig
-from minivar.weights import CheckpointError
+from minivar.loading.checkpoint import load_infinity
+from minivar.model.config import InfinityConfig
+from minivar.loading.weights import CheckpointError
 
 
 def load_with(**overrides):

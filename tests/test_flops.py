@@ -4,13 +4,13 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from minivar.config import InfinityConfig, scale_schedule
-from minivar.flops import param_count, totals, transformer_count, vae_decode_count
-from minivar.pruning import PruneSchedule
-from minivar.sampling import Settings, run_scale_loop
-from minivar.transformer import Infinity
-from minivar import vae as vae_mod
-from minivar.vae import VAE_PRESETS, BSQVAE, VAEConfig
+from minivar.model.config import InfinityConfig, scale_schedule
+from minivar.bench.flops import param_count, totals, transformer_count, vae_decode_count
+from minivar.model.pruning import PruneSchedule
+from minivar.model.sampling import Settings, run_scale_loop
+from minivar.model.transformer import Infinity
+from minivar.model import vae as vae_mod
+from minivar.model.vae import VAE_PRESETS, BSQVAE, VAEConfig
 
 TINY = InfinityConfig(depth=4, embed_dim=128, num_heads=2, mlp_ratio=4, text_channels=128, d_vae=32)
 TINY_VAE = VAEConfig(codebook_dim=32, base_ch=24, num_res_blocks=1, ch_mult=(1, 2, 4, 4, 4), patch_size=16)

@@ -19,13 +19,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import minivar
-from minivar import hub
-from minivar.checkpoint import flatten_block_keys, load_infinity
-from minivar.convert import convert
-from minivar.hub import ModelSpec, prefer_converted, resolve_files
-from minivar.t5 import load_t5
-from minivar.vae import load_vae
-from minivar.weights import CheckpointError, read_pth, read_state_dict
+from minivar.loading import hub
+from minivar.loading.checkpoint import flatten_block_keys, load_infinity
+from minivar.loading.convert import convert
+from minivar.loading.hub import ModelSpec, prefer_converted, resolve_files
+from minivar.loading.checkpoint import load_t5, load_vae
+from minivar.loading.weights import CheckpointError, read_pth, read_state_dict
 
 T5_NEEDED = {"config.json", "spiece.model", "model.safetensors.index.json", "model-00001-of-00004.safetensors",
              "model-00002-of-00004.safetensors", "model-00003-of-00004.safetensors", "model-00004-of-00004.safetensors"}
@@ -203,7 +202,7 @@ def test_a_spec_with_json_configs_downloads_and_generates_like_the_local_files(f
 
 
 def test_download_command_fetches_a_pinned_preset(fake_hub, tmp_path, capsys):
-    from minivar.__main__ import main
+    from minivar.cli import main
 
     assert main(["download", "infinity-2b", "--revision", "v1.0"]) == 0
     out = capsys.readouterr().out

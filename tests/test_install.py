@@ -9,7 +9,7 @@ import zipfile
 from pathlib import Path
 
 import minivar
-from minivar import hub
+from minivar.loading import hub
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = Path(minivar.__file__).resolve().parent

@@ -2,11 +2,11 @@
 import torch
 from helpers import PROMPT, SETTINGS, rel_err, tiny_pipeline
 
-from minivar.bsq import latent_to_tokens
-from minivar.config import scale_schedule
-from minivar.pruning import PruneSchedule
-from minivar.sampling import guide
-from minivar.transformer import Attn
+from minivar.model.vae import latent_to_tokens
+from minivar.model.config import scale_schedule
+from minivar.model.pruning import PruneSchedule
+from minivar.model.sampling import guide
+from minivar.model.transformer import Attn
 
 
 def uncached_logits(pipe, out, n_scales: int) -> list[torch.Tensor]:

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from minivar.checkpoint import flatten_block_keys
-from minivar.config import PRESETS, InfinityConfig
-from minivar.transformer import Infinity
+from minivar.loading.checkpoint import flatten_block_keys
+from minivar.model.config import PRESETS, InfinityConfig
+from minivar.model.transformer import Infinity
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

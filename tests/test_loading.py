@@ -6,9 +6,9 @@ import torch
 from helpers import TINY
 from safetensors.torch import save_file
 
-from minivar.checkpoint import flatten_block_keys, load_infinity
-from minivar.config import InfinityConfig
-from minivar.weights import CheckpointError
+from minivar.loading.checkpoint import flatten_block_keys, load_infinity
+from minivar.model.config import InfinityConfig
+from minivar.loading.weights import CheckpointError
 
 CFG = InfinityConfig.from_upstream(TINY / "infinity_config.json")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from minivar.hub import find_directory
+from minivar.loading.hub import find_directory
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")

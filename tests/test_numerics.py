@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from minivar import numerics
+from minivar.model import numerics
 
 
 def run_python(code: str, env: dict) -> str:
@@ -14,7 +14,7 @@ def run_python(code: str, env: dict) -> str:
 
 def test_import_leaves_the_environment_unchanged():
     env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
-    code = ("import os; before = dict(os.environ); import minivar, minivar.toy.train, minivar.__main__; "
+    code = ("import os; before = dict(os.environ); import minivar, minivar.toy.train, minivar.cli; "
             "import torch; torch.ones(3).exp(); print(dict(os.environ) == before, 'ATEN_CPU_CAPABILITY' in os.environ)")
     assert run_python(code, env).split() == ["True", "False"]
 
@@ -51,7 +51,7 @@ def test_every_batched_product_of_a_generation_sees_contiguous_rows(monkeypatch)
     run computes on those as they are): check every call of a two-image generation."""
     from helpers import PROMPT, SETTINGS, tiny_pipeline
 
-    from minivar import pruning
+    from minivar.model import pruning
 
     seen, real = [], numerics.per_image
 

@@ -7,9 +7,9 @@ import torch
 from helpers import PROMPT, SETTINGS, TINY
 
 import minivar
-from minivar.config import InfinityConfig
-from minivar.transformer import Infinity
-from minivar.vae import BSQVAE, VAEConfig
+from minivar.model.config import InfinityConfig
+from minivar.model.transformer import Infinity
+from minivar.model.vae import BSQVAE, VAEConfig
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ from helpers import PROMPT, SETTINGS, TINY, rel_err, tiny_pipeline
 
 import minivar
 from minivar import memory
-from minivar.config import BUDGETS, PRESETS, TEMPLATES, InfinityConfig, scale_schedule
-from minivar.presets import HIGH_RES_DROP, fastvar_literal, proportional, reference_tokens, resolve_prune
-from minivar.pruning import Pruner, PruneSchedule, pivotal_scores, restore, select
+from minivar.model.config import BUDGETS, PRESETS, TEMPLATES, InfinityConfig, scale_schedule
+from minivar.model.pruning import HIGH_RES_DROP, fastvar_literal, proportional, reference_tokens, resolve_prune
+from minivar.model.pruning import Pruner, PruneSchedule, pivotal_scores, restore, select
 
 
 def test_kept_set_is_exactly_the_top_k_by_distance_from_the_mean():
@@ -181,7 +181,7 @@ def test_stage_aware_cfg_stops_at_a_skipped_scale_too():
 
 def test_prune_true_follows_the_model_config_not_its_folder_name(tmp_path):
     """Issue 17, bug 4: the toy's files under another name must give the toy's preset, not no pruning."""
-    from minivar.hub import find_directory
+    from minivar.loading.hub import find_directory
 
     toy = find_directory("toy")
     shutil.copytree(toy, tmp_path / "my-toy")
@@ -218,7 +218,7 @@ def test_memory_refusal_is_a_clear_message(monkeypatch):
 
 def test_memory_estimate_shrinks_with_pruning():
     cfg, scales = PRESETS["infinity-2b"], scale_schedule(1024)
-    from minivar.vae import VAE_PRESETS
+    from minivar.model.vae import VAE_PRESETS
     dense = memory.estimate(cfg, VAE_PRESETS["d32"], scales, PruneSchedule.none(), 1, True)
     pruned = memory.estimate(cfg, VAE_PRESETS["d32"], scales, resolve_prune(True, cfg, scales), 1, True)
     # 2 x rows x tokens x C x 4 bytes, summed over layers; the last scale is never stored

@@ -1,7 +1,7 @@
 """The bit sampler: what top-k and top-p mean for two-valued bits, and how it uses the generator."""
 import torch
 
-from minivar.sampling import sample_bits
+from minivar.model.sampling import sample_bits
 
 
 def draw(logits, top_k, top_p, seed=0):

@@ -9,13 +9,13 @@ from helpers import PROMPT, SETTINGS, rel_err, tiny_pipeline
 
 import minivar
 from minivar import memory
-from minivar.analysis import low_band_changes
-from minivar.config import BUDGETS, HIGH_RES, PRESETS, TEMPLATES, scale_schedule
-from minivar.flops import totals, transformer_count
-from minivar.hub import SHIPPED
-from minivar.presets import model_stages, proportional, reference_tokens, resolve_prune, stages
-from minivar.pruning import Pruner, PruneSchedule, pivotal_scores, projection_matrix, projection_scores, select
-from minivar.vae import VAE_PRESETS
+from minivar.bench.analysis import low_band_changes
+from minivar.model.config import BUDGETS, HIGH_RES, PRESETS, TEMPLATES, scale_schedule
+from minivar.bench.flops import totals, transformer_count
+from minivar.loading.hub import SHIPPED
+from minivar.model.pruning import model_stages, proportional, reference_tokens, resolve_prune, stages
+from minivar.model.pruning import Pruner, PruneSchedule, pivotal_scores, projection_matrix, projection_scores, select
+from minivar.model.vae import VAE_PRESETS
 
 ORDER = {"semantic": 0, "structure": 1, "refinement": 2}
 MODELS = [PRESETS["infinity-2b"], PRESETS["infinity-8b"], replace(PRESETS["infinity-2b"], depth=4, pn="0.06M")]
@@ -209,7 +209,7 @@ def test_low_band_changes_locate_where_the_coarse_content_is_decided():
 
 
 def test_bench_runs_the_issue_arms_and_compares_each_with_unpruned():
-    from minivar import bench
+    from minivar.bench import run as bench
 
     args = bench.parse_args(["--prune", "off,on,stagevar", "--cfg-stop", "off,refine"])
     assert args.prune == [False, True, "stagevar"] and args.cfg_stop == [False, "refine"]

@@ -5,8 +5,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from minivar import bench, synthetic
-from minivar.weights import read_state_dict
+from minivar.bench import run as bench
+from minivar.bench import synthetic
+from minivar.loading.weights import read_state_dict
 
 LISTING = {"text_norm.weight": ([16], "float32"), "blocks.0.fc.weight": ([8, 16], "float32"),
            "blocks.0.fc.bias": ([8], "float32"), "quantizer.lfq.mask": ([4], "int64")}
@@ -61,7 +62,7 @@ def test_bench_defaults_to_the_stored_dtype():
 def test_measure_reports_the_process_wide_peak_of_the_sample_call_and_its_phases():
     """The bench's number is the child's ru_maxrss for one `minivar.sample` call (here on the toy), and
     every phase's sampled resident set lies under it, split into anonymous and file-backed pages."""
-    from minivar.synthetic import PHASES, markdown, measure
+    from minivar.bench.synthetic import PHASES, markdown, measure
 
     arm = measure(64, True, "a red circle", None, model="toy")
     assert arm["image_size"] == [64, 64] and set(PHASES) <= set(arm["peaks"]) == set(arm["seconds"])

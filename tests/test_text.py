@@ -9,9 +9,10 @@ import torch
 from conftest import rel_err
 from safetensors.torch import load_file, save_file
 
-from minivar.t5 import PRESETS, T5Config, T5Encoder, load_t5
-from minivar.tokenizer import Tokenizer
-from minivar.weights import CheckpointError
+from minivar.loading.checkpoint import load_t5
+from minivar.model.t5 import PRESETS, T5Config, T5Encoder
+from minivar.model.t5 import Tokenizer
+from minivar.loading.weights import CheckpointError
 
 N_PROMPTS = 6
 LONG_PROMPT = 5

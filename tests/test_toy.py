@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import minivar
-from minivar.config import InfinityConfig
-from minivar.hub import SHIPPED
-from minivar.vae import VAEConfig
+from minivar.model.config import InfinityConfig
+from minivar.loading.hub import SHIPPED
+from minivar.model.vae import VAEConfig
 
 TOY = SHIPPED["toy"]
 FILES = ["infinity.pth", "infinity_config.json", "vae.pth", "vae_config.json",

@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 
 import minivar
-from minivar.bsq import quantize_multiscale
-from minivar.checkpoint import flatten_block_keys
-from minivar.config import InfinityConfig
+from minivar.model.vae import quantize_multiscale
+from minivar.loading.checkpoint import flatten_block_keys
+from minivar.model.config import InfinityConfig
 from minivar.toy import train
-from minivar.transformer import Attn
-from minivar.vae import BSQVAE
+from minivar.model.transformer import Attn
+from minivar.model.vae import BSQVAE
 
 TINY = train.RECIPES["tiny"]
 
@@ -64,20 +64,20 @@ def test_teacher_forced_forward_matches_the_scale_loop():
     computes for the same bits: training and sampling see the same model."""
     torch.manual_seed(0)
     cfg = InfinityConfig(depth=2, embed_dim=64, num_heads=2, text_channels=128, text_maxlen=16, d_vae=8, block_chunks=1)
-    model = train.init_infinity(minivar.transformer.Infinity(cfg)).eval()
+    model = train.init_infinity(minivar.model.transformer.Infinity(cfg)).eval()
     torch.nn.init.normal_(model.head.weight, std=0.02)
     scales = [(1, 1), (2, 2), (4, 4)]
     kv, segments = torch.randn(5, 128), [(0, 5)]
     vae_bits = [torch.randint(0, 2, (1, 1, h, w, 8)) for h, w in scales]
     # the scale loop, teacher-forced
-    from minivar.sampling import Settings, Trace, run_scale_loop
-    from minivar.pruning import PruneSchedule
+    from minivar.model.sampling import Settings, Trace, run_scale_loop
+    from minivar.model.pruning import PruneSchedule
     trace = Trace()
     settings = Settings(cfg=1.0, tau=1.0, seed=0, force_bits=[b[:, 0] for b in vae_bits])
     with torch.no_grad():
         run_scale_loop(model, model.condition(kv, segments), 1, scales, 1.0, settings, PruneSchedule.none(), trace)
         # the same bits through the training forward: inputs are the running sums, downsampled
-        from minivar.bsq import bits_to_codes
+        from minivar.model.vae import bits_to_codes
         summed, next_inputs = 0, []
         for si, b in enumerate(vae_bits[:-1]):
             summed = summed + F.interpolate(bits_to_codes(b), size=(1, 4, 4), mode="trilinear")
@@ -97,7 +97,7 @@ def test_losses_of_the_first_scales_alone_equal_those_of_the_whole_sequence():
     gives those scales exactly the losses they get inside the whole sequence."""
     torch.manual_seed(0)
     cfg = InfinityConfig(depth=2, embed_dim=64, num_heads=2, text_channels=128, text_maxlen=16, d_vae=8, block_chunks=1)
-    model = minivar.transformer.Infinity(cfg).eval()  # default init: the head is not zero
+    model = minivar.model.transformer.Infinity(cfg).eval()  # default init: the head is not zero
     scales, k = [(1, 1), (2, 2), (3, 3), (4, 4)], 2
     bits = [torch.randint(0, 2, (2, 1, h, w, 8)) for h, w in scales]
     inputs = [torch.randn(2, 8, 1, h, w) for h, w in scales[1:]]

@@ -8,12 +8,13 @@ import torch
 from conftest import FIXTURES, rel_err
 from PIL import Image
 
-from minivar import vae as vae_module
-from minivar.bsq import bits_to_codes, codes_from_bits, quantize_multiscale
-from minivar.vae import (VAE_PRESETS, BSQVAE, VAEConfig, image_to_pixels, load_vae, pixels_to_image)
-from minivar.weights import CheckpointError
+from minivar.model import vae as vae_module
+from minivar.model.vae import bits_to_codes, codes_from_bits, quantize_multiscale
+from minivar.model.vae import (VAE_PRESETS, BSQVAE, VAEConfig, image_to_pixels, pixels_to_image)
+from minivar.loading.checkpoint import load_vae
+from minivar.loading.weights import CheckpointError
 
-# The inverse of minivar.vae.FLAT_KEY_RULES: how upstream's vae_flat.pth names the same tensors.
+# The inverse of minivar.model.vae.FLAT_KEY_RULES: how upstream's vae_flat.pth names the same tensors.
 UNWRAP_RULES = [(r"\.conv\.(weight|bias)$", r".\1"), (r"\.norm\.(weight|bias)$", r".\1")]
 
 
@@ -238,6 +239,6 @@ def test_decode_chooses_bands_above_the_threshold(vae, monkeypatch):
 def test_banded_decode_memory_estimate():
     """The maps kept whole at 1024x1024 with the 2B's VAE: the last level's first block holds its
     256-channel input, and 128-channel conv1 and block outputs, at full resolution."""
-    from minivar.vae import BAND_ELEMS, banded_decode_bytes
+    from minivar.model.vae import BAND_ELEMS, banded_decode_bytes
     assert banded_decode_bytes(VAE_PRESETS["d32"], 64, 64) == ((256 + 128 + 128) * 1024**2 + 4 * BAND_ELEMS) * 4
     assert banded_decode_bytes(VAE_PRESETS["d32"], 128, 128) < 9 * 2**30

@@ -13,8 +13,8 @@ import argparse
 from dataclasses import replace
 
 import minivar
-from minivar.presets import reference_tokens, resolve_prune, stagevar
-from minivar.pruning import BRANCHES
+from minivar.model.pruning import reference_tokens, resolve_prune, stagevar
+from minivar.model.pruning import BRANCHES
 from minivar.toy.geneval import evaluate
 
 

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 import minivar
-from minivar.analysis import capture_hidden
-from minivar.pruning import pivotal_scores, projection_matrix, projection_scores, select
+from minivar.bench.analysis import capture_hidden
+from minivar.model.pruning import pivotal_scores, projection_matrix, projection_scores, select
 
 PROMPTS = ["a red circle", "two green squares", "three purple diamonds", "a blue triangle above a yellow circle"]
 RANKS = (1, 2, 4, 8, 32)

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 import minivar
-from minivar.config import PRESETS
-from minivar.transformer import FFN
+from minivar.model.config import PRESETS
+from minivar.model.transformer import FFN
 
 PROMPTS = ["a red circle", "two green squares", "three purple diamonds", "a blue triangle above a yellow circle"]
 RANKS = (8, 32, 64)

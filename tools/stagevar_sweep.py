@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import minivar
-from minivar.presets import REFINEMENT_FROM, STAGEVAR_RANK, reference_tokens, resolve_prune, stagevar
+from minivar.model.pruning import REFINEMENT_FROM, STAGEVAR_RANK, reference_tokens, resolve_prune, stagevar
 from minivar.toy.geneval import evaluate
 
 RANKS = (1, 2, 4, 8, 32, 128)

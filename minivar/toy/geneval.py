@@ -255,7 +255,7 @@ def generate_all(pipe, specs: list[Spec], prune, batch: int = 8, seed: int = 0, 
 def recon_psnr(vae, scales: list[tuple[int, int]], n: int = 64, seed: int = 987_654, res: int = 128) -> float:
     """Mean PSNR (dB) of VAE round trips (encode, multi-scale bits, decode) of held-out scenes."""
     from .scenes import random_spec
-    from ..vae import image_to_pixels, pixels_to_image
+    from ..model.vae import image_to_pixels, pixels_to_image
 
     rng = random.Random(seed)
     images = np.stack([np.asarray(render(make_scene(random_spec(rng), rng), res)) for _ in range(n)])
@@ -270,7 +270,7 @@ def recon_psnr(vae, scales: list[tuple[int, int]], n: int = 64, seed: int = 987_
 
 def cost(pipe, scales: list[tuple[int, int]], schedule, cfg_on: bool, text_tokens: int) -> dict:
     """Analytic transformer FLOPs (flops.py) and token-layer evaluations per image, for one schedule."""
-    from ..flops import summary, transformer_count
+    from ..bench.flops import summary, transformer_count
 
     counts = transformer_count(pipe.transformer.cfg, scales, schedule, cfg_on=cfg_on, text_tokens=text_tokens)
     return {"transformer_gflops": summary(counts)["transformer_flops"] / 1e9,
@@ -281,7 +281,7 @@ def cost(pipe, scales: list[tuple[int, int]], schedule, cfg_on: bool, text_token
 def evaluate(pipe, n: int = 200, prune=False, batch: int = 8, seed: int = 0, cfg: float = 3.0,
              tau: float = 0.5, psnr_scenes: int = 64) -> dict:
     """mini-GenEval of a pipeline on the toy world: scores, cost of the schedule and VAE PSNR."""
-    from ..presets import resolve_prune
+    from ..model.pruning import resolve_prune
 
     specs = eval_specs(n)
     t0 = time.perf_counter()

@@ -56,12 +56,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import scenes
-from ..bsq import quantize_multiscale
-from ..config import InfinityConfig, scale_schedule
-from ..t5 import T5Config, T5Encoder
-from ..tokenizer import Tokenizer
-from ..transformer import Attn, Conditioning, Infinity
-from ..vae import BSQVAE, VAEConfig, image_to_pixels, load_vae
+from ..model.vae import quantize_multiscale
+from ..model.config import InfinityConfig, scale_schedule
+from ..model.t5 import T5Config, T5Encoder
+from ..model.t5 import Tokenizer
+from ..model.transformer import Attn, Conditioning, Infinity
+from ..loading.checkpoint import load_vae
+from ..model.vae import BSQVAE, VAEConfig, image_to_pixels
 
 
 @dataclass

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 import minivar
-from minivar import analysis
+from minivar.bench import analysis
 
 plt.rcParams.update({"figure.dpi": 72, "image.interpolation": "nearest", "font.size": 9})
 device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -12,7 +12,7 @@ This notebook checks the claim in frequency space on a real run. A *radially ave
 sorts a map's energy by spatial frequency, in cycles per image side, from 0 (the mean) up to the
 grid's Nyquist limit, averaging over directions, channels and images. Every spectrum is taken on the
 common final grid: a coarse scale's codes are first upsampled exactly the way the running sum adds
-them. The spectral code is in `minivar.analysis` (tested in `tests/test_analysis.py`); the cells here
+them. The spectral code is in `minivar.bench.analysis` (tested in `tests/test_analysis.py`); the cells here
 only call it and plot.
 """),
 ("md", MODEL_MD),

@@ -30,7 +30,9 @@ depth). `keep` is the share of tokens computed at the two pruned scales. The cel
 `prune=True`, minivar's preset for this model and resolution, would do instead.
 """),
 ("code", '''
-from minivar import PruneSchedule, flops, presets
+from minivar import PruneSchedule
+from minivar.bench import flops
+from minivar.model import pruning as presets
 
 scales = pipe.schedule(res, h_div_w=1.0)
 n = len(scales)
@@ -260,7 +262,7 @@ plt.show()
 
 StageVAR (arXiv 2512.16483) splits a generation into three stages: the early scales decide what the
 picture shows (*semantic*), the middle ones its layout (*structure*), the late ones only refine
-fidelity (*refinement*). `minivar.presets.stages` places each scale by its share r of the model's
+fidelity (*refinement*). `minivar.model.pruning.stages` places each scale by its share r of the model's
 reference grid, the rule `prune=True` uses: semantic below r = 0.08, refinement from r = 0.20, where
 FastVAR's recipe starts pruning. Every generation reports the stage of each scale (`Output.stages`,
 `Trace.stage`). `prune="stagevar"` is `prune=True` plus StageVAR's two refinement-stage changes:
@@ -352,7 +354,7 @@ with distance.
 att_layers = list(range(cfg.depth)) if cfg.depth <= 8 else [cfg.depth // 4, cfg.depth // 2, 3 * cfg.depth // 4]
 with analysis.capture_attention(pipe.transformer, att_layers, rows=1) as maps:   # conditional row only
     pipe.generate(prompt, res=res, seed=SEED, output_type="latent")
-from minivar.transformer import ATTENTION_PROBES
+from minivar.model.transformer import ATTENTION_PROBES
 assert ATTENTION_PROBES.get() is None                                   # the probe is gone again
 
 def prev_block(layer, s):

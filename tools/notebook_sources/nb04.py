@@ -36,7 +36,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from minivar import bench
+from minivar.bench import run as bench
 
 plt.rcParams.update({"figure.dpi": 72, "font.size": 9})
 # One thread for the toy: its matrices are too small to gain from a second one, and on a busy machine

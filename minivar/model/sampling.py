@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .bsq import add_scale_codes, bits_to_codes, bits_to_vae_layout, latent_to_tokens
+from .vae import add_scale_codes, bits_to_codes, bits_to_vae_layout, latent_to_tokens
 from .numerics import cache_dtype
 from .pruning import BRANCHES, Pruner, PruneSchedule, ScaleRecord
 from .transformer import Attn, Conditioning, Infinity, KVCache

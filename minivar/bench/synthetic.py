@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "tests" / "fixtures"
 NAME = "infinity-2b-synthetic"
 SEED = 2026
@@ -50,7 +50,7 @@ def keys(listing: str) -> dict[str, tuple[list[int], str]]:
 
 def fill(t: torch.Tensor, name: str, index: int) -> None:
     """Norm weights 1, biases and `zero_k_bias` 0, integer masks as BSQ builds them, the rest N(0, 0.02)."""
-    from .bsq import make_mask
+    from ..model.vae import make_mask
 
     if not t.is_floating_point():
         t.copy_(make_mask(t.shape[0]))
@@ -75,7 +75,7 @@ def write_pth(path: Path, listing: dict, dtype: torch.dtype, nest: str | None = 
     """A torch.save zip with `listing`'s tensors, floating ones in `dtype`, written without holding them."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from .memory import drop_pages, mapping_of
+    from ..memory import drop_pages, mapping_of
 
     with FakeTensorMode():  # shapes and dtypes only: nothing is allocated
         sd = {k: torch.empty(shape, dtype=dtype if dt.startswith("float") else getattr(torch, dt))
@@ -103,7 +103,7 @@ def write_safetensors_shards(folder: Path, listing: dict, shards: int) -> None:
     """float32 safetensors shards of about equal size plus `model.safetensors.index.json`."""
     import struct
 
-    from .convert import SAFETENSORS_DTYPES
+    from ..loading.convert import SAFETENSORS_DTYPES
 
     names, total = list(listing), sum(4 * _numel(s) for s, _ in listing.values())
     groups, size, cut = [[]], 0, total / shards
@@ -148,13 +148,13 @@ def _numel(shape: list[int]) -> int:
 # --------------------------------------------------------------------------------------------------
 def set_home() -> Path:
     """The synthetic set's own weights home, inside the user's: <weights home>/infinity-2b-synthetic."""
-    from .hub import weights_home
+    from ..loading.hub import weights_home
 
     return weights_home() / NAME
 
 
 def parts(home: Path) -> dict[str, Path]:
-    from .hub import SPECS
+    from ..loading.hub import SPECS
 
     spec = SPECS["infinity-2b"]
     return {"transformer": home / spec.name / spec.transformer, "vae": home / spec.name / spec.vae,
@@ -237,7 +237,7 @@ class Sampler:
 def watch_phases(sampler: Sampler) -> None:
     """Mark the phases of a `sample` call for the sampler, without changing what runs: load, text
     (tokenizer and T5), transformer (the scale loop), vae (decoding)."""
-    from . import pipeline
+    from .. import pipeline
 
     def marking(phase, fn):
         def marked(*args, **kw):

@@ -27,8 +27,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from .files import FolderBusy, FolderLock, atomic_write, partial_path
-from .checks import MAX_PROMPT_CHARS, check_seed
+from ..loading.files import FolderBusy, FolderLock, atomic_write, partial_path
+from ..checks import MAX_PROMPT_CHARS, check_seed
 
 MANIFEST = "manifest.jsonl"
 MAX_ID_BYTES = 200  # a file name holds 255 bytes: the id, "_seed<n>.png" and the temporary's ".<name>.partial"

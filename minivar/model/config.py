@@ -8,6 +8,7 @@ resolution (FastVAR's recipe: one more scale on top of the 1M list).
 """
 from __future__ import annotations
 
+import json
 import math
 import numbers
 from dataclasses import asdict, dataclass, fields
@@ -151,8 +152,6 @@ class InfinityConfig:
         `constructor_kwargs` (like the golden fixture's infinity_config.json). Wrong types or values
         raise one ValueError that names the file, the field and what is allowed.
         """
-        from .weights import read_json_object
-
         where = "Infinity config" if isinstance(args, dict) else f"Infinity config {args}"
         if not isinstance(args, dict):
             args = read_json_object(Path(args), "Infinity config")
@@ -189,3 +188,32 @@ PRESETS: dict[str, InfinityConfig] = {
     # 8,375,791,824 parameters (bf16 shards ~16.8 GB)
     "infinity-8b": InfinityConfig(depth=40, embed_dim=3584, num_heads=28, d_vae=56, spatial_patchify=True),
 }
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading config files
+# --------------------------------------------------------------------------------------------------
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable, or does not fit the model it is loaded into."""
+
+
+def require_file(path: Path, what: str) -> Path:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"{what} not found: {path} (check the path, or run `minivar download MODEL`)")
+    return path
+
+
+def read_json_object(path: Path, what: str) -> dict:
+    """A JSON file that must hold one object (a config): anything else is a CheckpointError naming the file."""
+    path = require_file(Path(path), what)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{what} {path} is not valid JSON ({' '.join(str(e).split())[:160]})") from None
+    except OSError as e:
+        raise CheckpointError(f"{what} {path} cannot be read ({e.strerror or e})") from None
+    if not isinstance(obj, dict):
+        kind = {list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(obj), "null")
+        raise CheckpointError(f"{what} {path} holds a JSON {kind}, not an object of settings")
+    return obj

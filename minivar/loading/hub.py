@@ -32,7 +32,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import PRESETS, InfinityConfig
+from ..model.config import PRESETS, InfinityConfig
 from .weights import CheckpointError, shard_files
 
 TOY_HINT = 'or run offline with the toy model: minivar "a red fox" --model toy'
@@ -62,7 +62,7 @@ SPECS: dict[str, ModelSpec] = {
 
 # Model directories that ship inside the package (package data), found by name whatever $MINIVAR_HOME says.
 # "toy" is trained by `python -m minivar.toy.train --out minivar/toy/weights` (see its README.md).
-SHIPPED = {"toy": Path(__file__).resolve().parent / "toy" / "weights"}
+SHIPPED = {"toy": Path(__file__).resolve().parents[1] / "toy" / "weights"}
 
 # What the text encoder needs from its repo, besides the shards that hold encoder tensors.
 T5_FILES = ("config.json", "spiece.model")
@@ -195,7 +195,7 @@ def shards_of(index: Path, keep=lambda key: True) -> list[str]:
 
 def remote_files(spec: ModelSpec, skip: set[str] = frozenset(), revision: str | None = None) -> list[Remote]:
     """Every hub file the preset needs, minus the parts in `skip`. Shards are listed once their index is on disk."""
-    from .t5 import is_encoder_key
+    from ..model.t5 import is_encoder_key
 
     out = []
     if spec.repo is not None:

@@ -69,19 +69,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import PRESETS, InfinityConfig, budget_for_res, scale_schedule
+from ..model.config import PRESETS, InfinityConfig, budget_for_res, scale_schedule
 from .flops import block_count, param_count, transformer_count, vae_decode_count
 from .flops import summary as flop_summary
-from .memory import kv_cache_bytes
-from .numerics import cache_dtype
-from .pipeline import Pipeline
-from .presets import model_stages, resolve_prune
-from .pruning import PruneSchedule
-from .sampling import Settings
-from .transformer import Infinity
-from .vae import VAE_PRESETS, BSQVAE, VAEConfig
+from ..memory import kv_cache_bytes
+from ..model.numerics import cache_dtype
+from ..pipeline import Pipeline
+from ..model.pruning import model_stages, resolve_prune
+from ..model.pruning import PruneSchedule
+from ..model.sampling import Settings
+from ..model.transformer import Infinity
+from ..model.vae import VAE_PRESETS, BSQVAE, VAEConfig
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY_DIR = REPO / "tests" / "fixtures" / "tiny-a"
 PROMPT = "a red apple on a wooden table"
 SHAPES = {"infinity-2b-shape": "infinity-2b", "infinity-8b-shape": "infinity-8b"}
@@ -185,7 +185,7 @@ def pipeline_subject(name: str, with_vae: bool, weight_dtype: torch.dtype | None
                             config=t / "infinity_config.json", vae_config=t / "vae_config.json",
                             dtype=weight_dtype)
     else:
-        from .hub import SHIPPED
+        from ..loading.hub import SHIPPED
 
         if not SHIPPED["toy"].is_dir():
             print(f"skipping toy: {SHIPPED['toy']} does not exist")

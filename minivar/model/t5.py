@@ -14,6 +14,8 @@ Module and parameter names follow the Hugging Face checkpoints (`encoder.block.{
 from __future__ import annotations
 
 import math
+import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -22,9 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import check_int, check_positive
-from .weights import (CheckpointError, assign_state_dict, check_size, read_json_object, read_pth, read_state_dict,
-                      shard_files)
+from .config import CheckpointError, check_int, check_positive, read_json_object
 
 
 @dataclass
@@ -249,7 +249,7 @@ class T5Encoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Loading a Hugging Face T5 directory (T5EncoderModel or the full T5ForConditionalGeneration checkpoint)
+# Checkpoint key names (loading: minivar.loading.checkpoint.load_t5)
 
 # The token embedding is one tensor with two names; a file may store either name, or both.
 TIED_EMBEDDING = ("shared.weight", "encoder.embed_tokens.weight")
@@ -260,61 +260,99 @@ def is_encoder_key(key: str) -> bool:
     return key.startswith("encoder.") or key in TIED_EMBEDDING
 
 
-def read_encoder_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """The encoder tensors of a model directory: safetensors (single or sharded) or pytorch_model*.bin."""
-    if any(path.glob("*.safetensors.index.json")) or any(path.glob("*.safetensors")):
-        return read_state_dict(path, is_encoder_key, what="T5 weights")
-    if (path / "pytorch_model.bin.index.json").is_file():
-        shards = shard_files(path / "pytorch_model.bin.index.json", is_encoder_key)
-    elif (path / "pytorch_model.bin").is_file():
-        shards = [path / "pytorch_model.bin"]
-    else:
-        raise CheckpointError(f"T5 directory {path} holds no model*.safetensors or pytorch_model*.bin weights")
-    sd = {}
-    for shard in shards:
-        sd |= {k: v for k, v in read_pth(shard, "T5 weights").items() if is_encoder_key(k)}
-    return sd
+# ----------------------------------------------------------------------------------------------------------
+# The T5 tokenizer: a sentencepiece unigram model plus T5's special tokens, padded to a fixed length.
+#
+# It reproduces Hugging Face's `T5Tokenizer(legacy=True)` called with `padding="max_length",
+# truncation=True`, which is what Infinity feeds its T5 encoder:
+#
+#     "a red apple" -> pieces ▁a ▁re d ▁apple -> ids 3 150 68 185 1 0 0 ... (EOS 1, then pad 0 up to max_length;
+#                                                                       ids of the tiny test vocabulary)
+#
+# The special tokens (`</s>`, `<pad>`, `<unk>` and the 100 sentinels `<extra_id_N>`) are matched in the raw
+# text first; the text between them is handed to sentencepiece chunk by chunk, so each chunk gets its own
+# dummy-prefix "▁". Sentencepiece does the rest: NFKC normalisation, whitespace collapsing, unknown -> id 2.
+# ----------------------------------------------------------------------------------------------------------
+class Tokenizer:
+    def __init__(self, model_file: str | Path, extra_ids: int = 100):
+        import sentencepiece as spm
 
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        except (OSError, RuntimeError) as e:
+            raise CheckpointError(f"{model_file} is not a sentencepiece model ({str(e).strip()[:160]}); "
+                                  "re-download the tokenizer") from None
+        self.extra_ids = extra_ids
+        self.special = self._special_tokens()
+        # longest first, so that a token is never matched by a shorter one that is its prefix
+        alternatives = sorted(self.special, key=len, reverse=True)
+        self._split = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")")
 
-def tie_embedding(sd: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
-    """Give both names of the token embedding the one stored tensor (`shared.weight` if the file has both)."""
-    stored = [sd[k] for k in TIED_EMBEDDING if k in sd]
-    if not stored:
-        raise CheckpointError(f"{source} has no token embedding (neither {' nor '.join(TIED_EMBEDDING)})")
-    return sd | dict.fromkeys(TIED_EMBEDDING, stored[0])
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "Tokenizer":
+        """Load `path/spiece.model`; `path/tokenizer_config.json`, when present, sets the number of sentinels."""
+        path = Path(path).expanduser()
+        if not path.is_dir():
+            raise CheckpointError(f"tokenizer directory not found: {path} "
+                                  "(check the path, or run `minivar download MODEL`)")
+        model_file = path / "spiece.model"
+        if not model_file.is_file():
+            raise CheckpointError(f"tokenizer directory {path} has no spiece.model (is it a T5 model directory?)")
+        extra_ids = 100
+        config_file = path / "tokenizer_config.json"
+        if config_file.is_file():
+            extra_ids = read_json_object(config_file, "tokenizer config").get("extra_ids", 100)
+            if isinstance(extra_ids, bool) or not isinstance(extra_ids, int) or not 0 <= extra_ids <= 10_000:
+                raise CheckpointError(f"tokenizer config {config_file}: extra_ids={extra_ids!r} is invalid: it must "
+                                      "be an integer in 0..10000")
+        return cls(model_file, extra_ids)
 
+    def _special_tokens(self) -> dict[str, int]:
+        # sentinels sit above the sentencepiece vocabulary in reverse: <extra_id_0> is the last id
+        special = {self.sp.id_to_piece(i): i for i in (self.pad_id, self.eos_id, self.sp.unk_id())}
+        special |= {f"<extra_id_{n}>": self.vocab_size - 1 - n for n in range(self.extra_ids)}
+        return special
 
-def set_dtype(model: T5Encoder, dtype: torch.dtype) -> T5Encoder:
-    """Cast to `dtype`, except that in float16 the FFN output projections stay float32.
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size() + self.extra_ids
 
-    flan-t5's FFN outputs overflow float16. The reference implementation keeps `wo` in float32 then, which also
-    turns the residual stream into float32 from the first FFN on; we reproduce that, numerics included.
-    """
-    model.to(dtype)
-    if dtype == torch.float16:
-        for block in model.encoder.block:
-            block.layer[1].DenseReluDense.wo.float()
-    return model
+    @property
+    def eos_id(self) -> int:
+        return self.sp.eos_id()
 
+    @property
+    def pad_id(self) -> int:
+        return self.sp.pad_id()
 
-def load_t5(path: str | Path, device: str | torch.device = "cpu",
-            dtype: torch.dtype | None = torch.float32) -> T5Encoder:
-    """Build the encoder on the meta device and assign the directory's tensors to it (strictly).
-    `dtype=None` keeps the dtype the files store (flan-t5-xl: float32), memory-mapped, without a copy."""
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        raise CheckpointError(f"T5 model directory not found: {path} "
-                              "(check the path, or run `minivar download MODEL`)")
-    cfg = T5Config.from_json(path / "config.json")
-    sd = tie_embedding(read_encoder_tensors(path), str(path))
-    described = (f"the T5 config {path / 'config.json'} (num_layers={cfg.num_layers}, d_model={cfg.d_model}, "
-                 f"d_ff={cfg.d_ff}, vocab_size={cfg.vocab_size})")
-    check_size(cfg.param_count(), sd, f"T5 weights in {path}", described, dtype)
-    with torch.device("meta"):
-        model = T5Encoder(cfg) if dtype is None else set_dtype(T5Encoder(cfg), dtype)
-    if dtype is not None:  # each tensor to its parameter's dtype (in float16 `set_dtype` keeps some float32)
-        want = model.state_dict()
-        sd = {k: v.to(want[k].dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() and k in want
-              and want[k].is_floating_point() else v for k, v in sd.items()}
-    assign_state_dict(model, sd, f"T5 weights in {path}", device=device, strict=True)
-    return model.eval()
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without EOS and without truncation."""
+        ids = []
+        for i, chunk in enumerate(self._split.split(text)):
+            if i % 2:  # re.split puts the matched separators at odd positions
+                ids.append(self.special[chunk])
+            elif chunk:
+                ids += self.sp.encode(chunk)
+        return ids
+
+    def __call__(self, texts: str | list[str], max_length: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokenize a prompt or a batch of prompts -> (input_ids (B, max_length), attention_mask (B, max_length)).
+
+        Each row is the prompt's ids, cut to max_length - 1 when too long, then EOS, then padding. The mask is 1
+        on the ids and the EOS, 0 on the padding. Both are int64.
+        """
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        input_ids = torch.full((len(texts), max_length), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(texts), max_length), dtype=torch.long)
+        for row, text in enumerate(texts):
+            ids = self._truncate(self.encode(text), max_length)
+            input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, :len(ids)] = 1
+        return input_ids, attention_mask
+
+    def _truncate(self, ids: list[int], max_length: int) -> list[int]:
+        if len(ids) + 1 > max_length:
+            warnings.warn(f"T5 prompt truncated: {len(ids) + 1} tokens (with EOS) exceed max_length {max_length}; "
+                          f"the last {len(ids) + 1 - max_length} were dropped", stacklevel=3)
+            ids = ids[:max_length - 1]
+        return ids + [self.eos_id]

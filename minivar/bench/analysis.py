@@ -15,8 +15,8 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from .pruning import ScaleRecord
-from .transformer import ATTENTION_PROBES, Infinity
+from ..model.pruning import ScaleRecord
+from ..model.transformer import ATTENTION_PROBES, Infinity
 
 
 def radial_power_spectrum(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,6 @@ is wrong, and what to do.
 """
 from __future__ import annotations
 
-import json
 import pickle
 import zipfile
 from collections.abc import Callable, Iterable
@@ -19,36 +18,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, unreadable, or does not fit the model it is loaded into."""
-
-
-def _require(path: Path, what: str) -> Path:
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise CheckpointError(f"{what} not found: {path} (check the path, or run `minivar download MODEL`)")
-    return path
-
-
-def read_json_object(path: Path, what: str) -> dict:
-    """A JSON file that must hold one object (a config): anything else is a CheckpointError naming the file."""
-    path = _require(Path(path), what)
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{what} {path} is not valid JSON ({' '.join(str(e).split())[:160]})") from None
-    except OSError as e:
-        raise CheckpointError(f"{what} {path} cannot be read ({e.strerror or e})") from None
-    if not isinstance(obj, dict):
-        kind = {list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(obj), "null")
-        raise CheckpointError(f"{what} {path} holds a JSON {kind}, not an object of settings")
-    return obj
+from ..model.config import CheckpointError, read_json_object, require_file
 
 
 def read_pth(path: str | Path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
     """Read a `.pth`/`.bin` state dict safely (weights_only) and memory-mapped."""
-    path = _require(Path(path), what)
+    path = require_file(Path(path), what)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as e:
@@ -67,7 +42,7 @@ def read_safetensors(paths: Iterable[str | Path], keep: Callable[[str], bool] = 
 
     out: dict[str, torch.Tensor] = {}
     for p in paths:
-        p = _require(Path(p), what)
+        p = require_file(Path(p), what)
         try:
             with safe_open(str(p), framework="pt", device="cpu") as f:
                 for k in f.keys():
@@ -99,7 +74,7 @@ def shard_files(index_path: str | Path, keep: Callable[[str], bool] = lambda k: 
 def read_state_dict(path: str | Path, keep: Callable[[str], bool] = lambda k: True,
                     what: str = "checkpoint") -> dict[str, torch.Tensor]:
     """Read a state dict from a `.pth`/`.bin`, a `.safetensors`, a shard index, or a directory of shards."""
-    path = _require(Path(path), what)
+    path = require_file(Path(path), what)
     if path.is_dir():
         index = sorted(path.glob("*.safetensors.index.json"))
         singles = sorted(path.glob("*.safetensors"))
