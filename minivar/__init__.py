@@ -3,8 +3,9 @@
     import minivar
     image = minivar.sample("a red fox in snow", res=1024, prune=True)
 
-Reading order (README, "Reading the code"): sampling (the scale loop) -> transformer -> pruning/presets
--> bsq/vae -> t5/tokenizer -> pipeline/checks -> config -> numerics.
+Reading order (README, "Reading the code"), the path a call takes: pipeline.py (sample, generate) ->
+model/t5.py -> model/sampling.py (the plan and the scale loop) -> model/transformer.py ->
+model/pruning.py -> model/vae.py -> model/config.py; parity.py is applied at load time.
 """
 from .model.config import InfinityConfig, scale_schedule
 from .pipeline import Output, Pipeline, load, sample

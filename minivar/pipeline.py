@@ -6,9 +6,13 @@
 """
 from __future__ import annotations
 
+import math
+import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -16,20 +20,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import memory
-from .loading.checkpoint import load_infinity
-from .checks import check_against_schedule, check_arguments, check_prompt_text
+from .loading.checkpoint import load_infinity, load_t5, load_vae
 from .model.config import BUDGETS, HIGH_RES, RES_TO_BUDGET, InfinityConfig, nearest_template, scale_schedule
-from .model.numerics import cache_dtype, image_batch
-from .model.pruning import model_stages, resolve_prune
-from .model.pruning import PruneSchedule
-from .model.sampling import Settings, Trace, run_scale_loop
-from .loading.checkpoint import load_t5, load_vae
-from .model.t5 import T5Encoder
-from .model.t5 import Tokenizer
-from .model.transformer import Infinity
-from .model.vae import BSQVAE, VAEConfig, pixels_to_image
-
+from .model.pruning import PruneSchedule, is_index, is_real, model_stages, resolve_prune
+from .model.sampling import Plan, Settings, Trace, plan, run_scale_loop
+from .model.t5 import T5Encoder, Tokenizer
+from .model.transformer import Infinity, cache_dtype
+from .model.vae import BSQVAE, VAEConfig, banded_decode_bytes, pixels_to_image, use_bands
+from .parity import image_batch
 
 @dataclass
 class Output:
@@ -116,46 +114,51 @@ class Pipeline:
                         trace=trace, prune=prune, cfg_stop_scale=cfg_stop_scale, progress=progress,
                         output_type=output_type)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        scales, template = self.schedule(res, h_div_w), nearest_template(h_div_w)
-        schedule = resolve_prune(prune, self.transformer.cfg, scales)
+        scales, model_cfg = self.schedule(res, h_div_w), self.transformer.cfg
+        schedule = resolve_prune(prune, model_cfg, scales)
         check_against_schedule(cfg=cfg, tau=tau, cfg_stop_scale=cfg_stop_scale, cfg_insertion_layer=cfg_insertion_layer,
-                               force_bits=force_bits, scales=scales, prune=schedule, depth=self.transformer.cfg.depth,
-                               d_bits=self.transformer.cfg.d_vae, batch=len(prompts))
+                               force_bits=force_bits, scales=scales, prune=schedule, depth=model_cfg.depth,
+                               d_bits=model_cfg.d_vae, batch=len(prompts))
         seed = None if seed is None else int(seed)  # numpy integers pass the checks; torch generators need an int
         settings = Settings(cfg, tau, int(top_k), float(top_p), seed, cfg_insertion_layer, cfg_stop_scale, force_bits)
-        cfg_on = any(c != 1 for c in settings.per_scale(cfg, len(scales)))
+        the_plan = plan(model_cfg, scales, nearest_template(h_div_w), settings, schedule)
         kv_itemsize = cache_dtype(self.transformer.storage_dtype).itemsize
-        need = memory.estimate(self.transformer.cfg, self.vae.cfg, scales, schedule, len(prompts), cfg_on,
-                               cfg_stop_scale, kv_itemsize)
-        memory.check_memory(need, self.device, f"generating {len(prompts)} image(s) at res={res}")
-        times, t0 = {}, time.perf_counter()
-        kv, segments = self.text_rows(prompts, negative_prompt, cfg_on)
-        self.release(self.text_encoder)  # done with T5 for this call: its mapped pages leave the process
-        rec = Trace() if trace else None
+        need = estimate(the_plan, model_cfg, self.vae.cfg, len(prompts), kv_itemsize)
+        check_memory(need, self.device, f"generating {len(prompts)} image(s) at res={res}")
+        if progress is True:  # a tqdm bar over the scales; a callable wrapping the scale indices is used as is
+            from tqdm.auto import tqdm
+
+            progress = partial(tqdm, desc="scales", unit="scale", leave=False)
         with image_batch(len(prompts)):  # compute small ops image by image: results don't depend on the batch
-            cond = self.transformer.condition(kv, segments)
-            times["text"] = time.perf_counter() - t0
-            summed = run_scale_loop(self.transformer, cond, len(prompts), scales, template, settings, schedule,
-                                    rec, progress=scale_progress(progress))
-        times["transformer"] = time.perf_counter() - t0 - times["text"]
+            return self.run(prompts, the_plan, settings, negative_prompt, Trace() if trace else None,
+                            progress or None, decode=output_type == "pil")
+
+    def run(self, prompts: list[str], p: Plan, s: Settings, negative_prompt: str | None, trace: Trace | None,
+            progress, decode: bool = True) -> Output:
+        """Text -> scale loop -> decode. Each model hands back its mapped pages once it is done (`release`)."""
+        stamps = [time.perf_counter()]
+        kv, segments = self.text_rows(prompts, negative_prompt, p.cfg_on)
+        self.release(self.text_encoder)
+        cond = self.transformer.condition(kv, segments)
+        stamps.append(time.perf_counter())
+        summed = run_scale_loop(self.transformer, cond, len(prompts), p, s, trace, progress=progress)
         self.release(self.transformer)  # its 4 GiB (2B, bf16) of pages are not needed by the decoder
-        t1 = time.perf_counter()
-        images = self.decode(summed) if output_type == "pil" else []
+        stamps.append(time.perf_counter())
+        images = self.decode(summed) if decode else []
         self.release(self.vae)
-        times["vae"] = time.perf_counter() - t1
-        stages = self.stages(scales)
-        if rec is not None:
-            rec.stage = [stages[si] for si in rec.index]
-        return Output(images, summed.squeeze(2).float().contiguous(), rec, scales, schedule, times, stages)
+        stamps.append(time.perf_counter())
+        times = dict(zip(("text", "transformer", "vae"), np.diff(stamps).tolist()))
+        return Output(images, summed.squeeze(2).float().contiguous(), trace, p.scales, p.prune, times,
+                      [step.stage for step in p.steps])
 
     def stages(self, scales: list[tuple[int, int]]) -> list[str]:
-        """The StageVAR stage of each scale (`presets.stages`), against the model's own reference grid."""
+        """The StageVAR stage of each scale (`pruning.stages`), against the model's own reference grid."""
         return model_stages(self.transformer.cfg, scales)
 
     def release(self, module: torch.nn.Module) -> None:
         """Hand back the resident pages of a memory-mapped model (CPU); the next use faults them in again."""
         if self.device.type == "cpu":
-            memory.release_mapped(module)
+            release_mapped(module)
 
     @torch.no_grad()
     def decode(self, summed_Bd1HW: torch.Tensor) -> list[Image.Image]:
@@ -221,15 +224,6 @@ def resize_crop(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------
-def scale_progress(progress):
-    """`progress=True`: a tqdm bar over the scales; a callable wrapping the list of scales is used as is."""
-    if progress is True:
-        from tqdm.auto import tqdm
-
-        return lambda scales: tqdm(scales, desc="scales", unit="scale", leave=False)
-    return progress or None
-
-
 def load(name: str | Path | None = None, *, transformer: str | Path | None = None, vae: str | Path | None = None,
          text_encoder: str | Path | None = None, config=None, vae_config=None, device: str = "cpu",
          dtype: torch.dtype | None = None, revision: str | None = None) -> Pipeline:
@@ -240,7 +234,7 @@ def load(name: str | Path | None = None, *, transformer: str | Path | None = Non
     from `revision` of the model repo if given. `dtype=None` keeps every tensor in the dtype its file
     stores, memory-mapped without a copy (Infinity: bf16; flan-t5-xl and the VAEs: float32); a dtype
     casts the transformer to it (`torch.float32` for parity work). On CPU the VAE and T5 are float32
-    whatever `dtype` says, and all math runs in float32 (see numerics.py).
+    whatever `dtype` says, and all math runs in float32 (see parity.py).
     """
     from .loading.hub import resolve_files
 
@@ -274,7 +268,7 @@ def sample(prompt: str, res: int | None = None, prune=True, model: str = "infini
     check_prompt_text("prompt", prompt)  # one prompt, one image (Pipeline.generate takes a list)
     check_arguments(res=res, prune=prune, progress=progress, **kwargs)  # before loading a model
     return cached_pipeline(model, device, dtype).generate(prompt, res=res, prune=prune, progress=progress,
-                                                           **kwargs).image
+                                                           **kwargs).images[0]
 
 
 def cached_pipeline(model: str, device: str, dtype: torch.dtype | None) -> Pipeline:
@@ -291,3 +285,324 @@ def cached_pipeline(model: str, device: str, dtype: torch.dtype | None) -> Pipel
 
 _PIPELINES: dict[tuple[str, str, torch.dtype | None], Pipeline] = {}
 _PIPELINES_LOCK = threading.Lock()
+
+
+# ==================================================================================================
+# Argument checks
+#
+# Argument checks for generation, in one place.
+#
+# `Pipeline.generate`, `minivar.sample` and the CLI call `check_arguments` before any work is done, and
+# `generate` calls `check_against_schedule` once the scale schedule is known. A bad value raises one
+# ValueError line that names the argument, the value and what is allowed: never a traceback from inside
+# torch, and never a nonsense value accepted silently (a negative temperature flips every logit).
+#
+# What each argument accepts is one row of the `ARGUMENTS` table. Uses model/config.py (resolutions,
+# aspect-ratio templates) and model/pruning.py (`PruneSchedule`, the number tests `is_index`, `is_real`).
+# ==================================================================================================
+MAX_PROMPT_CHARS = 20_000  # far beyond T5's 512 tokens; longer input is almost surely a mistake
+MAX_SEED = 2**64 - 1       # torch generators take a 64-bit unsigned seed
+PRUNE_WORDS = ("fastvar", "stagevar", "preset")
+BUDGET_NAMES = [*BUDGETS, *HIGH_RES]
+
+
+# --------------------------------------------------------------------------------------------------
+# One value at a time
+# --------------------------------------------------------------------------------------------------
+# Pipeline.generate's arguments: name -> (what it accepts, the message's advice when it does not).
+# The texts of `prompt` and `negative_prompt` are then read one by one by `check_prompt_text`.
+ARGUMENTS: dict[str, tuple[Callable[[object], bool], str]] = {
+    "prompt": (lambda v: isinstance(v, str) or (isinstance(v, (list, tuple)) and len(v) > 0),
+               "use a string or a non-empty list of strings"),
+    "negative_prompt": (lambda v: v is None or isinstance(v, str), "use a string"),
+    "res": (lambda v: v is None or is_index(v) or v in BUDGET_NAMES,
+            f"use a side in pixels ({sorted(RES_TO_BUDGET)} for 16-pixel tokens), a pixel budget {BUDGET_NAMES}, "
+            "or None"),
+    # nearest_template raises its own line for a ratio it cannot snap, naming the trained templates
+    "h_div_w": (lambda v: nearest_template(v) > 0, "use a height/width ratio near a trained template"),
+    "cfg": (lambda v: is_per_scale(v, math.isfinite), "use a finite number, or a list of one per scale"),
+    "tau": (lambda v: is_per_scale(v, lambda t: t > 0), "use a finite number > 0, or a list of one per scale"),
+    "top_k": (lambda v: is_index(v) and v >= 0, "use an integer >= 0 (0 turns the top-k filter off)"),
+    "top_p": (lambda v: is_real(v) and 0 <= v <= 1,
+              "use a number in [0, 1] (0 or 1 turn the top-p filter off, as upstream's 0 does)"),
+    "seed": (lambda v: v is None or (is_index(v) and 0 <= v <= MAX_SEED),
+             f"use an integer in 0..2**64-1 ({MAX_SEED}), or None for a random seed"),
+    # the ranges of these two depend on the model and the schedule: `check_against_schedule`
+    "cfg_insertion_layer": (is_index, "use 0 (guide logits), 1 (no guidance mixing) or a negative layer offset"),
+    "cfg_stop_scale": (lambda v: v is None or is_index(v), "use a scale index (an integer) or None"),
+    "trace": (lambda v: isinstance(v, bool), "use True or False"),
+    # the form only: the schedule a dict or word gives is validated against the scale schedule later
+    "prune": (lambda v: v is None or isinstance(v, (bool, dict, PruneSchedule)) or
+              (isinstance(v, str) and v in PRUNE_WORDS),
+              "use False, True, 'fastvar', 'stagevar', a dict of PruneSchedule fields or a PruneSchedule"),
+    "progress": (lambda v: v is None or isinstance(v, bool) or callable(v),
+                 "use True, False or a callable that wraps the list of scales"),
+    "output_type": (lambda v: v in ("pil", "latent"), "use 'pil' or 'latent'"),
+}
+
+
+def check_arguments(**values) -> None:
+    """Check the generation arguments given (by their `Pipeline.generate` names); others pass through."""
+    for name, value in values.items():
+        if name not in ARGUMENTS:
+            continue
+        accepts, allowed = ARGUMENTS[name]
+        if not accepts(value):
+            raise bad(name, value, allowed)
+        if name in ("prompt", "negative_prompt") and value is not None:
+            texts = [(name, value)] if isinstance(value, str) else [(f"{name}[{i}]", t) for i, t in enumerate(value)]
+            for where, text in texts:  # an empty negative prompt is fine: it means the default
+                check_prompt_text(where, text, blank_ok=name == "negative_prompt")
+
+
+def check_prompt_text(name: str, text, blank_ok: bool = False) -> None:
+    """One prompt: a string of valid Unicode, not too long, with something to read unless `blank_ok`."""
+    if not isinstance(text, str):
+        raise bad(name, text, "use a string")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise ValueError(f"{name} of {len(text)} characters is too long (max {MAX_PROMPT_CHARS}); "
+                         "T5 reads only the first 512 tokens anyway")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate, e.g. undecodable bytes from the command line
+        raise bad(name, text, f"it is not valid Unicode text (character {e.start} cannot be encoded as "
+                              "UTF-8); pass UTF-8 text") from None
+    if not blank_ok and not text.strip():
+        raise bad(name, text, "the prompt is empty or blank; describe the image to generate")
+
+
+def is_per_scale(value, test: Callable[[float], bool]) -> bool:
+    """cfg and tau: one finite number, or a non-empty list of them, one per scale (the list's length is
+    checked against the schedule later, in `check_against_schedule`); `test` is what each must also pass."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    return bool(values) and all(is_real(v) and test(v) for v in values)
+
+
+def check_seed(name: str, value) -> None:
+    """The `seed` row of ARGUMENTS, for a seed that comes under another name (the batch command's --seeds)."""
+    accepts, allowed = ARGUMENTS["seed"]
+    if not accepts(value):
+        raise bad(name, value, allowed)
+
+
+# --------------------------------------------------------------------------------------------------
+# Against the scale schedule and the model
+# --------------------------------------------------------------------------------------------------
+def check_against_schedule(*, cfg, tau, cfg_stop_scale: int | None, cfg_insertion_layer: int, force_bits,
+                           scales: list[tuple[int, int]], prune: PruneSchedule, depth: int, d_bits: int,
+                           batch: int) -> None:
+    """What only the schedule and the model can judge: list lengths, indices, forced bits."""
+    n = len(scales)
+    for name, value in (("cfg", cfg), ("tau", tau)):
+        if isinstance(value, (list, tuple)) and len(value) != n:
+            raise ValueError(f"{name} has {len(value)} per-scale values, but the scale schedule has {n} scales: "
+                             f"give one number or exactly {n}")
+    if cfg_stop_scale is not None and not 0 <= cfg_stop_scale <= n:
+        raise bad("cfg_stop_scale", cfg_stop_scale, f"use a scale index 0..{n - 1}, {n} or None (no stop)")
+    if not (cfg_insertion_layer in (0, 1) or -depth < cfg_insertion_layer < 0):
+        raise bad("cfg_insertion_layer", cfg_insertion_layer, f"use 0 (guide logits), 1 (no guidance mixing) "
+                  f"or a negative layer offset in -{depth - 1}..-1")
+    ran = [hw for si, hw in enumerate(scales) if si not in prune.skip]  # (resolve_prune validated the schedule)
+    check_force_bits(force_bits, [(batch, h, w, d_bits) for h, w in ran])
+
+
+def check_force_bits(force_bits, shapes: list[tuple[int, int, int, int]]) -> None:
+    """Forced bits: a list over the scales that run (the first ones), each (B, h, w, d) of 0 and 1, or None."""
+    if force_bits is None:
+        return
+    if not isinstance(force_bits, (list, tuple)) or len(force_bits) > len(shapes):
+        count = f"{len(force_bits)} entries" if isinstance(force_bits, (list, tuple)) else show(force_bits)
+        raise ValueError(f"force_bits={count} is invalid: use a list of at most {len(shapes)} tensors "
+                         "(one per scale that runs, from the first) or None")
+    for step, bits in enumerate(force_bits):
+        name = f"force_bits[{step}]"
+        if bits is None:
+            continue
+        if not isinstance(bits, torch.Tensor) or bits.is_floating_point() or bits.is_complex():
+            raise bad(name, bits, "use an integer or bool tensor of 0 and 1")
+        if tuple(bits.shape) != shapes[step]:
+            raise bad(name, bits, f"expected shape {shapes[step]} (batch, h, w, bits) at this scale")
+        if bits.numel() and not ((bits == 0) | (bits == 1)).all():
+            raise bad(name, bits, "every value must be 0 or 1")
+
+
+# --------------------------------------------------------------------------------------------------
+# The one-line message
+# --------------------------------------------------------------------------------------------------
+def show(value, limit: int = 60) -> str:
+    """A one-line, printable repr of a value, shortened (prompts can be long; lone surrogates escaped)."""
+    if isinstance(value, torch.Tensor):
+        return f"tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def bad(name: str, value, allowed: str) -> ValueError:
+    return ValueError(f"{name}={show(value)} is invalid: {allowed}")
+
+
+# ==================================================================================================
+# Memory
+#
+# Estimate a generation's peak memory before running it, and refuse what cannot fit.
+#
+# A 2048x2048 image has 16k tokens at its last scale; its KV cache, activations and the VAE decoder's
+# full-resolution feature maps can exceed the machine. Finding that out by an out-of-memory kill
+# loses the process, so `check_memory` compares an estimate (in float32, the compute dtype here) with
+# what the device has available and raises one clear `MemoryError` instead.
+# ==================================================================================================
+GiB = 1024**3
+F32 = 4
+
+
+@dataclass
+class MemoryEstimate:
+    kv_cache: int
+    activations: int
+    vae_decode: int
+
+    @property
+    def total(self) -> int:
+        return self.kv_cache + self.activations + self.vae_decode
+
+    def describe(self) -> str:
+        parts = dict(kv_cache=self.kv_cache, activations=self.activations, vae_decode=self.vae_decode)
+        return ", ".join(f"{k.replace('_', ' ')} {v / GiB:.1f}" for k, v in parts.items())
+
+
+def kv_cache_bytes(p: Plan, cfg: InfinityConfig, rows: int, itemsize: int = F32) -> int:
+    """Bytes of the preallocated KV caches of plan `p` (sampling.make_caches), `itemsize` bytes per
+    value (2 for bf16 caches)."""
+    return 2 * rows * sum(p.kv_tokens) * cfg.embed_dim * itemsize
+
+
+def vae_decode_bytes(vae_cfg, scales, images: int, patchify: bool, tiled: bool | None = None) -> int:
+    """The decoder at full resolution. Whole-map decoding (all images at once) holds the last level's
+    first block input and its norm, sigmoid and product temporaries (base_ch * ch_mult[1] channels
+    each) and conv1's output; banded decoding (`vae.decode_in_bands`, one image at a time, chosen
+    as BSQVAE.decode does when `tiled` is None) holds a few whole maps and a few bands."""
+    h, w = scales[-1]
+    if patchify:
+        h, w = 2 * h, 2 * w  # the 8B's latent grid is twice the transformer's
+    pixels = h * w * vae_cfg.patch_size**2
+    images_out = 3 * images * pixels * F32
+    if use_bands(pixels, tiled):
+        return banded_decode_bytes(vae_cfg, h, w, F32) + images_out
+    ch = vae_cfg.base_ch
+    return images * (4 * ch * vae_cfg.ch_mult[1] + ch * vae_cfg.ch_mult[0]) * pixels * F32 + images_out
+
+
+def estimate(p: Plan, cfg: InfinityConfig, vae_cfg, images: int, kv_itemsize: int = F32) -> MemoryEstimate:
+    """Peak bytes of plan `p`: the KV caches (allocated for every CFG row even with a CFG stop: later
+    scales use a view), the activations of the largest scale that runs, and the VAE decoder.
+
+    Activations: the residual stream and sub-layer temporaries, the FFN hidden layer, the last scale's
+    joined keys and values, logits, and the restoration cache. Past the CFG stop the scale runs on one
+    half of the rows; the restoration cache keeps its full rows (the rows that run are a view of it).
+    """
+    rows = images * (2 if p.cfg_on else 1)
+    big = max(p.ran, key=lambda s: s.hw[0] * s.hw[1])
+    L, run_rows = big.hw[0] * big.hw[1], images * (2 if big.guided else 1)
+    C, d = cfg.embed_dim, cfg.d_vae
+    stream = run_rows * L * (8 * C + 2 * cfg.ffn_hidden)
+    joined = 2 * run_rows * sum(s.kept[0] for s in p.ran) * C
+    logits = 4 * images * L * 2 * d
+    cache = 0
+    if p.prune.cache_scale is not None:
+        h, w = p.scales[p.prune.cache_scale]
+        cache = 3 * (p.prune.layers[1] - p.prune.layers[0] + 1) * rows * h * w * C
+    return MemoryEstimate(kv_cache_bytes(p, cfg, rows, kv_itemsize), (stream + joined + logits + cache) * F32,
+                          vae_decode_bytes(vae_cfg, p.scales, images, cfg.spatial_patchify))
+
+
+def available_bytes(device: torch.device) -> int:
+    """Free memory of the device: CUDA's free memory, else the OS's available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def check_memory(est: MemoryEstimate, device: torch.device, what: str) -> None:
+    free = available_bytes(device)
+    if est.total > free:
+        raise MemoryError(f"{what} needs about {est.total / GiB:.1f} GiB ({est.describe()} GiB) but "
+                          f"{free / GiB:.1f} GiB is available; use prune=True, a lower res, fewer prompts "
+                          "or a larger device")
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory-mapped weights. Loading keeps weights in the file's pages (torch.load(mmap=True), safetensors):
+# the kernel reads a page on first touch and counts it in the process's RSS from then on. A model that
+# is done for this generation (T5 after encoding, the transformer before decoding) can hand its pages
+# back: they leave the process but stay in the page cache, so the next touch is a cheap minor fault.
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Mapping:
+    start: int
+    end: int
+    path: str           # "" for anonymous memory (the heap, torch's allocations)
+    stats: dict[str, int] = field(default_factory=dict)  # the kB counters of smaps: Rss, Anonymous, ...
+
+
+def mappings() -> list[Mapping]:
+    """The process's memory mappings with their counters, from /proc/self/smaps (empty where there is no /proc)."""
+    out = []
+    try:
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                if "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's header line
+                    start, end = (int(a, 16) for a in fields[0].split("-"))
+                    path = fields[5].strip() if len(fields) > 5 else ""
+                    out.append(Mapping(start, end, path if path.startswith("/") else ""))
+                elif out and line.rstrip().endswith("kB"):
+                    out[-1].stats[fields[0].rstrip(":")] = int(fields[1])
+    except OSError:
+        pass
+    return out
+
+
+def mapping_of(t: torch.Tensor, maps: list[Mapping] | None = None) -> Mapping | None:
+    """The file mapping that holds t's data, or None (anonymous memory, another device, no /proc)."""
+    if t.device.type != "cpu" or t.numel() == 0:
+        return None
+    ptr = t.untyped_storage().data_ptr()
+    hit = next((m for m in maps or mappings() if m.start <= ptr < m.end), None)
+    return hit if hit is not None and hit.path else None
+
+
+def release_mapped(module: torch.nn.Module) -> int:
+    """Drop the resident pages of the files `module`'s weights are mapped from; returns the bytes dropped.
+
+    madvise(MADV_DONTNEED) on a private file mapping forgets the process's copy of each page; the
+    next read faults it in again from the page cache. A mapping with pages that the process wrote to
+    (they are then anonymous copies, e.g. a weight changed in place) is left alone: dropping them
+    would silently restore the file's values. Dirty page-cache pages are not such writes: a file
+    written or downloaded moments ago stays dirty until the kernel writes it back (smaps counts its
+    pages as Private_Dirty), and its pages read back the same, so they are dropped like clean ones
+    (keeping them held T5's 4.6 GiB through the scale loop: 11.2 instead of 6.9 GiB at 1024).
+    """
+    maps = mappings()
+    files = {m.start: m for t in [*module.parameters(), *module.buffers()] if (m := mapping_of(t, maps)) is not None}
+    dropped = 0
+    for m in files.values():
+        if not m.stats.get("Anonymous", 1) and drop_pages(m):
+            dropped += m.stats.get("Rss", 0) * 1024
+    return dropped
+
+
+def drop_pages(m: Mapping) -> bool:
+    """madvise(MADV_DONTNEED) over a whole mapping. Safe for clean private file pages and for shared
+    file mappings (written pages stay in the page cache); it would lose a private mapping's writes."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.madvise(ctypes.c_void_p(m.start), ctypes.c_size_t(m.end - m.start), MADV_DONTNEED) == 0
+
+
+MADV_DONTNEED = 4

@@ -3,11 +3,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from minivar.model import numerics
+from minivar import parity
 
 # Upstream's fixtures were recorded with ATen's AVX2 kernels; ask for them before any kernel runs.
 # Subprocesses (CLI, batch, notebooks) inherit the choice through the environment.
-numerics.reference_mode()
+parity.reference_mode()
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = FIXTURES / "tiny-a"

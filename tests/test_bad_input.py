@@ -15,7 +15,7 @@ from helpers import PROMPT, SETTINGS, TINY, tiny_pipeline
 
 import minivar
 from minivar.cli import main
-from minivar.checks import check_arguments
+from minivar.pipeline import check_arguments
 from minivar.model.pruning import PruneSchedule
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,8 +24,8 @@ from helpers import PROMPT, SETTINGS, tiny_pipeline
 from minivar.model.config import TEMPLATES, nearest_template, scale_schedule
 from minivar.model.pruning import resolve_prune
 from minivar.model.pruning import PruneSchedule
-from minivar.model.sampling import Settings, Trace, run_scale_loop
-from minivar.model.transformer import image_batch
+from minivar.model.sampling import Settings, Trace, plan, run_scale_loop
+from minivar.parity import image_batch
 
 PRUNES = ["off", "preset", "fastvar", "stagevar", "random", "keep-all"]
 ASPECTS = [1.0, 0.5, 1.333]        # h/w templates: square, 2:1 wide, 3:4 tall
@@ -64,7 +64,8 @@ def run(prune: str, stop: int | None, aspect: float, budget: str):
     settings = Settings(**SETTINGS, cfg_stop_scale=stop)
     trace = Trace()
     with torch.no_grad(), image_batch(1):
-        summed = run_scale_loop(model, model.condition(*text_rows()), 1, scales, template, settings, schedule, trace)
+        summed = run_scale_loop(model, model.condition(*text_rows()), 1, plan(model.cfg, scales, template, settings, schedule),
+                                settings, trace)
     return schedule, trace, summed
 
 

@@ -6,7 +6,7 @@ import torch
 from helpers import PROMPT, SETTINGS, TINY, tiny_pipeline
 
 import minivar
-from minivar import memory
+from minivar import pipeline
 
 
 def test_bf16_storage_on_cpu_generates_nearly_the_same_bits():
@@ -40,17 +40,17 @@ def test_default_load_keeps_the_stored_dtype_mapped_without_a_copy(tmp_path):
     pipe = minivar.load(model_dir)
     weights = list(pipe.transformer.parameters())
     assert {w.dtype for w in weights} == {torch.bfloat16}
-    maps = memory.mappings()
-    assert {Path(memory.mapping_of(w, maps).path) for w in weights} == {(model_dir / "infinity.pth").resolve()}
-    t5_file = memory.mapping_of(pipe.text_encoder.encoder.block[0].layer[0].SelfAttention.q.weight, maps)
+    maps = pipeline.mappings()
+    assert {Path(pipeline.mapping_of(w, maps).path) for w in weights} == {(model_dir / "infinity.pth").resolve()}
+    t5_file = pipeline.mapping_of(pipe.text_encoder.encoder.block[0].layer[0].SelfAttention.q.weight, maps)
     assert Path(t5_file.path) == (model_dir / "t5" / "model.safetensors").resolve()
-    assert Path(memory.mapping_of(pipe.vae.decoder.conv_in.conv.weight, maps).path) == (model_dir / "vae.pth").resolve()
+    assert Path(pipeline.mapping_of(pipe.vae.decoder.conv_in.conv.weight, maps).path) == (model_dir / "vae.pth").resolve()
 
 
 def test_float32_on_request_copies_out_of_the_file(tmp_path):
     pipe = minivar.load(bf16_model_dir(tmp_path), dtype=torch.float32)
     w = pipe.transformer.blocks[0].sa.mat_qkv.weight
-    assert w.dtype == torch.float32 and memory.mapping_of(w) is None  # a copy, in anonymous memory
+    assert w.dtype == torch.float32 and pipeline.mapping_of(w) is None  # a copy, in anonymous memory
 
 
 def test_bf16_stored_linear_computes_in_float32_on_cpu(tmp_path):
@@ -69,10 +69,10 @@ def test_released_pages_leave_the_process_and_read_back_unchanged():
     pipe = minivar.load(transformer=TINY / "infinity.pth", vae=TINY / "vae.pth", text_encoder=TINY / "t5",
                         config=TINY / "infinity_config.json", vae_config=TINY / "vae_config.json")
     before = [p.clone() for p in pipe.transformer.parameters()]
-    m = memory.mapping_of(pipe.transformer.head.weight)
-    assert memory.mapping_stats(m)["Rss"] > 0  # cloning read every page
-    assert memory.release_mapped(pipe.transformer) > 0
-    assert memory.mapping_stats(m)["Rss"] == 0
+    head = pipe.transformer.head.weight
+    assert pipeline.mapping_of(head).stats["Rss"] > 0  # cloning read every page
+    assert pipeline.release_mapped(pipe.transformer) > 0
+    assert pipeline.mapping_of(head).stats["Rss"] == 0
     assert all(torch.equal(a, b) for a, b in zip(before, pipe.transformer.parameters()))
 
 
@@ -88,12 +88,11 @@ def test_weights_of_a_file_written_moments_ago_are_released_too(tmp_path):
     with safe_open(str(path), framework="pt") as f:
         w = f.get_tensor("w")
     expected = w.clone()  # reads every page
-    m = memory.mapping_of(w)
-    if memory.mapping_stats(m).get("Private_Dirty", 0) == 0:
+    if pipeline.mapping_of(w).stats.get("Private_Dirty", 0) == 0:
         pytest.skip("the kernel already wrote the file back; nothing dirty to test")
     module = torch.nn.Module()
     module.register_buffer("w", w)
-    assert memory.release_mapped(module) >= w.nbytes and memory.mapping_stats(m)["Rss"] == 0
+    assert pipeline.release_mapped(module) >= w.nbytes and pipeline.mapping_of(w).stats["Rss"] == 0
     assert torch.equal(w, expected)
 
 
@@ -104,21 +103,22 @@ def test_a_weight_changed_in_place_is_not_released():
     with torch.no_grad():
         w[0, 0] += 1.0  # copy-on-write: this page is now the process's own
     changed = float(w[0, 0])
-    memory.release_mapped(pipe.transformer)
+    pipeline.release_mapped(pipe.transformer)
     assert float(w[0, 0]) == changed
 
 
 def test_kv_cache_is_stored_in_the_weights_dtype(tmp_path):
     from minivar.model.config import scale_schedule
     from minivar.model.pruning import PruneSchedule
-    from minivar.model.sampling import make_caches
+    from minivar.model.sampling import Settings, make_caches, plan
 
     scales = scale_schedule(256)
     for pipe, dtype in ((minivar.load(bf16_model_dir(tmp_path)), torch.bfloat16), (tiny_pipeline(), torch.float32)):
-        caches = make_caches(pipe.transformer, 2, scales, PruneSchedule.none(), "cpu")
-        assert {c.k.dtype for c in caches} == {c.v.dtype for c in caches} == {dtype}
         cfg = pipe.transformer.cfg
-        assert sum(c.nbytes for c in caches) == memory.kv_cache_bytes(cfg, scales, PruneSchedule.none(), 2, dtype.itemsize)
+        the_plan = plan(cfg, scales, 1.0, Settings(), PruneSchedule.none())
+        caches = make_caches(pipe.transformer, 2, the_plan, "cpu")
+        assert {c.k.dtype for c in caches} == {c.v.dtype for c in caches} == {dtype}
+        assert sum(c.nbytes for c in caches) == pipeline.kv_cache_bytes(the_plan, cfg, 2, dtype.itemsize)
 
 
 def test_bf16_storage_computes_exactly_what_its_float32_copy_computes(tmp_path, monkeypatch):
@@ -136,22 +136,26 @@ def test_bf16_storage_computes_exactly_what_its_float32_copy_computes(tmp_path, 
 
 
 def test_cuda_compute_rule_hands_attention_bf16_so_flash_attn_can_run(monkeypatch):
-    """On CUDA the weights' dtype is the compute dtype (numerics.compute_dtype), and `attend` takes
-    flash-attn only for half-precision q, k and v. Simulated on the CPU: the CUDA rule for products,
+    """On CUDA the weights' dtype is the compute dtype (parity.compute_dtype), and SDPA takes its flash
+    kernel only for half-precision q, k and v. Simulated on the CPU: the CUDA rule for products,
     bf16 weights, and a look at what reaches self-attention's kernel."""
-    from minivar.model import numerics
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from minivar import parity
     from minivar.model import transformer
 
     pipe = minivar.load(transformer=TINY / "infinity.pth", vae=TINY / "vae.pth", text_encoder=TINY / "t5",
                         config=TINY / "infinity_config.json", vae_config=TINY / "vae_config.json",
                         dtype=torch.bfloat16)
-    seen, real = [], numerics.attend
+    seen, real = [], F.scaled_dot_product_attention
 
     def spy(q, k, v, *args, **kw):
         seen.append((q.dtype, k.dtype, v.dtype))
         return real(q, k, v, *args, **kw)
 
-    monkeypatch.setattr(numerics, "compute_dtype", lambda x, weight: weight.dtype)
-    monkeypatch.setattr(transformer, "attend", spy)
+    monkeypatch.setattr(parity, "compute_dtype", lambda x, weight: weight.dtype)
+    monkeypatch.setattr(transformer, "F", SimpleNamespace(**{**vars(F), "scaled_dot_product_attention": spy}))
     pipe.generate(PROMPT, res=256, output_type="latent", **SETTINGS)
     assert seen and set(seen) == {(torch.bfloat16,) * 3}

@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from minivar.model.config import InfinityConfig, scale_schedule
 from minivar.bench.flops import param_count, totals, transformer_count, vae_decode_count
 from minivar.model.pruning import PruneSchedule
-from minivar.model.sampling import Settings, run_scale_loop
+from minivar.model.sampling import Settings, plan, run_scale_loop
 from minivar.model.transformer import Infinity
 from minivar.model import vae as vae_mod
 from minivar.model.vae import VAE_PRESETS, BSQVAE, VAEConfig
@@ -53,7 +53,7 @@ def _generate(model: Infinity, scales, prune: PruneSchedule, s: Settings, text_t
     kv = torch.randn(rows * text_tokens, model.cfg.text_channels)
     segments = [(i * text_tokens, (i + 1) * text_tokens) for i in range(rows)]
     c = model.condition(kv, segments)
-    return run_scale_loop(model, c, B, scales, 1.0, s, prune)
+    return run_scale_loop(model, c, B, plan(model.cfg, scales, 1.0, s, prune), s)
 
 
 @pytest.mark.parametrize("prune,stop", [

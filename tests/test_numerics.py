@@ -1,11 +1,11 @@
-"""The numerics layer: importing minivar leaves the process alone; reference mode is explicit."""
+"""Parity mode (minivar/parity.py): importing minivar leaves the process alone; reference mode is explicit."""
 import os
 import subprocess
 import sys
 
 import torch
 
-from minivar.model import numerics
+from minivar import parity
 
 
 def run_python(code: str, env: dict) -> str:
@@ -21,7 +21,7 @@ def test_import_leaves_the_environment_unchanged():
 
 def test_reference_mode_picks_avx2_kernels_when_called_first():
     env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
-    code = ("from minivar import numerics; numerics.reference_mode(); import torch; torch.ones(3).exp(); "
+    code = ("from minivar import parity; parity.reference_mode(); import torch; torch.ones(3).exp(); "
             "import os; print(os.environ['ATEN_CPU_CAPABILITY'], torch.backends.cpu.get_cpu_capability())")
     setting, chosen = run_python(code, env).split()
     assert setting == "avx2" and not chosen.startswith("AVX512")
@@ -39,36 +39,34 @@ def test_per_image_makes_small_products_independent_of_batch_mates():
     torch.manual_seed(0)
     for rows in (1, 2, 40, 300):                        # per image: cond and uncond rows of each token
         w, x = torch.randn(64, 96), torch.randn(3 * rows, 5, 96)
-        with numerics.image_batch(3):
-            together = numerics.linear(x, w, None)
+        with parity.image_batch(3):
+            together = parity.linear(x, w, None)
         for b in range(3):
             alone = torch.nn.functional.linear(x[b::3].contiguous(), w)
             assert torch.equal(together[b::3], alone), (rows, b)
 
 
 def test_every_batched_product_of_a_generation_sees_contiguous_rows(monkeypatch):
-    """per_image's guarantee rests on the model handing its products contiguous inputs (a single-image
+    """parity.linear's guarantee rests on the model handing its products contiguous inputs (a single-image
     run computes on those as they are): check every call of a two-image generation."""
     from helpers import PROMPT, SETTINGS, tiny_pipeline
 
-    from minivar.model import pruning
+    seen, real = [], parity.linear
 
-    seen, real = [], numerics.per_image
-
-    def spy(fn, x):
+    def spy(x, weight, bias=None):
         seen.append(x.is_contiguous())
-        return real(fn, x)
+        return real(x, weight, bias)
 
-    monkeypatch.setattr(numerics, "per_image", spy)
-    monkeypatch.setattr(pruning, "per_image", spy)
+    monkeypatch.setattr(parity, "linear", spy)
+    monkeypatch.setattr(parity.ParitySelfAttention, "linear", staticmethod(spy))
     tiny_pipeline().generate([PROMPT, "a blue cube"], res=1024, prune=True, output_type="latent", **SETTINGS)
     assert len(seen) > 100 and all(seen), f"{seen.count(False)} of {len(seen)} inputs were strided"
 
 
 def test_text_attention_rounds_through_bf16_and_returns_fp32():
     torch.manual_seed(0)
-    q, kv = torch.randn(2, 3, 2, 8), [numerics.text_kv(torch.randn(5, 2, 2, 8))]
-    out = numerics.text_attention(q, kv, [(0, 0, 5), (0, 2, 4)], 8**-0.5)
+    q, kv = torch.randn(2, 3, 2, 8), [torch.randn(5, 2, 2, 8).to(parity.TEXT_ATTENTION_DTYPE)]
+    out = parity.text_attention(q, kv, [(0, 0, 5), (0, 2, 4)], 8**-0.5)
     assert out.dtype == torch.float32 and out.shape == (2, 3, 2, 8)
     assert torch.equal(out, out.bfloat16().float())     # the output went through bf16
     k, v = kv[0][2:4].float().unbind(1)

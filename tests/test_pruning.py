@@ -9,10 +9,11 @@ import torch.nn.functional as F
 from helpers import PROMPT, SETTINGS, TINY, rel_err, tiny_pipeline
 
 import minivar
-from minivar import memory
+from minivar import pipeline
 from minivar.model.config import BUDGETS, PRESETS, TEMPLATES, InfinityConfig, scale_schedule
 from minivar.model.pruning import HIGH_RES_DROP, fastvar_literal, proportional, reference_tokens, resolve_prune
 from minivar.model.pruning import Pruner, PruneSchedule, pivotal_scores, restore, select
+from minivar.model.sampling import Settings, plan
 
 
 def test_kept_set_is_exactly_the_top_k_by_distance_from_the_mean():
@@ -42,14 +43,20 @@ def test_restored_slots_come_from_the_cache_and_kept_slots_from_computation():
         assert torch.allclose(out[b, ~kept], base[b, ~kept], atol=1e-6)
 
 
+def run(layer_run, name, x, fn):
+    """One sub-layer `fn(tokens, keep)` through a pruner's runner, as Block.forward runs it."""
+    keep, t = layer_run.pick(x, name)
+    return layer_run.fill(fn(t, keep), keep, name)
+
+
 def test_pruned_runner_computes_only_kept_tokens():
     scales = [(2, 2), (4, 4)]
     schedule = PruneSchedule(drop={1: 0.5}, layers=(0, 0), cache_scale=0)
     pruner = Pruner(schedule, scales, record=True)
     x0, x1 = torch.randn(2, 4, 8), torch.randn(2, 16, 8)
-    pruner.runner(0, 0)("sa", x0, lambda t, keep: t * 2)              # the cache scale stores outputs
+    run(pruner.runner(0, 0), "sa", x0, lambda t, keep: t * 2)         # the cache scale stores outputs
     seen = {}
-    out = pruner.runner(1, 0)("sa", x1, lambda t, keep: seen.setdefault("n", t.shape[1]) and t * 3)
+    out = run(pruner.runner(1, 0), "sa", x1, lambda t, keep: seen.setdefault("n", t.shape[1]) and t * 3)
     assert seen["n"] == 8 and out.shape == x1.shape
     keep = pruner.records[1].keep[0, "sa"]
     assert torch.equal(torch.gather(out, 1, keep[..., None].expand(-1, -1, 8)),
@@ -209,7 +216,7 @@ def test_zero_shot_2048_with_pruning(h_div_w):
 
 
 def test_memory_refusal_is_a_clear_message(monkeypatch):
-    monkeypatch.setattr(memory, "available_bytes", lambda device: 512 * 1024**2)
+    monkeypatch.setattr(pipeline, "available_bytes", lambda device: 512 * 1024**2)
     with pytest.raises(MemoryError) as err:
         tiny_pipeline().generate(PROMPT, res=2048, output_type="latent", **SETTINGS)
     msg = str(err.value)
@@ -219,8 +226,9 @@ def test_memory_refusal_is_a_clear_message(monkeypatch):
 def test_memory_estimate_shrinks_with_pruning():
     cfg, scales = PRESETS["infinity-2b"], scale_schedule(1024)
     from minivar.model.vae import VAE_PRESETS
-    dense = memory.estimate(cfg, VAE_PRESETS["d32"], scales, PruneSchedule.none(), 1, True)
-    pruned = memory.estimate(cfg, VAE_PRESETS["d32"], scales, resolve_prune(True, cfg, scales), 1, True)
+    guided = Settings(cfg=3.0)
+    dense = pipeline.estimate(plan(cfg, scales, 1.0, guided, PruneSchedule.none()), cfg, VAE_PRESETS["d32"], 1)
+    pruned = pipeline.estimate(plan(cfg, scales, 1.0, guided, resolve_prune(True, cfg, scales)), cfg, VAE_PRESETS["d32"], 1)
     # 2 x rows x tokens x C x 4 bytes, summed over layers; the last scale is never stored
     assert dense.kv_cache == 2 * 2 * sum(h * w for h, w in scales[:-1]) * 32 * 2048 * 4
     assert pruned.kv_cache < 0.4 * dense.kv_cache

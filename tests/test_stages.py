@@ -8,13 +8,14 @@ import torch
 from helpers import PROMPT, SETTINGS, rel_err, tiny_pipeline
 
 import minivar
-from minivar import memory
+from minivar import pipeline
 from minivar.bench.analysis import low_band_changes
 from minivar.model.config import BUDGETS, HIGH_RES, PRESETS, TEMPLATES, scale_schedule
 from minivar.bench.flops import totals, transformer_count
 from minivar.loading.hub import SHIPPED
 from minivar.model.pruning import model_stages, proportional, reference_tokens, resolve_prune, stages
 from minivar.model.pruning import Pruner, PruneSchedule, pivotal_scores, projection_matrix, projection_scores, select
+from minivar.model.sampling import Settings, plan
 from minivar.model.vae import VAE_PRESETS
 
 ORDER = {"semantic": 0, "structure": 1, "refinement": 2}
@@ -94,8 +95,10 @@ def test_low_rank_projection_keeps_a_different_set_deterministically_per_seed():
 
     def kept(seed):
         pruner = Pruner(schedule, scales, seed=seed, record=True)
-        pruner.runner(0, 0)("sa", torch.randn(1, 4, 32), lambda t, keep: t)
-        pruner.runner(1, 0)("sa", x, lambda t, keep: t)
+        for si, tokens in ((0, torch.randn(1, 4, 32)), (1, x)):  # the cache scale, then the pruned one
+            run = pruner.runner(si, 0)
+            keep, t = run.pick(tokens, "sa")
+            run.fill(t, keep, "sa")
         return set(pruner.records[1].keep[0, "sa"][0].tolist())
 
     pivotal = set(select(pivotal_scores(x, 6, 6), 18)[0].tolist())
@@ -192,9 +195,12 @@ def test_flops_of_stagevar_halve_the_refinement_rows_and_count_the_projection():
 
 def test_memory_estimate_follows_the_cfg_stop():
     cfg, scales, vae = PRESETS["infinity-2b"], scale_schedule(1024), VAE_PRESETS["d32"]
-    pruned, sv = (memory.estimate(cfg, vae, scales, resolve_prune(p, cfg, scales), 1, True) for p in (True, "stagevar"))
+    def estimate(prune, stop=None):
+        return pipeline.estimate(plan(cfg, scales, 1.0, Settings(cfg=3.0, cfg_stop_scale=stop), prune), cfg, vae, 1)
+
+    pruned, sv = (estimate(resolve_prune(p, cfg, scales)) for p in (True, "stagevar"))
     assert sv.kv_cache == pruned.kv_cache and sv.activations < pruned.activations
-    explicit = memory.estimate(cfg, vae, scales, resolve_prune(True, cfg, scales), 1, True, cfg_stop_scale=9)
+    explicit = estimate(resolve_prune(True, cfg, scales), stop=9)
     assert explicit.activations == sv.activations
 
 
@@ -225,7 +231,7 @@ def test_bench_runs_the_issue_arms_and_compares_each_with_unpruned():
                 "time": {k: {"median": seconds} for k in ("total", "transformer")}, "peak_bytes": {"vae": {"median": 1}}}
     cases = [case(p, s, t) for p, s, t in [(False, False, 8.0), (True, False, 2.0), ("stagevar", False, 1.0),
                                            (True, "refine", 1.6)]]
-    rows = {(r["what"], r["variant"]): r["speedup_total"] for r in bench.compare(cases)}
+    rows = {(r["what"], r["variant"]): r["speedup_total"] for r in bench.compare_cases(cases)}
     assert rows[("prune", "s 1024 prune=on")] == 4.0 and rows[("stagevar", "s 1024 prune=stagevar")] == 8.0
     assert rows[("prune+cfg-stop@refine", "s 1024 prune=on cfg-stop@refine")] == 5.0
     with pytest.raises(SystemExit):

@@ -62,13 +62,13 @@ def test_bench_defaults_to_the_stored_dtype():
 def test_measure_reports_the_process_wide_peak_of_the_sample_call_and_its_phases():
     """The bench's number is the child's ru_maxrss for one `minivar.sample` call (here on the toy), and
     every phase's sampled resident set lies under it, split into anonymous and file-backed pages."""
-    from minivar.bench.synthetic import PHASES, markdown, measure
+    from minivar.bench.synthetic import SAMPLE_PHASES, measure, synthetic_markdown
 
     arm = measure(64, True, "a red circle", None, model="toy")
-    assert arm["image_size"] == [64, 64] and set(PHASES) <= set(arm["peaks"]) == set(arm["seconds"])
+    assert arm["image_size"] == [64, 64] and set(SAMPLE_PHASES) <= set(arm["peaks"]) == set(arm["seconds"])
     assert arm["peak_phase"] in arm["peaks"]
     slack = 8 << 20  # the kernel's RSS counters are cached per thread: readings may differ by a few pages
     for phase, p in arm["peaks"].items():
         assert 0 < p["RssAnon"] + p["RssFile"] <= p["VmRSS"] + slack and p["VmRSS"] <= arm["ru_maxrss"] + slack, phase
-    table = markdown({"arms": [arm], "set_bytes": {"x": 1}, "prompt": "a red circle"})
+    table = synthetic_markdown({"arms": [arm], "set_bytes": {"x": 1}, "prompt": "a red circle"})
     assert f"**{arm['ru_maxrss'] / 2**30:.2f}**" in table and "toy 64 prune=on" in table

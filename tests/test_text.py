@@ -10,7 +10,7 @@ from conftest import rel_err
 from safetensors.torch import load_file, save_file
 
 from minivar.loading.checkpoint import load_t5
-from minivar.model.t5 import PRESETS, T5Config, T5Encoder
+from minivar.model.t5 import T5_PRESETS, T5Config, T5Encoder
 from minivar.model.t5 import Tokenizer
 from minivar.loading.weights import CheckpointError
 
@@ -143,13 +143,13 @@ def test_t5_config_and_param_count(tiny_dir, t5):
 def test_flan_t5_xl_keys_on_meta(tiny_dir):
     manifest = json.loads((tiny_dir.parent / "flan_t5_xl_encoder_keys.json").read_text())
     with torch.device("meta"):
-        model = T5Encoder(PRESETS["flan-t5-xl"])
+        model = T5Encoder(T5_PRESETS["flan-t5-xl"])
     ours = {k: [list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in model.state_dict().items()}
     assert list(ours) == list(manifest["keys"])
     assert ours == manifest["keys"]
     assert sum(p.numel() for p in model.parameters()) == manifest["param_count"]
     cfg = manifest["config"]
-    assert PRESETS["flan-t5-xl"] == T5Config(**{k: cfg[k] for k in T5Config.__dataclass_fields__})
+    assert T5_PRESETS["flan-t5-xl"] == T5Config(**{k: cfg[k] for k in T5Config.__dataclass_fields__})
 
 
 def test_relu_feed_forward_builds_and_runs():

@@ -70,12 +70,13 @@ def test_teacher_forced_forward_matches_the_scale_loop():
     kv, segments = torch.randn(5, 128), [(0, 5)]
     vae_bits = [torch.randint(0, 2, (1, 1, h, w, 8)) for h, w in scales]
     # the scale loop, teacher-forced
-    from minivar.model.sampling import Settings, Trace, run_scale_loop
+    from minivar.model.sampling import Settings, Trace, plan, run_scale_loop
     from minivar.model.pruning import PruneSchedule
     trace = Trace()
     settings = Settings(cfg=1.0, tau=1.0, seed=0, force_bits=[b[:, 0] for b in vae_bits])
     with torch.no_grad():
-        run_scale_loop(model, model.condition(kv, segments), 1, scales, 1.0, settings, PruneSchedule.none(), trace)
+        run_scale_loop(model, model.condition(kv, segments), 1, plan(model.cfg, scales, 1.0, settings, PruneSchedule.none()),
+                       settings, trace)
         # the same bits through the training forward: inputs are the running sums, downsampled
         from minivar.model.vae import bits_to_codes
         summed, next_inputs = 0, []

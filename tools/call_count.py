@@ -22,7 +22,7 @@ def main() -> None:
         if event == "call":
             path = Path(frame.f_code.co_filename).resolve()
             name = frame.f_code.co_qualname
-            if path.is_relative_to(ROOT) and not name.endswith(("<listcomp>", "<genexpr>", "<lambda>", "<dictcomp>")):
+            if path.is_relative_to(ROOT) and not name.endswith(("<listcomp>", "<genexpr>", "<lambda>", "<dictcomp>", "<setcomp>")):
                 seen[str(path.relative_to(ROOT))].add(name)
 
     sys.setprofile(profile)

@@ -31,9 +31,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from ..model.config import PRESETS, InfinityConfig, scale_schedule
-from ..memory import kv_cache_bytes
+from ..pipeline import kv_cache_bytes
 from ..model.pruning import resolve_prune
 from ..model.pruning import PruneSchedule
+from ..model.sampling import Plan, Settings, plan
 from ..model.vae import VAE_PRESETS, VAEConfig
 
 BLOCK_PARTS = ("qkv", "attn", "proj", "ca", "ffn")
@@ -63,7 +64,7 @@ class Precision:
 FP32 = Precision()
 
 
-def linear(n: int, d_in: int, d_out: int, p: Precision = FP32) -> Count:
+def linear_flops(n: int, d_in: int, d_out: int, p: Precision = FP32) -> Count:
     """A Linear applied to n rows."""
     return Count(2 * n * d_in * d_out, p.weight * d_in * d_out + p.act * n * (d_in + d_out))
 
@@ -103,55 +104,52 @@ class ScaleCount:
 def text_count(cfg: InfinityConfig, rows: int, text_tokens: int, p: Precision = FP32) -> Count:
     """`Infinity.condition`: pooling (its own attention), the text projection for cross-attention, AdaLN."""
     C, Ct, N = cfg.embed_dim, cfg.text_channels, rows * text_tokens
-    pool = linear(N, Ct, 2 * C, p) + attention(rows, 1, text_tokens, C, p) + linear(rows, C, C, p)
-    return pool + linear(N, Ct, C, p) + linear(N, C, C, p) + linear(rows, C, 6 * C, p)
+    pool = linear_flops(N, Ct, 2 * C, p) + attention(rows, 1, text_tokens, C, p) + linear_flops(rows, C, C, p)
+    return pool + linear_flops(N, Ct, C, p) + linear_flops(N, C, C, p) + linear_flops(rows, C, 6 * C, p)
 
 
 def block_count(cfg: InfinityConfig, rows: int, k: int, kv_len: int, text_tokens: int,
                 p: Precision = FP32) -> dict[str, Count]:
     """One block computing k tokens per image, attending to kv_len keys (its cache plus the k)."""
     C, F, n = cfg.embed_dim, cfg.ffn_hidden, rows * k
-    ca = linear(n, C, C, p) + attention(rows, k, text_tokens, C, p) + linear(n, C, C, p)
-    return {"qkv": linear(n, C, 3 * C, p), "attn": attention(rows, k, kv_len, C, p), "proj": linear(n, C, C, p),
-            "ca": ca, "ffn": linear(n, C, F, p) + linear(n, F, C, p)}
+    ca = linear_flops(n, C, C, p) + attention(rows, k, text_tokens, C, p) + linear_flops(n, C, C, p)
+    return {"qkv": linear_flops(n, C, 3 * C, p), "attn": attention(rows, k, kv_len, C, p), "proj": linear_flops(n, C, C, p),
+            "ca": ca, "ffn": linear_flops(n, C, F, p) + linear_flops(n, F, C, p)}
 
 
 def transformer_count(cfg: InfinityConfig, scales: list[tuple[int, int]], prune: PruneSchedule | None = None, *,
                       batch: int = 1, cfg_on: bool = True, cfg_stop_scale: int | None = None,
                       text_tokens: int = 32, p: Precision = FP32) -> list[ScaleCount]:
-    """Per-scale counts of the scales that run, mirroring `run_scale_loop` (guidance on the logits).
+    """Per-scale counts of a generation with guidance on the logits (`cfg_on`) or none: the plan the
+    loop would run (`sampling.plan`), counted by `plan_count`."""
+    settings = Settings(cfg=3.0 if cfg_on else 1.0, cfg_stop_scale=cfg_stop_scale)
+    return plan_count(cfg, plan(cfg, scales, 1.0, settings, prune or PruneSchedule.none()), batch, text_tokens, p)
 
-    With CFG the batch is doubled until the stop scale (if it runs): `cfg_stop_scale`, or the
-    schedule's own `cfg_stop` when None (`PruneSchedule.guidance_stop`). Each layer's cache holds the
-    tokens it computed at earlier scales.
-    """
-    prune = prune or PruneSchedule.none()
-    ran = prune.ran(len(scales))
-    full_rows = 2 * batch if cfg_on else batch
-    text_rows = full_rows * text_tokens
-    cached = [0] * cfg.depth
-    out, rows, stop = [], full_rows, prune.guidance_stop(cfg_stop_scale)
-    for step, si in enumerate(ran):
-        if stop is not None and si >= stop:  # as the loop: the stop scale may be skipped
-            rows = batch
-        L = scales[si][0] * scales[si][1]
-        sc = ScaleCount(si, scales[si], rows, [prune.kept(si, li, L) for li in range(cfg.depth)])
+
+def plan_count(cfg: InfinityConfig, the_plan: Plan, batch: int = 1, text_tokens: int = 32,
+               p: Precision = FP32) -> list[ScaleCount]:
+    """Per-scale counts of the scales a plan runs: 2 * batch rows where it guides, else batch; each
+    layer attends to the tokens it stored at earlier scales plus its own."""
+    ran, prune, C = the_plan.ran, the_plan.prune, cfg.embed_dim
+    full_rows = 2 * batch if the_plan.cfg_on else batch
+    cached, out = [0] * cfg.depth, []
+    for k, step in enumerate(ran):
+        rows, L = 2 * batch if step.guided else batch, step.hw[0] * step.hw[1]
+        sc = ScaleCount(step.si, step.hw, rows, list(step.kept), [cached[li] + n for li, n in enumerate(step.kept)])
         parts: dict[str, Count] = defaultdict(Count)
-        if si == ran[0]:
+        if k == 0:
             parts["text"] = text_count(cfg, full_rows, text_tokens, p)
-            parts["ca"] = linear(text_rows, cfg.embed_dim, 2 * cfg.embed_dim, p) * cfg.depth  # text K, V per layer
-        sc.kv_len = [cached[li] + k for li, k in enumerate(sc.kept)]
-        for li, k in enumerate(sc.kept):
-            for name, c in block_count(cfg, rows, k, sc.kv_len[li], text_tokens, p).items():
+            parts["ca"] = linear_flops(full_rows * text_tokens, C, 2 * C, p) * cfg.depth  # text K, V per layer
+        for li, n in enumerate(step.kept):
+            for name, c in block_count(cfg, rows, n, sc.kv_len[li], text_tokens, p).items():
                 parts[name] += c
-            if k < L and prune.selector == "projection":
-                parts["select"] += linear(rows * L, cfg.embed_dim, min(prune.rank, cfg.embed_dim), p) * SUB_LAYERS
-            if si != ran[-1]:  # the last scale that runs is never stored
-                cached[li] += k
-        parts["head"] = linear(rows, cfg.embed_dim, 2 * cfg.embed_dim, p) + linear(rows * L, cfg.embed_dim, 2 * cfg.d_vae, p)
-        if si != ran[-1]:
-            nh, nw = scales[ran[step + 1]]
-            parts["embed"] = linear(batch * nh * nw, cfg.d_vae, cfg.embed_dim, p)
+            if n < L and prune.selector == "projection":
+                parts["select"] += linear_flops(rows * L, C, min(prune.rank, C), p) * SUB_LAYERS
+            cached[li] += n if step.stored else 0
+        parts["head"] = linear_flops(rows, C, 2 * C, p) + linear_flops(rows * L, C, 2 * cfg.d_vae, p)
+        if k + 1 < len(ran):
+            nh, nw = ran[k + 1].hw
+            parts["embed"] = linear_flops(batch * nh * nw, cfg.d_vae, C, p)
         sc.parts = {name: parts[name] for name in PARTS if name in parts}
         out.append(sc)
     return out
@@ -231,10 +229,10 @@ def compare(model: str = "infinity-2b", res: int = 1024, cfg_on: bool = True, te
     vae = vae_decode_count(vcfg, final, batch)
     out = {}
     for label, p in (("unpruned", False), ("pruned", True if prune == "preset" else prune)):
-        schedule = resolve_prune(p, cfg, scales)
-        counts = transformer_count(cfg, scales, schedule, batch=batch, cfg_on=cfg_on, text_tokens=text_tokens)
-        out[label] = summary(counts, vae)
-        out[label]["kv_cache_bytes"] = kv_cache_bytes(cfg, scales, schedule, rows=(2 if cfg_on else 1) * batch)
+        settings = Settings(cfg=3.0 if cfg_on else 1.0)
+        the_plan = plan(cfg, scales, 1.0, settings, resolve_prune(p, cfg, scales))
+        out[label] = summary(plan_count(cfg, the_plan, batch, text_tokens), vae)
+        out[label]["kv_cache_bytes"] = kv_cache_bytes(the_plan, cfg, rows=(2 if cfg_on else 1) * batch)
     return out
 
 

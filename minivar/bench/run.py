@@ -37,7 +37,7 @@ drifts of a shared machine hit all cases alike. Peak memory is measured afterwar
 untimed generation per case (RSS sampled every few ms on CPU, torch.cuda.max_memory_allocated on CUDA),
 so the sampling thread never runs during a timed generation. Reported per case: median and spread
 (min..max) of the total, text / transformer / VAE split and every scale; per-layer times; achieved
-GFLOP/s (analytic FLOPs from minivar.flops) of the transformer against a matmul peak and of the VAE
+GFLOP/s (analytic FLOPs from flops.py) of the transformer against a matmul peak and of the VAE
 decoder against a 3x3 convolution peak, both measured in the same process; peak memory per phase;
 KV-cache bytes. Output: bench.json, bench.md, bench.png. --direct instead times plain
 `Pipeline.generate` calls (no hooks, no memory pass, no peaks) and writes direct.json and direct.md: the
@@ -47,6 +47,9 @@ For a --depth k shape model, prune=True uses the preset computed for depth k, wh
 layer window 3..27 of 32 to round(3k/32)..round(27k/32). The full-depth estimate instead places each
 layer of the real model with the real preset (3..27 of 32) and prices it with the measured time of a
 layer doing the same work (same scale, tokens, keys and batch rows) anywhere in this run.
+
+Uses pipeline.py (every generation), flops.py (analytic counts), memory.py (KV-cache bytes), the scale
+plan of model/sampling.py, and synthetic.py (the full-size subject and the fixtures folder).
 """
 from __future__ import annotations
 
@@ -70,21 +73,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.config import PRESETS, InfinityConfig, budget_for_res, scale_schedule
-from .flops import block_count, param_count, transformer_count, vae_decode_count
+from .flops import block_count, param_count, plan_count, vae_decode_count
 from .flops import summary as flop_summary
-from ..memory import kv_cache_bytes
-from ..model.numerics import cache_dtype
+from ..pipeline import GiB, kv_cache_bytes
+from ..model.transformer import cache_dtype
+from .. import parity
 from ..pipeline import Pipeline
 from ..model.pruning import model_stages, resolve_prune
 from ..model.pruning import PruneSchedule
-from ..model.sampling import Settings
+from ..model.sampling import Settings, plan
 from ..model.transformer import Infinity
 from ..model.vae import VAE_PRESETS, BSQVAE, VAEConfig
+from .synthetic import FIXTURES
 
-REPO = Path(__file__).resolve().parents[2]
-TINY_DIR = REPO / "tests" / "fixtures" / "tiny-a"
+TINY_DIR = FIXTURES / "tiny-a"
 PROMPT = "a red apple on a wooden table"
-SHAPES = {"infinity-2b-shape": "infinity-2b", "infinity-8b-shape": "infinity-8b"}
+SHAPE_MODELS = {"infinity-2b-shape": "infinity-2b", "infinity-8b-shape": "infinity-8b"}
 SYNTHETIC = "infinity-2b-synthetic"   # real files, real T5, full depth: see synthetic.py
 PHASES = ("text", "transformer", "vae")
 
@@ -147,9 +151,9 @@ class FixedLengthTokenizer:
 def shape_subject(name: str, depth: int | None, with_vae: bool, text_tokens: int = 32, seed: int = 0,
                   weight_dtype: torch.dtype = torch.float32) -> Subject:
     """Real widths of `name`, `depth` layers, deterministic random weights and text features."""
-    full = PRESETS[SHAPES[name]]
+    full = PRESETS[SHAPE_MODELS[name]]
     vae = VAE_PRESETS["d56" if full.spatial_patchify else "d32"]
-    return random_subject(name, SHAPES[name], full, depth or full.depth, vae, text_tokens, seed, weight_dtype,
+    return random_subject(name, SHAPE_MODELS[name], full, depth or full.depth, vae, text_tokens, seed, weight_dtype,
                           with_vae=with_vae)
 
 
@@ -165,7 +169,7 @@ def random_subject(name: str, family: str, full: InfinityConfig, depth: int, vae
     `with_vae`) the pipeline gets one on the meta device: generate reads only its config.
     """
     torch.manual_seed(seed)
-    model = Infinity(replace(full, depth=depth)).eval().requires_grad_(False).to(weight_dtype)
+    model = parity.apply(Infinity(replace(full, depth=depth))).eval().requires_grad_(False).to(weight_dtype)
     decodes = with_vae and vae is not None
     vae = vae or VAEConfig(codebook_dim=full.d_vae // (4 if full.spatial_patchify else 1))
     with torch.device("cpu" if decodes else "meta"):
@@ -206,12 +210,12 @@ DECODE_MODES = {"auto": None, "banded": True, "whole": False}
 
 def make_subject(name: str, args) -> Subject | None:
     dtype = WEIGHT_DTYPES[args.weight_dtype]
-    if name in SHAPES:
+    if name in SHAPE_MODELS:
         subj = shape_subject(name, args.depth, not args.no_vae, args.text_tokens, weight_dtype=dtype or PUBLISHED_DTYPE)
     elif name in ("tiny", "toy"):
         subj = pipeline_subject(name, not args.no_vae, dtype)
     else:
-        raise ValueError(f"unknown subject {name!r}: choose from tiny, toy, {', '.join(SHAPES)}")
+        raise ValueError(f"unknown subject {name!r}: choose from tiny, toy, {', '.join(SHAPE_MODELS)}")
     if subj is not None:
         pin_decode_mode(subj.pipe.vae, DECODE_MODES[args.decode])
     return subj
@@ -410,7 +414,7 @@ def case_cfg_stop(case: Case, cfg: InfinityConfig, scales: list[tuple[int, int]]
 
 
 @dataclass
-class Plan:
+class CasePlan:
     """What a case computes: schedule, pruning, settings and the analytic counts."""
     scales: list[tuple[int, int]]
     prune: PruneSchedule
@@ -421,21 +425,21 @@ class Plan:
     generate_kwargs: dict   # the Pipeline.generate arguments that compute exactly this
 
 
-def plan_case(subj: Subject, case: Case, cfg: InfinityConfig | None = None) -> Plan:
+def plan_case(subj: Subject, case: Case, cfg: InfinityConfig | None = None) -> CasePlan:
     """The plan for the subject's model, or for `cfg` (the full-depth model) when given."""
     cfg = cfg or subj.model.cfg
     scales = scale_schedule(case.res)
     prune = resolve_prune(case.prune, cfg, scales)
     stop = case_cfg_stop(case, cfg, scales)
     settings = Settings(cfg=3.0, tau=0.5, seed=1, cfg_stop_scale=stop)
-    counts = transformer_count(cfg, scales, prune, batch=1, cfg_on=True, cfg_stop_scale=stop,
-                               text_tokens=subj.text_tokens)
+    the_plan = plan(cfg, scales, 1.0, settings, prune)
+    counts = plan_count(cfg, the_plan, batch=1, text_tokens=subj.text_tokens)
     vae = vae_decode_count(subj.vae.cfg, vae_latent_hw(cfg, scales)) if subj.vae is not None else None
     kwargs = dict(res=budget_for_res(case.res), prune=case.prune, cfg=settings.cfg, tau=settings.tau,
                   top_k=settings.top_k, top_p=settings.top_p, seed=settings.seed, cfg_stop_scale=stop,
                   output_type="pil" if subj.vae is not None else "latent")
-    kv_bytes = kv_cache_bytes(cfg, scales, prune, rows=2, itemsize=cache_dtype(subj.model.storage_dtype).itemsize)
-    return Plan(scales, prune, settings, counts, flop_summary(counts, vae), kv_bytes, kwargs)
+    kv_bytes = kv_cache_bytes(the_plan, cfg, rows=2, itemsize=cache_dtype(subj.model.storage_dtype).itemsize)
+    return CasePlan(scales, prune, settings, counts, flop_summary(counts, vae), kv_bytes, kwargs)
 
 
 def vae_latent_hw(cfg: InfinityConfig, scales) -> tuple[int, int]:
@@ -443,7 +447,7 @@ def vae_latent_hw(cfg: InfinityConfig, scales) -> tuple[int, int]:
     return (2 * h, 2 * w) if cfg.spatial_patchify else (h, w)
 
 
-def timed_once(subj: Subject, plan: Plan) -> dict:
+def timed_once(subj: Subject, plan: CasePlan) -> dict:
     """One `Pipeline.generate` call: its own phase split, per-scale and per-layer times."""
     release_memory()  # start from a trimmed heap, as a fresh process does
     scales = ScaleClock(subj.device)
@@ -454,7 +458,7 @@ def timed_once(subj: Subject, plan: Plan) -> dict:
             "scales": scales.per_scale(), "layers": layers.per_scale()}
 
 
-def memory_once(subj: Subject, plan: Plan) -> dict:
+def memory_once(subj: Subject, plan: CasePlan) -> dict:
     """Peak memory of each phase in one untimed `Pipeline.generate` call.
 
     Phases are cut where the scale loop starts and where generate calls `Pipeline.decode`. Before the
@@ -557,7 +561,7 @@ def flops_priced(cfg: InfinityConfig, sc, li: int, med: dict, text_tokens: int) 
     return rate * layer_flops(sc.kept[li], sc.kv_len[li], sc.rows)
 
 
-def restore_cache_bytes(cfg: InfinityConfig, plan: Plan, rows: int = 2) -> int:
+def restore_cache_bytes(cfg: InfinityConfig, plan: CasePlan, rows: int = 2) -> int:
     """Pruning keeps the three sub-layer outputs of the cache scale for every layer of its window."""
     p = plan.prune
     if not p.prunes:
@@ -567,7 +571,7 @@ def restore_cache_bytes(cfg: InfinityConfig, plan: Plan, rows: int = 2) -> int:
     return 3 * layers * rows * h * w * cfg.embed_dim * 4
 
 
-def memory_estimate(subj: Subject, result: dict, full: Plan) -> dict:
+def memory_estimate(subj: Subject, result: dict, full: CasePlan) -> dict:
     """Peak memory of the real-depth model, per phase, from the parts that make it up.
 
     Measured at depth k (medians over the memory passes): the process before generating (`base`, which holds
@@ -693,7 +697,7 @@ def summarize(subj: Subject, case: Case, result: dict) -> dict:
     }
 
 
-def compare(cases: list[dict]) -> list[dict]:
+def compare_cases(cases: list[dict]) -> list[dict]:
     """For each subject and resolution of this run, every pruned case against its unpruned peer (same
     CFG stop), every CFG-stop case against its peer without, and pruned + CFG-stop against neither."""
     by = {(c["subject"], c["res"], c["prune_on"], c["cfg_stop_on"]): c for c in cases}
@@ -782,7 +786,7 @@ def subjects_and_cases(args, device: torch.device):
         del subj  # before the next subject is built: only one model in memory at a time
 
 
-def run(args) -> dict:
+def run_bench(args) -> dict:
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     report = {"args": vars(args), "machine": machine_info(), "keep_freed_memory": args.keep_heap and keep_freed_memory()}
@@ -806,7 +810,7 @@ def run(args) -> dict:
                             "vae": 100 * rate["vae"] / conv["median"] if rate["vae"] else None,
                             "vae_vs_matmul": 100 * rate["vae"] / mm["median"] if rate["vae"] else None}
     report["machine"]["loadavg_end"] = os.getloadavg()
-    report["cases"], report["comparisons"] = summaries, compare(summaries)
+    report["cases"], report["comparisons"] = summaries, compare_cases(summaries)
     return report
 
 
@@ -840,9 +844,6 @@ def run_direct(args) -> dict:
 # --------------------------------------------------------------------------------------------------
 # Output: JSON, markdown, plot
 # --------------------------------------------------------------------------------------------------
-GiB = 2**30
-
-
 def machine_line(report: dict) -> str:
     m = report["machine"]
     return (f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']} "
@@ -1054,7 +1055,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.subjects != [SYNTHETIC]:
             raise SystemExit(f"{SYNTHETIC} runs on its own (each arm in a fresh process): --subjects {SYNTHETIC}")
         return synthetic.bench(args.res, args.prune, PROMPT, args.out)
-    report = run_direct(args) if args.direct else run(args)
+    report = run_direct(args) if args.direct else run_bench(args)
     write(report, args.out)
     return report
 

@@ -16,6 +16,9 @@ model="infinity-2b")` with every other default, in a fresh child process. Its pe
 ru_maxrss as the parent reads it (the kernel's high-water mark, mapped file pages included: what the
 machine must hold); inside, a thread samples /proc/self/status every 20 ms and says which phase
 (load, text, transformer, VAE) holds the peak, and how much of it is anonymous and file-backed.
+
+Uses the reference key listings in tests/fixtures, the tiny fixture's tokenizer, model/vae.py (the BSQ
+mask buffer) and loading/convert.py (safetensors dtype names); run.py hands it the synthetic subject.
 """
 from __future__ import annotations
 
@@ -31,13 +34,14 @@ from pathlib import Path
 
 import torch
 
+from ..pipeline import GiB
+
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "tests" / "fixtures"
 NAME = "infinity-2b-synthetic"
 SEED = 2026
 CHUNK = 1 << 24                       # values generated at a time: 64 MiB of float32
 T5_SHARDS = 2                         # as google/flan-t5-xl ships its weights
-GiB = 2**30
 
 
 # --------------------------------------------------------------------------------------------------
@@ -75,7 +79,7 @@ def write_pth(path: Path, listing: dict, dtype: torch.dtype, nest: str | None = 
     """A torch.save zip with `listing`'s tensors, floating ones in `dtype`, written without holding them."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from ..memory import drop_pages, mapping_of
+    from ..pipeline import drop_pages, mapping_of
 
     with FakeTensorMode():  # shapes and dtypes only: nothing is allocated
         sd = {k: torch.empty(shape, dtype=dtype if dt.startswith("float") else getattr(torch, dt))
@@ -188,7 +192,7 @@ def write_set(home: Path | None = None) -> Path:
 # One measured run: exactly the call a user makes, in a fresh process
 # --------------------------------------------------------------------------------------------------
 STATUS_FIELDS = ("VmRSS", "RssAnon", "RssFile", "VmHWM")
-PHASES = ("load", "text", "transformer", "vae")
+SAMPLE_PHASES = ("load", "text", "transformer", "vae")
 
 
 def status() -> dict[str, int]:
@@ -271,7 +275,7 @@ def measure(res: int, prune: bool, prompt: str, home: Path | None, model: str = 
     the child's ru_maxrss as its parent reads it (os.wait4: the kernel's high-water mark of its
     resident set, mapped file pages included), which this adds as `ru_maxrss`."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **({"MINIVAR_HOME": str(home)} if home else {})}
-    cmd = [sys.executable, "-m", "minivar.synthetic", str(res), "on" if prune else "off", prompt, model]
+    cmd = [sys.executable, "-m", "minivar.bench.synthetic", str(res), "on" if prune else "off", prompt, model]
     child = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, text=True)
     out = child.stdout.read()
     _, wait_status, usage = os.wait4(child.pid, 0)
@@ -306,9 +310,9 @@ def bench(res_list: list[int], prunes: list[bool], prompt: str, out: Path) -> di
             arm = measure(res, prune, prompt, home)
             report["arms"] = [a for a in report["arms"] if a["label"] != arm["label"]] + [arm]
             path.write_text(json.dumps(report, indent=1))
-            (out / "synthetic.md").write_text(markdown(report))
+            (out / "synthetic.md").write_text(synthetic_markdown(report))
             print(arm_line(arm), flush=True)
-    print(markdown(report))
+    print(synthetic_markdown(report))
     return report
 
 
@@ -326,13 +330,13 @@ def gib(n: int) -> str:
 def arm_line(a: dict) -> str:
     """One table row: phase times, each phase's largest resident set (anonymous + file), the whole run."""
     t, p = a["seconds"], a["peaks"]
-    times = " | ".join(f"{t.get(ph, 0):.1f}" for ph in PHASES)
+    times = " | ".join(f"{t.get(ph, 0):.1f}" for ph in SAMPLE_PHASES)
     peaks = " | ".join(f"{gib(p[ph]['VmRSS'])} ({gib(p[ph]['RssAnon'])} + {gib(p[ph]['RssFile'])})" if ph in p else "-"
-                       for ph in PHASES)
+                       for ph in SAMPLE_PHASES)
     return f"| {a['label']} | {times} | {peaks} | **{gib(a['ru_maxrss'])}** | {a['peak_phase']} | {a['loadavg'][0]:.1f} |"
 
 
-def markdown(report: dict) -> str:
+def synthetic_markdown(report: dict) -> str:
     size = sum(report["set_bytes"].values()) / 1e9
     lines = [f"Full-size random Infinity-2B set ({size:.2f} GB on disk: bf16 transformer, float32 VAE and "
              f"flan-t5-xl encoder). Each arm is one call, `minivar.sample(prompt, res=..., prune=..., "

@@ -124,7 +124,7 @@ def describe_template(h_div_w: float, aspect: str) -> str:
 
 def generation_kwargs(args) -> dict:
     """The flags as keyword arguments of Pipeline.generate (seed aside), checked before anything loads."""
-    from ..checks import check_arguments
+    from ..pipeline import check_arguments
 
     kwargs = dict(res=args.res, h_div_w=parse_aspect(args.aspect), cfg=args.cfg, tau=args.tau, top_k=args.top_k,
                   top_p=args.top_p, negative_prompt=args.negative_prompt, prune=args.prune)
@@ -199,7 +199,7 @@ def cmd_generate(args) -> int:
     from PIL import Image
 
     from .batch import save_image_atomic
-    from ..checks import check_arguments
+    from ..pipeline import check_arguments
 
     check_arguments(prompt=args.prompt, seed=args.seed)
     kwargs = generation_kwargs(args)

@@ -12,6 +12,9 @@ Surviving a kill: an image is written to a hidden temporary file, its manifest r
 the rank's own part file, and only then is the image renamed into place. So every image that exists
 is complete and has a record, and a rerun simply skips the images that exist. At the end rank 0
 merges the part files into DIR/manifest.jsonl (one record per finished image, in job order).
+
+Uses checks.py (the seed and prompt-length limits) and loading/files.py (atomic writes, the folder lock);
+cli/__init__.py builds the pipeline and calls `run_batch`.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..loading.files import FolderBusy, FolderLock, atomic_write, partial_path
-from ..checks import MAX_PROMPT_CHARS, check_seed
+from ..pipeline import MAX_PROMPT_CHARS, check_seed
 
 MANIFEST = "manifest.jsonl"
 MAX_ID_BYTES = 200  # a file name holds 255 bytes: the id, "_seed<n>.png" and the temporary's ".<name>.partial"
@@ -87,7 +90,7 @@ def read_prompts(path: str | Path) -> tuple[list[Prompt], list[str]]:
 
 def parse_line(raw: str, lineno: int, as_json: bool) -> Prompt:
     if not as_json:
-        return Prompt(f"{lineno - 1:05d}", check_text(raw.strip()), lineno)
+        return Prompt(f"{lineno - 1:05d}", check_prompt_length(raw.strip()), lineno)
     try:
         obj = json.loads(raw)
     except json.JSONDecodeError as e:
@@ -97,10 +100,10 @@ def parse_line(raw: str, lineno: int, as_json: bool) -> Prompt:
     check_encodable(obj)
     pid = safe_id(obj["id"]) if "id" in obj else f"{lineno - 1:05d}"
     meta = {k: v for k, v in obj.items() if k not in ("prompt", "id")}
-    return Prompt(pid, check_text(obj["prompt"].strip()), lineno, meta)
+    return Prompt(pid, check_prompt_length(obj["prompt"].strip()), lineno, meta)
 
 
-def check_text(text: str) -> str:
+def check_prompt_length(text: str) -> str:
     if len(text) > MAX_PROMPT_CHARS:
         raise ValueError(f"prompt of {len(text)} characters is too long (max {MAX_PROMPT_CHARS})")
     return text

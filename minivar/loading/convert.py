@@ -11,6 +11,8 @@ leaves a file that looks finished. The output must end in `.safetensors` and mus
 so a checkpoint is never replaced by bytes its name contradicts. Format: 8-byte little-endian header length, the header
 `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}` padded with
 spaces to a multiple of 8, then the data.
+
+Uses weights.py (reading a `.pth` safely) and files.py (atomic writes); the CLI's `convert` command calls it.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import torch
 from .files import atomic_write, same_file
 from .weights import CheckpointError, read_pth
 
-DTYPES: dict[str, torch.dtype | None] = {"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16}
+CONVERT_DTYPES: dict[str, torch.dtype | None] = {"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16}
 SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -73,13 +75,13 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, dtype: torch
 def convert(src: str | Path, dst: str | Path | None = None, dtype: str = "keep") -> Path:
     """Convert one `.pth` checkpoint; the output defaults to the same name with `.safetensors`."""
     src = Path(src).expanduser()
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}: choose one of {list(DTYPES)}")
+    if dtype not in CONVERT_DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: choose one of {list(CONVERT_DTYPES)}")
     if src.suffix != ".pth":
         raise ValueError(f"{src} is not a .pth checkpoint (safetensors files need no conversion)")
     dst = output_path(src, dst)
     meta = {"format": "pt", "source": src.name, "converted_by": "minivar convert", "dtype": dtype}
-    return write_safetensors(checkpoint_tensors(src), dst, DTYPES[dtype], meta)
+    return write_safetensors(checkpoint_tensors(src), dst, CONVERT_DTYPES[dtype], meta)
 
 
 def output_path(src: Path, dst: str | Path | None) -> Path:

@@ -9,5 +9,7 @@ generation runs (see the README, "Reading the code"):
     vae.py           bits -> codes (BSQ) and the decoder that turns the latent into pixels
     t5.py            the prompt -> tokens -> text features
     config.py        configs, the scale schedules, reading config files
-    numerics.py      what keeps CPU results equal to upstream's
+
+What keeps CPU results equal to upstream's bit for bit is outside, in ../parity.py: loading puts
+every model in that mode.
 """

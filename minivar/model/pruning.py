@@ -19,8 +19,9 @@ batch), and tokens are chosen in a random low-dimensional projection of their fe
 (`selector="projection"`, `projection_scores`).
 
 `PruneSchedule` says where each of these happens, in scale indices of a concrete schedule. The scale
-loop asks a `Pruner` for one `runner` per (scale, layer); `PruneSchedule.none()` gives the dense
-runner everywhere, so the unpruned model is the same loop with an empty schedule.
+loop asks a `Pruner` for one `runner` per (scale, layer), a `LayerRun` that `Block.forward` asks before
+each sub-layer which tokens it computes (`pick`) and after it how the others are filled (`fill`);
+`PruneSchedule.none()` gives `DENSE` everywhere, so the unpruned model is the same loop with an empty schedule.
 """
 from __future__ import annotations
 
@@ -32,8 +33,6 @@ import torch
 import torch.nn.functional as F
 
 from .config import TEMPLATES, InfinityConfig, scale_schedule
-from .numerics import per_image
-from .transformer import dense
 
 
 @dataclass
@@ -85,8 +84,8 @@ class PruneSchedule:
 
     def kept(self, si: int, layer: int, L: int) -> int:
         """Tokens computed at scale si in `layer` out of L."""
-        f = self.drop.get(si, 0.0)
-        return L - int(f * L) if f > 0 and self.in_window(layer) else L
+        f, (first, last) = self.drop.get(si, 0.0), self.layers
+        return L - int(f * L) if f > 0 and first <= layer <= last else L
 
     def validate(self, n_scales: int, depth: int) -> None:
         """Raise one ValueError line unless the schedule fits n_scales scales and `depth` layers."""
@@ -190,10 +189,11 @@ def projection_scores(x: torch.Tensor, h: int, w: int, proj: torch.Tensor) -> to
     parts of it we could read do not give the score that picks the representatives; we take the JL
     estimate of FastVAR's pivotal score, so the selector differs from "pivotal" only in the projection,
     and restoration is FastVAR's cache. Rank 8 is the flat part of the toy's rank sweep
-    (`docs/bench/stagevar/README.md`). The product runs image by image (`per_image`): a batched
-    generation scores each image as a single one does.
+    (`docs/bench/stagevar/README.md`). The product runs row by row, each row alone whatever the batch
+    holds: a batched generation scores each image as a single one does.
     """
-    sketch = per_image(lambda t: t @ proj.to(t.device, t.dtype), centred(x, h, w))  # (B, L, r)
+    proj = proj.to(x.device, x.dtype)
+    sketch = torch.stack([row @ proj for row in centred(x, h, w)])      # B x (L, C) @ (C, r) -> (B, L, r)
     return sketch.pow_(2).sum(dim=-1)
 
 
@@ -212,13 +212,9 @@ def restore(out_kept: torch.Tensor, keep: torch.Tensor, cached: torch.Tensor, ca
     (hc, wc), (h, w) = cache_hw, hw
     base = cached.view(B, hc, wc, C).permute(0, 3, 1, 2)                 # (B, C, hc, wc)
     base = F.interpolate(base, size=(h, w), mode="area").permute(0, 2, 3, 1).reshape(B, h * w, C)
-    base[batch_rows(B, keep.device), keep] = out_kept  # index_put_: twice as fast as scatter_ with a (B, K, C) index
+    rows = torch.arange(B, device=keep.device)[:, None]                 # (B, 1): pairs with keep (B, K)
+    base[rows, keep] = out_kept  # index_put_: twice as fast as scatter_ with a (B, K, C) index
     return base
-
-
-def batch_rows(B: int, device: torch.device) -> torch.Tensor:
-    """(B, 1) row numbers that pair with (B, K) token indices in advanced indexing: x[rows, keep] is (B, K, C)."""
-    return torch.arange(B, device=device)[:, None]
 
 
 @dataclass
@@ -242,43 +238,64 @@ class Pruner:
     def runs(self, si: int) -> bool:
         return si not in self.s.skip
 
-    def runner(self, si: int, layer: int):
-        if not self.s.in_window(layer):
-            return dense
-        if si == self.s.cache_scale:
-            return lambda name, x, fn: self._store(layer, name, fn(x, None))
-        k = self.s.kept(si, layer, x_len := self.scales[si][0] * self.scales[si][1])
-        if k == x_len:
-            return dense
-        return lambda name, x, fn: self._pruned(si, layer, name, x, fn, k)
+    def runner(self, si: int, layer: int) -> LayerRun:
+        """How `layer` runs at scale si: dense, storing its outputs (the cache scale), or on k tokens."""
+        if si == self.s.cache_scale and self.s.layers[0] <= layer <= self.s.layers[1]:
+            return LayerRun(self, si, layer)
+        k = self.s.kept(si, layer, L := self.scales[si][0] * self.scales[si][1])
+        return DENSE if k == L else LayerRun(self, si, layer, k)
 
     def keep_rows(self, rows: slice) -> None:
         """Keep some batch rows of the restoration cache (stage-aware CFG drops one half of a guided batch)."""
         self.cache = {key: out[rows] for key, out in self.cache.items()}
 
-    def _store(self, layer: int, name: str, out: torch.Tensor) -> torch.Tensor:
-        self.cache[layer, name] = out
-        return out
 
-    def _pruned(self, si, layer, name, x, fn, k):
-        h, w = self.scales[si]
-        scores = self._scores(x, h, w)
-        keep = select(scores, k)                                          # (B, K)
-        if self.record:
-            rec = self.records.setdefault(si, ScaleRecord())
-            rec.keep[layer, name], rec.scores[layer, name] = keep.cpu(), scores.float().cpu()
-        kept = x[batch_rows(x.shape[0], x.device), keep]                 # (B, K, C)
-        out = fn(kept, keep)
-        return restore(out, keep, self.cache[layer, name], self.scales[self.s.cache_scale], (h, w))
 
-    def _scores(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        if self.s.selector == "random":
-            return torch.rand(x.shape[:2], generator=self.rng).to(x.device)
-        if self.s.selector == "projection":
-            if self.proj is None:  # one matrix for every layer and scale of the generation
-                self.proj = projection_matrix(x.shape[-1], self.s.rank, self.seed)
-            return projection_scores(x, h, w, self.proj)
-        return pivotal_scores(x, h, w)
+@dataclass(frozen=True)
+class LayerRun:
+    """How one layer runs its three sub-layers at one scale (`Pruner.runner`). Around each sub-layer,
+    `Block.forward` asks `pick` for the tokens it computes and `fill` for its output on every token:
+
+        DENSE            all tokens; the output as it is
+        the cache scale  all tokens; the output is also kept, to restore later scales from
+        a pruned scale   the k tokens of highest score; the others restored from the cache scale's output
+    """
+    pruner: Pruner | None = None
+    si: int = 0
+    layer: int = 0
+    k: int | None = None    # tokens computed at a pruned scale (None: all of them)
+
+    def pick(self, x: torch.Tensor, name: str) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """x (B, L, C) -> keep (B, K) grid indices and their rows (B, K, C), or (None, x) for all tokens."""
+        if self.k is None:
+            return None, x
+        p, (h, w) = self.pruner, self.pruner.scales[self.si]
+        if p.s.selector == "random":
+            scores = torch.rand(x.shape[:2], generator=p.rng).to(x.device)
+        elif p.s.selector == "projection":
+            if p.proj is None:  # one matrix for every layer and scale of the generation
+                p.proj = projection_matrix(x.shape[-1], p.s.rank, p.seed)
+            scores = projection_scores(x, h, w, p.proj)
+        else:
+            scores = pivotal_scores(x, h, w)
+        keep = select(scores, self.k)                                     # (B, K)
+        if p.record:
+            rec = p.records.setdefault(self.si, ScaleRecord())
+            rec.keep[self.layer, name], rec.scores[self.layer, name] = keep.cpu(), scores.float().cpu()
+        return keep, x[torch.arange(x.shape[0], device=x.device)[:, None], keep]  # (B, K, C)
+
+    def fill(self, out: torch.Tensor, keep: torch.Tensor | None, name: str) -> torch.Tensor:
+        """The sub-layer's output `out` on the picked tokens -> its output on every token, (B, L, C)."""
+        p = self.pruner
+        if p is None:
+            return out
+        if keep is None:  # the cache scale: kept for the pruned scales that follow
+            p.cache[self.layer, name] = out
+            return out
+        return restore(out, keep, p.cache[self.layer, name], p.scales[p.s.cache_scale], p.scales[self.si])
+
+
+DENSE = LayerRun()
 
 
 # ==================================================================================================
@@ -323,13 +340,6 @@ STAGEVAR_RANK = 8
 FASTVAR_LAYERS, FASTVAR_DEPTH = (3, 27), 32
 
 
-def stage_of(share: float, semantic_below: float = SEMANTIC_BELOW, refinement_from: float = REFINEMENT_FROM) -> str:
-    """The stage of a scale whose token count is `share` of the reference grid's (see `stages`)."""
-    if share < semantic_below:
-        return "semantic"
-    return "structure" if share < refinement_from else "refinement"
-
-
 def stages(scales: list[tuple[int, int]], reference_tokens: int, semantic_below: float = SEMANTIC_BELOW,
            refinement_from: float = REFINEMENT_FROM) -> list[str]:
     """Each scale's stage: "semantic", "structure" or "refinement", by its share r = tokens / reference tokens.
@@ -350,12 +360,13 @@ def stages(scales: list[tuple[int, int]], reference_tokens: int, semantic_below:
     pruned or skipped scale is a refinement scale. The toy (16x16 reference) has 1, 2, 4 semantic, 6x6
     structure and 8x8, 12x12, 16x16 refinement; any schedule at 256 on Infinity is all semantic.
     """
-    return [stage_of(h * w / reference_tokens, semantic_below, refinement_from) for h, w in scales]
+    shares = [h * w / reference_tokens for h, w in scales]
+    return ["semantic" if r < semantic_below else "structure" if r < refinement_from else "refinement" for r in shares]
 
 
 def model_stages(cfg: InfinityConfig, scales: list[tuple[int, int]]) -> list[str]:
     """`stages` of any template's schedule, read on its square twin against the model's own reference grid."""
-    return stages(*placement(cfg, scales))
+    return stages(square_twin(scales), reference_tokens(cfg, 1.0))
 
 
 def stagevar(scales: list[tuple[int, int]], depth: int, reference_tokens: int, rank: int = STAGEVAR_RANK,
@@ -429,32 +440,25 @@ def square_twin(scales: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return [square[i] if i < len(square) else (round(math.sqrt(h * w)),) * 2 for i, (h, w) in enumerate(scales)]
 
 
-def placement(cfg: InfinityConfig, scales: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], int]:
-    """What the presets and the stage split read a schedule on: its square twin and the model's square
-    reference grid (tokens)."""
-    return square_twin(scales), reference_tokens(cfg, 1.0)
-
-
 def resolve_prune(prune, cfg: InfinityConfig, scales: list[tuple[int, int]]) -> PruneSchedule:
     """Accepts False/None (no pruning), True (the preset), "fastvar", "stagevar", a dict or a PruneSchedule.
 
-    The result is not yet checked against the schedule: call `validate` (the pipeline does).
+    A schedule the caller gives (a PruneSchedule or a dict) is validated against `scales` here; the
+    presets fit every schedule by construction (tests/test_pruning.py checks them on every template).
     """
     if prune is None or prune is False:
         return PruneSchedule.none()
-    if isinstance(prune, PruneSchedule):
-        return prune
+    if isinstance(prune, (PruneSchedule, dict)):
+        schedule = prune if isinstance(prune, PruneSchedule) else schedule_from_dict(prune, cfg.depth)
+        schedule.validate(len(scales), cfg.depth)
+        return schedule
     if prune is True or prune == "preset":
-        twin, ref = placement(cfg, scales)
-        return proportional(twin, cfg.depth, ref)
+        return proportional(square_twin(scales), cfg.depth, reference_tokens(cfg, 1.0))
     if prune == "stagevar":
-        twin, ref = placement(cfg, scales)
-        return stagevar(twin, cfg.depth, ref)
+        return stagevar(square_twin(scales), cfg.depth, reference_tokens(cfg, 1.0))
     if prune == "fastvar":  # FastVAR's absolute window, cut to the layers the model has
         literal = fastvar_literal(scales)
         return replace(literal, layers=(literal.layers[0], min(literal.layers[1], cfg.depth - 1)))
-    if isinstance(prune, dict):
-        return schedule_from_dict(prune, cfg.depth)
     raise ValueError(f"prune={prune!r} is not understood: use False, True, 'fastvar', 'stagevar', a dict or a PruneSchedule")
 
 

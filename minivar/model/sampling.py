@@ -1,6 +1,9 @@
 """The scale loop: next-scale prediction of bits, from a 1x1 grid up to the final latent.
 
-For each scale si with an h x w token grid:
+Before the first scale, `plan` decides every scale: whether it runs (pruning may skip the last ones),
+how many tokens each layer computes, what the KV cache keeps, and where guidance runs. The loop, the
+KV cache sizes, the memory estimate and the FLOP count all read that one plan. Then, for each scale
+si with an h x w token grid:
   1. input     the running latent sum, resized to (h, w) and embedded (the 1x1 scale starts from the text)
   2. blocks    every layer runs on the scale's tokens; self-attention also sees the KV cache of all
                earlier scales; pruning (pruning.py) may compute only some tokens of some layers
@@ -20,8 +23,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .vae import add_scale_codes, bits_to_codes, bits_to_vae_layout, latent_to_tokens
-from .numerics import cache_dtype
-from .pruning import BRANCHES, Pruner, PruneSchedule, ScaleRecord
+from .transformer import cache_dtype
+from .config import InfinityConfig
+from .pruning import BRANCHES, Pruner, PruneSchedule, ScaleRecord, model_stages
 from .transformer import Attn, Conditioning, Infinity, KVCache
 
 
@@ -91,44 +95,82 @@ def guide(x: torch.Tensor, cfg: float) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# The loop
+# The plan: every scale decided before the first one runs
 # --------------------------------------------------------------------------------------------------
-def make_caches(model: Infinity, batch: int, scales, prune: PruneSchedule, device) -> list[KVCache]:
-    """One preallocated cache per layer, sized for the tokens that later scales attend to, in the
-    weights' dtype (numerics.cache_dtype: bf16 for published checkpoints, float32 for float32 weights)."""
-    ran = prune.ran(len(scales))
-    stored = ran[:-1]  # nothing attends to the last scale that runs
-    sizes = [sum(prune.kept(si, li, scales[si][0] * scales[si][1]) for si in stored) for li in range(model.cfg.depth)]
-    dtype = cache_dtype(model.storage_dtype)
-    return [KVCache(batch, model.cfg.num_heads, n, model.cfg.head_dim, dtype, device) for n in sizes]
-
-
-@dataclass
-class Step:
-    """One scale of the loop, as the functions that run it see it."""
+@dataclass(frozen=True)
+class ScaleStep:
+    """One scale of a generation, as planned."""
     si: int                  # index in the full schedule
-    hw: tuple[int, int]      # token grid
+    hw: tuple[int, int]      # token grid (h, w)
+    runs: bool               # False: skipped by pruning, its residual is left out of the latent
+    kept: tuple[int, ...]    # per layer: tokens computed (h * w unless pruned there)
+    stored: bool             # its keys enter the KV cache (every scale that runs, except the last one)
+    guided: bool             # the batch holds B conditional rows, then B unconditional ones
     cfg: float
     tau: float
-    guided: bool             # the batch holds B conditional rows, then B unconditional ones
-    last: bool               # the last scale that runs: no later scale attends to its keys
+    stage: str               # StageVAR's "semantic", "structure" or "refinement" (pruning.stages)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The scale plan of one generation. The loop runs it, and the KV cache sizes, the memory estimate
+    (memory.py) and the FLOP count (bench/flops.py) read it, so none of them re-derives the loop."""
+    steps: tuple[ScaleStep, ...]
+    ran: tuple[ScaleStep, ...]       # the steps that run, in order
+    scales: list[tuple[int, int]]    # every step's grid
+    template: float          # aspect template h/w: the RoPE grid every scale is placed on
+    prune: PruneSchedule
+    cfg_on: bool             # the text conditioning holds both halves (B conditional + B unconditional rows)
+    kv_tokens: tuple[int, ...]  # per layer: the tokens its KV cache holds over the whole generation
+
+
+def plan(cfg: InfinityConfig, scales: list[tuple[int, int]], template: float, s: Settings,
+         prune: PruneSchedule) -> Plan:
+    """Decide every scale: whether it runs, the tokens each layer computes, whether guidance runs.
+
+    Guidance is on when any scale's cfg differs from 1; it stops (stage-aware CFG) from
+    `cfg_stop_scale`, or the prune schedule's own `cfg_stop`, on. `prune` must fit `scales`
+    (`pruning.resolve_prune` validates the schedules a caller gives).
+    """
+    n = len(scales)
+    cfgs, taus = s.per_scale(s.cfg, n), s.per_scale(s.tau, n)
+    cfg_on = any(c != 1 for c in cfgs)
+    stop = prune.cfg_stop if s.cfg_stop_scale is None else s.cfg_stop_scale  # the caller's stop wins
+    ran, stages = [si for si in range(n) if si not in prune.skip], model_stages(cfg, scales)
+    steps = tuple(ScaleStep(si, (h, w), si in ran, tuple(prune.kept(si, li, h * w) for li in range(cfg.depth)),
+                            stored=si in ran[:-1], guided=cfg_on and (stop is None or si < stop),
+                            cfg=cfgs[si], tau=taus[si], stage=stages[si])
+                  for si, (h, w) in enumerate(scales))
+    kv_tokens = tuple(sum(s.kept[li] for s in steps if s.stored) for li in range(cfg.depth))
+    return Plan(steps, tuple(s for s in steps if s.runs), list(scales), template, prune, cfg_on, kv_tokens)
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+def make_caches(model: Infinity, batch: int, p: Plan, device) -> list[KVCache]:
+    """One preallocated cache per layer, sized by the plan, in the weights' dtype
+    (transformer.cache_dtype: bf16 for published checkpoints, float32 for float32 weights)."""
+    dtype = cache_dtype(model.storage_dtype)
+    return [KVCache(batch, model.cfg.num_heads, p.kv_tokens[li], model.cfg.head_dim, dtype, device)
+            for li in range(model.cfg.depth)]
 
 
 def run_blocks(model: Infinity, x: torch.Tensor, c: Conditioning, caches: list[KVCache], rope: torch.Tensor,
-               pruner: Pruner, step: Step, mix_after: int | None) -> torch.Tensor:
+               pruner: Pruner, step: ScaleStep, last: bool, mix_after: int | None) -> torch.Tensor:
     """One scale through every block; x (rows, h*w, C). With `mix_after`, guidance mixes the hidden
     state after that layer, and both halves continue from the guided state."""
     x = model.embed_scale(x, step.si)  # level embedding, before the first block only
     for li, block in enumerate(model.blocks):
-        x = block(x, c.gss, c.text, Attn(caches[li], rope, store=not step.last), pruner.runner(step.si, li))
+        x = block(x, c.gss, c.text, Attn(caches[li], rope, store=not last), pruner.runner(step.si, li))
         if li == mix_after and step.guided and step.cfg != 1:
             x = guide(x, step.cfg).repeat(2, 1, 1)
     return x
 
 
-def one_branch(x: torch.Tensor, c: Conditioning, caches: list[KVCache], pruner: Pruner, B: int,
-               branch: str) -> tuple[torch.Tensor, Conditioning, list[KVCache]]:
-    """One half of a CFG batch ("conditional" or "unconditional"): stage-aware CFG drops the other.
+def stage_aware_cfg(x: torch.Tensor, c: Conditioning, caches: list[KVCache], pruner: Pruner, B: int,
+                    branch: str) -> tuple[torch.Tensor, Conditioning, list[KVCache]]:
+    """Where the plan stops guidance, keep one half of the batch ("conditional" or "unconditional").
 
     Every per-row state follows: the next scale's input x (at scale 0 each half has its own start
     token), the conditioning rows and text segments, the KV caches, and the pruner's restoration
@@ -141,52 +183,47 @@ def one_branch(x: torch.Tensor, c: Conditioning, caches: list[KVCache], pruner: 
     return x[rows], c, [cache.rows(rows) for cache in caches]
 
 
-def run_scale_loop(model: Infinity, c: Conditioning, B: int, scales: list[tuple[int, int]], template: float,
-                   s: Settings, prune: PruneSchedule, trace: Trace | None = None,
+def run_scale_loop(model: Infinity, c: Conditioning, B: int, p: Plan, s: Settings, trace: Trace | None = None,
                    progress: Callable[[list[int]], Iterable[int]] | None = None) -> torch.Tensor:
-    """Generate the latent for B images. `c` holds 2B rows (cond, then uncond) when CFG is on, else B.
-
-    `progress`, if given, wraps the list of scales that run (e.g. `tqdm`) and must yield them in order.
+    """Generate the latent for B images by plan `p`. `c` holds 2B rows (cond, then uncond) when
+    `p.cfg_on`, else B. `progress`, if given, wraps the list of the indices of the scales that run
+    (e.g. `tqdm`) and must yield them in order.
 
     Returns summed codes (B, d_vae, 1, H, W) in the VAE's layout, ready for decoding.
     """
-    n, patchify, device = len(scales), model.cfg.spatial_patchify, c.cond.device
-    if c.cond.shape[0] not in (B, 2 * B):
-        raise ValueError(f"the conditioning has {c.cond.shape[0]} rows; expected {B} (no CFG) or {2 * B} (CFG)")
-    guided = c.cond.shape[0] == 2 * B
-    cfgs, taus = s.per_scale(s.cfg, n), s.per_scale(s.tau, n)
+    patchify, device, ran = model.cfg.spatial_patchify, c.cond.device, p.ran
+    if c.cond.shape[0] != (2 * B if p.cfg_on else B):
+        raise ValueError(f"the conditioning has {c.cond.shape[0]} rows; the plan expects {2 * B if p.cfg_on else B}")
     gen = torch.Generator(device=device).manual_seed(s.seed) if s.seed is not None else None
-    prune.validate(n, model.cfg.depth)
-    pruner = Pruner(prune, scales, seed=s.seed or 0, record=trace is not None)
-    ran = [si for si in range(n) if pruner.runs(si)]
-    caches = make_caches(model, c.cond.shape[0], scales, prune, device)
+    pruner = Pruner(p.prune, p.scales, seed=s.seed or 0, record=trace is not None)
+    caches = make_caches(model, c.cond.shape[0], p, device)
     mix_after = model.cfg.depth + s.cfg_insertion_layer if s.cfg_insertion_layer < 0 else None
-    final = (1, *(2 * v for v in scales[-1])) if patchify else (1, *scales[-1])
-    x, summed, stop = model.first_tokens(c), None, prune.guidance_stop(s.cfg_stop_scale)
-    for k, si in enumerate(progress(ran) if progress else ran):
-        t0 = time.perf_counter()
-        if guided and stop is not None and si >= stop:
-            # stage-aware CFG: one half only from here (">=": the stop scale may be skipped)
-            x, c, caches = one_branch(x, c, caches, pruner, B, prune.cfg_stop_branch)
+    final = (1, *(2 * v for v in p.scales[-1])) if patchify else (1, *p.scales[-1])
+    x_BLC, summed_Bd1HW, guided = model.first_tokens(c), None, p.cfg_on
+    indices = [step.si for step in ran]
+    for k, si in enumerate(progress(indices) if progress else indices):
+        t0, step = time.perf_counter(), p.steps[si]
+        if guided and not step.guided:  # the plan stops guidance here (the stop scale itself may be skipped)
+            x_BLC, c, caches = stage_aware_cfg(x_BLC, c, caches, pruner, B, p.prune.cfg_stop_branch)
             guided = False
-        step = Step(si, scales[si], cfgs[si], taus[si], guided, last=si == ran[-1])
-        rope = model.rope.table(template, *step.hw, device)
-        x = run_blocks(model, x, c, caches, rope, pruner, step, mix_after)
-        bits = sample_step(step_logits(model, x, c, step, s.cfg_insertion_layer == 0), s, k, gen, step.hw, trace)
-        codes = bits_to_codes(bits_to_vae_layout(bits, patchify))  # (B, d, 1, h, w)
-        summed = add_scale_codes(summed, codes, final, last=si == n - 1)
-        if not step.last:  # the next scale's input: the running latent at its grid, embedded
-            x = model.word_embed(latent_to_tokens(summed, scales[ran[k + 1]], patchify))
-            x = x.repeat(2, 1, 1) if guided else x
+        rope = model.rope.table(p.template, *step.hw, device)
+        last = k == len(ran) - 1
+        x_BLC = run_blocks(model, x_BLC, c, caches, rope, pruner, step, last, mix_after)
+        bits_Bhwd = sample_step(step_logits(model, x_BLC, c, step, s.cfg_insertion_layer == 0), s, k, gen, step.hw, trace)
+        codes_Bd1hw = bits_to_codes(bits_to_vae_layout(bits_Bhwd, patchify))
+        summed_Bd1HW = add_scale_codes(summed_Bd1HW, codes_Bd1hw, final, last=step.si == len(p.steps) - 1)
+        if not last:  # the next scale's input: the running latent at its grid, embedded
+            x_BLC = model.word_embed(latent_to_tokens(summed_Bd1HW, ran[k + 1].hw, patchify))
+            x_BLC = x_BLC.repeat(2, 1, 1) if guided else x_BLC
         if trace is not None:
-            record(trace, si, step.hw, codes, summed, 2 * B if guided else B, time.perf_counter() - t0)
+            record(trace, step, codes_Bd1hw, summed_Bd1HW, 2 * B if guided else B, time.perf_counter() - t0)
             trace.kv_len.append([cache.pos for cache in caches])
     if trace is not None:
         trace.pruning = pruner.records
-    return summed
+    return summed_Bd1HW
 
 
-def step_logits(model: Infinity, x: torch.Tensor, c: Conditioning, step: Step, mix_logits: bool) -> torch.Tensor:
+def step_logits(model: Infinity, x: torch.Tensor, c: Conditioning, step: ScaleStep, mix_logits: bool) -> torch.Tensor:
     """Bit logits (B, h*w*d, 2): temperature first, then guidance (upstream's order). Without guidance
     on the logits (CFG off, cfg = 1, or mixed inside the blocks) the conditional rows give them."""
     if step.guided and step.cfg != 1 and mix_logits:
@@ -217,10 +254,10 @@ def sample_step(logits: torch.Tensor, s: Settings, step: int, gen: torch.Generat
     return bits
 
 
-def record(trace: Trace, si: int, hw: tuple[int, int], codes: torch.Tensor, summed: torch.Tensor, rows: int,
-           seconds: float) -> None:
-    trace.scales.append(tuple(hw))
-    trace.index.append(si)
+def record(trace: Trace, step: ScaleStep, codes: torch.Tensor, summed: torch.Tensor, rows: int, seconds: float) -> None:
+    trace.scales.append(tuple(step.hw))
+    trace.index.append(step.si)
+    trace.stage.append(step.stage)
     trace.codes.append(codes.squeeze(2).float().cpu())
     trace.summed.append(summed.squeeze(2).float().cpu().clone())
     trace.cfg_rows.append(rows)

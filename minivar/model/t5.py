@@ -10,6 +10,9 @@ A stack of pre-norm transformer blocks, each self-attention then a feed-forward 
 
 Module and parameter names follow the Hugging Face checkpoints (`encoder.block.{i}.layer.0.SelfAttention.q`,
 ...), so their tensors load without renaming; only the tied token embedding needs care (see `load_t5`).
+The file ends with T5's tokenizer: a sentencepiece model plus T5's special tokens.
+
+Uses config.py (JSON reading, value checks) and sentencepiece; loaded by loading/checkpoint.py (`load_t5`).
 """
 from __future__ import annotations
 
@@ -71,7 +74,7 @@ class T5Config:
             self.num_heads + self.d_model
 
 
-PRESETS = {
+T5_PRESETS = {
     # the text encoder of Infinity-2B and -8B: 1,223,527,424 parameters (embedding 65.8M, 24 blocks of 48.2M)
     "flan-t5-xl": T5Config(vocab_size=32128, d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32,
                            feed_forward_proj="gated-gelu"),
@@ -91,7 +94,7 @@ FEED_FORWARD: dict[str, tuple[bool, Callable[[torch.Tensor], torch.Tensor]]] = {
 }
 
 
-class RMSNorm(nn.Module):
+class T5LayerNorm(nn.Module):
     """T5's layer norm: scale by the root mean square, statistic in fp32, cast back before the weight."""
 
     def __init__(self, dim: int, eps: float):
@@ -160,23 +163,21 @@ class FeedForward(nn.Module):
 
 
 class SelfAttentionLayer(nn.Module):
+    """`layer.0` of a block: a container that gives the checkpoint its key names (T5Block runs it)."""
+
     def __init__(self, cfg: T5Config, has_relative_bias: bool):
         super().__init__()
         self.SelfAttention = Attention(cfg, has_relative_bias)
-        self.layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
-
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        return x + self.SelfAttention(self.layer_norm(x), bias)
+        self.layer_norm = T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon)
 
 
 class FeedForwardLayer(nn.Module):
+    """`layer.1` of a block: a container that gives the checkpoint its key names (T5Block runs it)."""
+
     def __init__(self, cfg: T5Config):
         super().__init__()
         self.DenseReluDense = FeedForward(cfg)
-        self.layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.DenseReluDense(self.layer_norm(x))
+        self.layer_norm = T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon)
 
 
 def clamp_fp16(x: torch.Tensor) -> torch.Tensor:
@@ -192,42 +193,27 @@ def clamp_fp16(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-limit, limit)
 
 
-class Block(nn.Module):
+class T5Block(nn.Module):
     def __init__(self, cfg: T5Config, has_relative_bias: bool):
         super().__init__()
         self.layer = nn.ModuleList([SelfAttentionLayer(cfg, has_relative_bias), FeedForwardLayer(cfg)])
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        x = clamp_fp16(self.layer[0](x, bias))
-        return clamp_fp16(self.layer[1](x))
+        """x (B, L, d_model), bias (B, H, L, L) -> (B, L, d_model): pre-norm self-attention, then pre-norm FFN."""
+        sa, ff = self.layer
+        x = clamp_fp16(x + sa.SelfAttention(sa.layer_norm(x), bias))
+        return clamp_fp16(x + ff.DenseReluDense(ff.layer_norm(x)))
 
 
 class Stack(nn.Module):
+    """The `encoder.*` of the checkpoints: embedding, blocks and final norm (T5Encoder.forward runs them)."""
+
     def __init__(self, cfg: T5Config, embed_tokens: nn.Embedding):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = embed_tokens
-        self.block = nn.ModuleList([Block(cfg, has_relative_bias=i == 0) for i in range(cfg.num_layers)])
-        self.final_layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
-
-    def attention_bias(self, attention_mask: torch.Tensor) -> torch.Tensor:
-        """attention_mask (B, L), 1 = real token -> additive score bias (B, H, L, L), shared by every layer"""
-        L = attention_mask.shape[1]
-        pos = torch.arange(L, device=attention_mask.device)
-        buckets = relative_position_bucket(pos[None, :] - pos[:, None], self.cfg.relative_attention_num_buckets,
-                                           self.cfg.relative_attention_max_distance)  # (L, L), [query, key]
-        table = self.block[0].layer[0].SelfAttention.relative_attention_bias
-        bias = table(buckets).permute(2, 0, 1)[None]  # (1, H, L, L)
-        # padded keys get the most negative value, so softmax gives them exactly zero weight
-        keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L)
-        return torch.where(keep, bias, torch.finfo(bias.dtype).min)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)  # (B, L, d_model)
-        bias = self.attention_bias(attention_mask)
-        for block in self.block:
-            x = block(x, bias)
-        return self.final_layer_norm(x)
+        self.block = nn.ModuleList([T5Block(cfg, has_relative_bias=i == 0) for i in range(cfg.num_layers)])
+        self.final_layer_norm = T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon)
 
 
 class T5Encoder(nn.Module):
@@ -245,7 +231,19 @@ class T5Encoder(nn.Module):
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        return self.encoder(input_ids, attention_mask)
+        stack, cfg, L = self.encoder, self.cfg, input_ids.shape[1]
+        # One additive score bias (B, H, L, L) for every layer: layer 0's learned bias per relative-distance
+        # bucket and head, and the most negative value on padded keys (softmax gives them exactly zero weight).
+        pos = torch.arange(L, device=input_ids.device)
+        buckets = relative_position_bucket(pos[None, :] - pos[:, None], cfg.relative_attention_num_buckets,
+                                           cfg.relative_attention_max_distance)  # (L, L), [query, key]
+        bias = stack.block[0].layer[0].SelfAttention.relative_attention_bias(buckets).permute(2, 0, 1)[None]  # (1, H, L, L)
+        keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L)
+        bias = torch.where(keep, bias, torch.finfo(bias.dtype).min)
+        x = stack.embed_tokens(input_ids)  # (B, L, d_model)
+        for block in stack.block:
+            x = block(x, bias)
+        return stack.final_layer_norm(x)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -283,6 +281,8 @@ class Tokenizer:
             raise CheckpointError(f"{model_file} is not a sentencepiece model ({str(e).strip()[:160]}); "
                                   "re-download the tokenizer") from None
         self.extra_ids = extra_ids
+        self.eos_id, self.pad_id = self.sp.eos_id(), self.sp.pad_id()
+        self.vocab_size = self.sp.get_piece_size() + extra_ids
         self.special = self._special_tokens()
         # longest first, so that a token is never matched by a shorter one that is its prefix
         alternatives = sorted(self.special, key=len, reverse=True)
@@ -313,18 +313,6 @@ class Tokenizer:
         special |= {f"<extra_id_{n}>": self.vocab_size - 1 - n for n in range(self.extra_ids)}
         return special
 
-    @property
-    def vocab_size(self) -> int:
-        return self.sp.get_piece_size() + self.extra_ids
-
-    @property
-    def eos_id(self) -> int:
-        return self.sp.eos_id()
-
-    @property
-    def pad_id(self) -> int:
-        return self.sp.pad_id()
-
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without EOS and without truncation."""
         ids = []
@@ -345,14 +333,12 @@ class Tokenizer:
         input_ids = torch.full((len(texts), max_length), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(texts), max_length), dtype=torch.long)
         for row, text in enumerate(texts):
-            ids = self._truncate(self.encode(text), max_length)
+            ids = self.encode(text)
+            if len(ids) + 1 > max_length:
+                warnings.warn(f"T5 prompt truncated: {len(ids) + 1} tokens (with EOS) exceed max_length {max_length}; "
+                              f"the last {len(ids) + 1 - max_length} were dropped", stacklevel=2)
+                ids = ids[:max_length - 1]
+            ids = ids + [self.eos_id]
             input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
             attention_mask[row, :len(ids)] = 1
         return input_ids, attention_mask
-
-    def _truncate(self, ids: list[int], max_length: int) -> list[int]:
-        if len(ids) + 1 > max_length:
-            warnings.warn(f"T5 prompt truncated: {len(ids) + 1} tokens (with EOS) exceed max_length {max_length}; "
-                          f"the last {len(ids) + 1 - max_length} were dropped", stacklevel=3)
-            ids = ids[:max_length - 1]
-        return ids + [self.eos_id]

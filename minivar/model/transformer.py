@@ -1,18 +1,22 @@
 """The Infinity transformer: text conditioning, blocks with self- and cross-attention, and the bit head.
 
 Reading order: `Rope2D`, `KVCache`, the three sub-layers (`SelfAttention`, `CrossAttention`, `FFN`),
-`Block`, then `Infinity`. The dtype and batch-invariance details that make CPU results equal
-upstream's (`Linear`, `attend`, `text_attention`, `Text`, `image_batch`) live in numerics.py, loading
-the public checkpoints in checkpoint.py. The scale loop that drives the model lives in sampling.py;
-this file only knows how to run one scale through the blocks.
+`Block`, then `Infinity`. It is plain PyTorch: nn.Linear, nn.LayerNorm and torch's scaled dot-product
+attention, with norms in float32. It uses config.py (sizes, the RoPE grid) and pruning.py (`LayerRun`,
+which `Block` asks which tokens each sub-layer computes). The scale loop that drives the model lives
+in sampling.py; this file only knows how to run one scale through the blocks.
+
+Loading (loading/checkpoint.py) puts every model it loads in parity mode (../parity.py): the
+bf16-storage, batch-invariance and bf16 cross-attention numerics that make CPU results equal
+upstream's bit for bit, swapped in as module subclasses at load time and never branched on here.
 
 Every Infinity block runs three sub-layers on the residual stream x (B, L, C):
     x = x + SA(AdaLN(x)) * gamma1          self-attention over all tokens of earlier scales (KV cache)
     x = x + CA(LN(x))                      cross-attention to the T5 text tokens
     x = x + FFN(AdaLN(x)) * gamma2
 The AdaLN modulation comes from the pooled text: one shared Linear gives 6 vectors per image and each
-block adds its own learned offset `ada_gss`. Each sub-layer is called through a `runner`, which is
-the seam where token pruning (pruning.py) chooses the tokens a sub-layer actually computes.
+block adds its own learned offset `ada_gss`. At a pruned scale each sub-layer computes only the tokens
+that pruning picks, and pruning fills in the rest (`Block.forward`).
 
 Parameter names follow the public checkpoints so that they load without a translation table, apart
 from the grouping of blocks (`block_chunks.{c}.module.{i}` upstream, `blocks.{n}` here; checkpoint.py).
@@ -21,8 +25,8 @@ from __future__ import annotations
 
 import math
 from contextvars import ContextVar
-from dataclasses import dataclass
-from typing import Callable, Protocol
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -30,8 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import InfinityConfig, rope_grid_for
-from .numerics import (LayerNorm, Linear, Text, attend, image_batch, images_in_batch, linear, text_attention,
-                       text_kv)
+from .pruning import DENSE, LayerRun
+
 
 def ada_layer_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
     """LayerNorm without affine, then the AdaLN modulation x * (1 + scale) + shift, in float32."""
@@ -141,6 +145,15 @@ class KVCache:
         return self.k.nbytes + self.v.nbytes
 
 
+def cache_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """The KV cache stores keys and values like the weights: bf16 (fp16) with half-precision weights,
+    float32 otherwise. It is the largest buffer of a generation after the weights (6.3 GiB in float32
+    for Infinity-2B at 1024x1024 unpruned), and attention reads it back in the queries' dtype. With bf16
+    weights, rounding the cached keys and values to bf16 moves sampled bits about as much as rounding
+    the weights does (README, "Running Infinity-2B on a laptop")."""
+    return weight_dtype if weight_dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
 # --------------------------------------------------------------------------------------------------
 # Sub-layers
 # --------------------------------------------------------------------------------------------------
@@ -162,23 +175,24 @@ MAX_LOG_SCALE = float(np.float32(math.log(100.0)))  # log(100) rounded to float3
 
 class SelfAttention(nn.Module):
     """Cosine self-attention: q and k are L2-normalised per head; q carries a learned, clamped scale."""
+    linear = staticmethod(F.linear)  # the split-bias qkv product (parity.py's mode swaps in its own)
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads, self.head_dim = heads, dim // heads
-        self.mat_qkv = Linear(dim, 3 * dim, bias=False)
+        self.mat_qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(dim))
         self.v_bias = nn.Parameter(torch.zeros(dim))
         self.register_buffer("zero_k_bias", torch.zeros(dim))  # keys have no bias; kept for the checkpoint
         self.scale_mul_1H11 = nn.Parameter(torch.full((1, heads, 1, 1), 4.0).log())
         self.max_log_scale = MAX_LOG_SCALE
-        self.proj = Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, attn: Attn, keep: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, L, C) -> (B, L, C). `keep` (B, L) holds the grid index of each row when x is a pruned subset."""
         B, L, C = x.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
-        qkv = linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.heads, self.head_dim)
+        qkv = self.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, L, hd)
         # Bound the learned temperature at 100 (the last head of real checkpoints sits above it).
         scale = self.scale_mul_1H11.float().clamp_max(self.max_log_scale).exp()  # fp32 even when stored in bf16
@@ -186,28 +200,43 @@ class SelfAttention(nn.Module):
         # and SDPA reads any strides, so no extra copy is made for a "contiguous" layout.
         q = F.normalize(q, dim=-1, eps=1e-12).mul(scale)
         k = F.normalize(k, dim=-1, eps=1e-12)
-        q, k = self._rotate(q, k, attn.rope, keep)
-        # Scale, norms and RoPE ran in fp32; attention takes q and k in the compute dtype of v (fp32 on
-        # CPU; bf16 on CUDA with bf16 weights, where `attend` can then use flash-attn).
-        q, k = q.to(v.dtype), k.to(v.dtype)
+        cos, sin = attn.rope[0], attn.rope[1]  # (L, hd/2) each
+        if keep is not None:  # each kept token keeps the angles of its own grid position
+            cos, sin = cos[keep][:, None], sin[keep][:, None]  # (B, 1, K, hd/2)
+        # Scale, norms and RoPE ran in fp32; attention runs in the dtype of the product (v's).
+        q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
         if attn.cache is not None:
             k, v = attn.cache.extend(k, v, attn.store)
         probes = ATTENTION_PROBES.get()
         if probes is not None and self in probes:
             probes[self](q, k)
-        out = attend(q, k, v, scale=1.0, mask=attn.mask)  # the cosine scale is already folded into q
-        return self.proj(out.transpose(1, 2).reshape(B, L, C))
+        # The cache may hold keys and values in a narrower dtype than q (bf16 weights on CPU); the cosine
+        # scale is already folded into q.
+        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=attn.mask, scale=1.0)
+        return self.proj(out.transpose(1, 2).reshape(B, L, C))  # (B, H, L, hd) -> (B, L, C)
 
-    @staticmethod
-    def _rotate(q, k, rope, keep):
-        cos, sin = rope[0], rope[1]  # (L, hd/2) each
-        if keep is not None:  # each kept token keeps the angles of its own grid position
-            cos, sin = cos[keep][:, None], sin[keep][:, None]  # (B, 1, K, hd/2)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+@dataclass
+class Text:
+    """The text tokens that cross-attention attends to, packed without padding as upstream packs them.
+
+    tokens[g] (N_g, C) is a pack of tokens; batch row r attends to tokens[g][start:end] with
+    (g, start, end) = rows[r]. The model packs every row's text together (one pack); parity.py
+    conditions each image on its own and keeps one pack per image. Each cross-attention computes its
+    keys and values of the packs once per generation and keeps them in `kv`.
+    """
+    tokens: list[torch.Tensor]
+    rows: list[tuple[int, int, int]]
+    kv: dict = field(default_factory=dict)
+
+    def segment(self, k: int) -> Text:
+        """Only half k of the rows (0: the prompts', 1: the negative or null prompts'), sharing `kv`."""
+        n = len(self.rows) // 2
+        return Text(self.tokens, self.rows[k * n: (k + 1) * n], self.kv)
 
 
 class CrossAttention(nn.Module):
-    """Attention from queries to text tokens (numerics.text_attention: through bf16, as upstream's kernel).
+    """Attention from queries to text tokens; each batch row sees only its own text.
 
     With `pool=True` the query is a learned parameter (one query per image), which turns this into
     attention pooling of the text into a single vector.
@@ -219,33 +248,38 @@ class CrossAttention(nn.Module):
         if pool:
             self.mat_q = nn.Parameter(torch.randn(1, heads, self.head_dim) * math.sqrt(1 / dim / 3))
         else:
-            self.mat_q = Linear(dim, dim)
-        self.mat_kv = Linear(kv_dim, 2 * dim, bias=False)
+            self.mat_q = nn.Linear(dim, dim)
+        self.mat_kv = nn.Linear(kv_dim, 2 * dim, bias=False)
         self.v_bias = nn.Parameter(torch.zeros(dim))
         self.register_buffer("zero_k_bias", torch.zeros(dim))
-        self.proj = Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor | None, text: Text, rows: int | None = None) -> torch.Tensor:
         """x (R, L, C) -> (R, L, C); in pool mode x is ignored and `rows` (R, 1, C) are returned."""
-        if self not in text.kv:  # keys and values of the text, once per generation, image by image
+        H, hd = self.heads, self.head_dim
+        if self not in text.kv:  # the text's keys and values, once per generation
             bias = torch.cat((self.zero_k_bias, self.v_bias))
-            with image_batch(1):
-                text.kv[self] = [text_kv(linear(t, self.mat_kv.weight, bias).view(t.shape[0], 2, self.heads, self.head_dim))
-                                 for t in text.tokens]
+            text.kv[self] = [F.linear(t, self.mat_kv.weight, bias).view(t.shape[0], 2, H, hd) for t in text.tokens]
         if self.pool:
             R, L = rows, 1
-            q = self.mat_q.float().repeat(R, 1, 1)[:, None]  # (R, 1, H, hd)
+            q = self.mat_q.expand(R, -1, -1)[:, :, None]  # (R, H, 1, hd)
         else:
             R, L = x.shape[:2]
-            q = self.mat_q(x).view(R, L, self.heads, self.head_dim)
-        out = text_attention(q, text.kv[self], text.row_segments(R), 1 / math.sqrt(self.head_dim))  # (R, L, H, hd)
-        return self.proj(out.reshape(R, L, -1))
+            q = self.mat_q(x).view(R, L, H, hd).transpose(1, 2)  # (R, H, L, hd)
+        # Every row's keys and values, padded to the longest text; the mask hides the padding.
+        own = [text.kv[self][g][s:e] for g, s, e in text.rows]
+        kv = nn.utils.rnn.pad_sequence(own, batch_first=True).to(q.dtype)  # (R, n, 2, H, hd)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (R, H, n, hd)
+        lengths = torch.tensor([t.shape[0] for t in own], device=q.device)
+        mask = torch.arange(kv.shape[1], device=q.device) < lengths[:, None, None, None]  # (R, 1, 1, n)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (R, H, L, hd)
+        return self.proj(out.transpose(1, 2).reshape(R, L, -1))
 
 
 class FFN(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc1, self.fc2 = Linear(dim, hidden), Linear(hidden, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -254,19 +288,6 @@ class FFN(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # Block
 # --------------------------------------------------------------------------------------------------
-class SubLayerRunner(Protocol):
-    """Runs one sub-layer. `fn(x_subset, keep)` computes the sub-layer's residual for the rows of
-    x it is given; `keep` (B, K) are their grid indices, or None when all tokens are given.
-    The dense runner passes everything; pruning.py's runner passes a pruned subset and restores the rest.
-    """
-
-    def __call__(self, name: str, x: torch.Tensor, fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]) -> torch.Tensor: ...
-
-
-def dense(name: str, x: torch.Tensor, fn) -> torch.Tensor:
-    return fn(x, None)
-
-
 class Block(nn.Module):
     def __init__(self, cfg: InfinityConfig):
         super().__init__()
@@ -275,16 +296,23 @@ class Block(nn.Module):
         self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, C) / C**0.5)  # per-block offset of the shared AdaLN
         self.sa = SelfAttention(C, cfg.num_heads)
         self.ca = CrossAttention(C, C, cfg.num_heads)
-        self.ca_norm = LayerNorm(C, eps=cfg.norm_eps)
+        self.ca_norm = nn.LayerNorm(C, eps=cfg.norm_eps)
         self.ffn = FFN(C, cfg.ffn_hidden)
 
     def forward(self, x: torch.Tensor, gss: torch.Tensor, text: Text, attn: Attn,
-                run: SubLayerRunner = dense) -> torch.Tensor:
-        """x (B, L, C), gss (B, 1, 6, C) -> (B, L, C)."""
+                prune: LayerRun = DENSE) -> torch.Tensor:
+        """x (B, L, C), gss (B, 1, 6, C) -> (B, L, C).
+
+        Before each sub-layer, `prune` picks the tokens it computes (keep (B, K) grid indices, or None for
+        all of them), and after it fills the sub-layer's output back in to one row per token (pruning.py).
+        """
         gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss + gss).unbind(2)  # 6 x (B, 1, C)
-        x = x + run("sa", x, lambda t, keep: self.sa(ada_layer_norm(t, scale1, shift1, self.eps), attn, keep).mul_(gamma1))
-        x = x + run("ca", x, lambda t, keep: self.ca(self.ca_norm(t), text).float())
-        x = x + run("ffn", x, lambda t, keep: self.ffn(ada_layer_norm(t, scale2, shift2, self.eps)).mul(gamma2))
+        keep, t = prune.pick(x, "sa")
+        x = x + prune.fill(self.sa(ada_layer_norm(t, scale1, shift1, self.eps), attn, keep).mul_(gamma1), keep, "sa")
+        keep, t = prune.pick(x, "ca")
+        x = x + prune.fill(self.ca(self.ca_norm(t), text).float(), keep, "ca")
+        keep, t = prune.pick(x, "ffn")
+        x = x + prune.fill(self.ffn(ada_layer_norm(t, scale2, shift2, self.eps)).mul(gamma2), keep, "ffn")
         return x
 
 
@@ -304,7 +332,7 @@ class AdaLNHead(nn.Module):
     def __init__(self, C: int, eps: float):
         super().__init__()
         self.eps = eps
-        self.ada_lin = nn.Sequential(nn.SiLU(), Linear(C, 2 * C))
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 2 * C))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         scale, shift = self.ada_lin(cond).view(-1, 1, 2, x.shape[-1]).unbind(2)  # 2 x (B, 1, C)
@@ -328,35 +356,31 @@ class Infinity(nn.Module):
         self.pos_start = nn.Parameter(torch.randn(1, 1, C) * math.sqrt(1 / C / 3))
         self.text_norm = RMSNorm(Ct, cfg.norm_eps)
         self.text_proj_for_sos = TextPool(cfg)
-        self.text_proj_for_ca = nn.Sequential(Linear(Ct, C), nn.GELU(approximate="tanh"), Linear(C, C))
+        self.text_proj_for_ca = nn.Sequential(nn.Linear(Ct, C), nn.GELU(approximate="tanh"), nn.Linear(C, C))
         self.lvl_embed = nn.Embedding(cfg.num_levels, C)
-        self.word_embed = Linear(cfg.d_vae, C)
-        self.shared_ada_lin = nn.Sequential(nn.SiLU(), Linear(C, 6 * C))
+        self.word_embed = nn.Linear(cfg.d_vae, C)
+        self.shared_ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.head_nm = AdaLNHead(C, cfg.norm_eps)
-        self.head = Linear(C, 2 * cfg.d_vae)
+        self.head = nn.Linear(C, 2 * cfg.d_vae)
         self.rope = Rope2D(cfg.head_dim)
 
     @property
     def storage_dtype(self) -> torch.dtype:
-        """The dtype the block weights are stored in (the compute dtype is numerics.compute_dtype's)."""
+        """The dtype the block weights are stored in (in parity mode CPU math is float32 whatever it is)."""
         return self.blocks[0].sa.mat_qkv.weight.dtype
 
     def condition(self, kv: torch.Tensor, segments: list[tuple[int, int]]) -> Conditioning:
         """Everything the text decides, once per generation.
 
         kv (N, Ct) packs the T5 rows of every batch row: conditional rows of each image first, then the
-        unconditional ones; segments[r] = (start, end) of batch row r. Inside `image_batch(n)` the rows form
-        n images and the text is processed image by image.
+        unconditional ones; segments[r] = (start, end) of batch row r. All rows are projected together, as
+        one pack (parity.py's mode conditions each image of an `image_batch` on its own).
         """
-        n_images = images_in_batch()
-        raw = Text.from_rows(kv, segments, n_images)
-        with image_batch(1):
-            normed = raw.map(self.text_norm)
-            text = normed.map(self.text_proj_for_ca)                     # N_b x (C)
-        with image_batch(n_images):
-            cond = self.text_proj_for_sos(normed, rows=len(segments))      # (R, C)
-            gss = self.shared_ada_lin(cond.float()).float().view(-1, 1, 6, self.cfg.embed_dim)
+        normed = Text([self.text_norm(kv)], [(0, s, e) for s, e in segments])
+        cond = self.text_proj_for_sos(normed, rows=len(segments))           # (R, C)
+        gss = self.shared_ada_lin(cond.float()).float().view(-1, 1, 6, self.cfg.embed_dim)
+        text = Text([self.text_proj_for_ca(t) for t in normed.tokens], normed.rows)  # N x (C)
         return Conditioning(text, cond, gss)
 
     def first_tokens(self, c: Conditioning) -> torch.Tensor:

@@ -12,10 +12,14 @@ saved without those wrapper segments are renamed by `FLAT_KEY_RULES`.
 The forward code mirrors upstream's op order exactly (x * sigmoid(x) rather than F.silu, explicit
 right/bottom padding before strided convolutions, nearest upsampling), because the golden fixtures
 are matched bit for bit.
+
+Uses config.py (value checks, JSON reading). sampling.py calls part 1 to turn generated bits into the
+latent; loading/checkpoint.py (`load_vae`) builds the autoencoder; pipeline.py decodes with it.
 """
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -29,8 +33,6 @@ from .config import check_int, read_json_object
 
 # =============================================================================================
 # Part 1. Binary spherical quantisation (BSQ) over a pyramid of scales
-#
-# Binary spherical quantisation (BSQ) over a pyramid of scales.
 #
 # A latent vector of d channels is quantised to d bits: each channel becomes +-1/sqrt(d) by its sign
 # after the vector is L2-normalised, so every code lies on the unit sphere. Infinity stacks this as
@@ -50,12 +52,6 @@ DOWN_MODE = "area"  # residual -> the grid of the scale being quantised
 Scale = tuple[int, int, int]  # (t, h, w)
 
 
-def codebook_scale(d: int) -> float:
-    """The magnitude 1/sqrt(d) of every code channel, in float64 like upstream's (torch rounds it to
-    float32 when multiplying)."""
-    return 1 / math.sqrt(d)
-
-
 # ---------------------------------------------------------------------------------------------
 # bits <-> codes, one scale at a time
 
@@ -70,7 +66,7 @@ def bits_to_codes(bits: Tensor) -> Tensor:
     """
     if bits.ndim == 4:
         bits = bits.unsqueeze(1)  # (B, 1, h, w, d)
-    s = codebook_scale(bits.shape[-1])
+    s = 1 / math.sqrt(bits.shape[-1])  # a Python float (float64) like upstream's; torch rounds it when multiplying
     codes = bits.to(torch.float32).unsqueeze(-2) * s * 2 - s  # (B, 1, h, w, 1, d)
     codes = F.normalize(codes, dim=-1).flatten(-2)  # (B, 1, h, w, d)
     return codes.permute(0, 4, 1, 2, 3)  # (B, d, 1, h, w)
@@ -136,7 +132,7 @@ def quantize_multiscale(h: Tensor, scales: list[Scale], *, keep: int | None = No
         if si != len(scales) - 1:
             next_inputs.append(F.interpolate(z_BdTHW, size=scales[si + 1], mode=DOWN_MODE).contiguous())
     z = z_BdTHW.contiguous()
-    return (z.squeeze(2) if z.shape[2] == 1 else z), bits_list, next_inputs
+    return (z.squeeze(2) if z.shape[2] == 1 else z), bits_list, next_inputs  # z (B, d, H, W) for images
 
 
 def make_mask(d: int) -> Tensor:
@@ -184,7 +180,7 @@ def bits_to_vae_layout(bits_Bhwd: Tensor, patchify: bool) -> Tensor:
     """Transformer bits (B, h, w, d) -> VAE bits (B, 1, h', w', d'); 2x2 unpatchify for Infinity-8B."""
     if patchify:
         bits_Bhwd = F.pixel_shuffle(bits_Bhwd.permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)  # (B, 2h, 2w, d/4)
-    return bits_Bhwd.unsqueeze(1)
+    return bits_Bhwd.unsqueeze(1)  # (B, 1, h', w', d')
 
 
 def latent_to_tokens(summed_Bd1HW: Tensor, hw: tuple[int, int], patchify: bool) -> Tensor:
@@ -316,26 +312,18 @@ def _groups(ch: int) -> int:
     raise ValueError(f"GroupNorm over {ch} channels: not divisible by 32 or 24")
 
 
-class Norm(nn.Module):
+class Norm(nn.Sequential):
     """GroupNorm (eps 1e-6) kept under the attribute `norm`, so keys read `*.norm.weight` as upstream's."""
 
     def __init__(self, ch: int):
-        super().__init__()
-        self.norm = nn.GroupNorm(_groups(ch), ch, eps=1e-6)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.norm(x)
+        super().__init__(OrderedDict(norm=nn.GroupNorm(_groups(ch), ch, eps=1e-6)))
 
 
-class Conv(nn.Module):
+class Conv(nn.Sequential):
     """nn.Conv2d kept under the attribute `conv`, so keys read `*.conv.weight` as upstream's."""
 
     def __init__(self, c_in: int, c_out: int, kernel: int, stride: int = 1, padding: int = 0):
-        super().__init__()
-        self.conv = nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(x)
+        super().__init__(OrderedDict(conv=nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding)))
 
 
 class ResnetBlock(nn.Module):
@@ -366,43 +354,31 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
-class Upsample(nn.Module):
+class Upsample(nn.Sequential):
+    """2x nearest-neighbour upsampling, then a 3x3 conv (keys `*.upsample.conv.conv.*`)."""
+
     def __init__(self, ch: int):
-        super().__init__()
-        self.conv = Conv(ch, ch, 3, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+        super().__init__(OrderedDict(nearest=nn.Upsample(scale_factor=2, mode="nearest"),
+                                     conv=Conv(ch, ch, 3, padding=1)))
 
 
-class Level(nn.Module):
+class Level(nn.Sequential):
     """One resolution: `n_blocks` residual blocks, then optionally a 2x down- or up-sampling."""
 
     def __init__(self, c_in: int, c_out: int, n_blocks: int, resample: str | None = None):
-        super().__init__()
-        self.block = nn.ModuleList(ResnetBlock(c_in if i == 0 else c_out, c_out) for i in range(n_blocks))
+        layers = OrderedDict(block=nn.Sequential(*(ResnetBlock(c_in if i == 0 else c_out, c_out) for i in range(n_blocks))))
         if resample == "down":
-            self.downsample = Downsample(c_out)
+            layers["downsample"] = Downsample(c_out)
         elif resample == "up":
-            self.upsample = Upsample(c_out)
-
-    def forward(self, x: Tensor) -> Tensor:
-        for block in self.block:
-            x = block(x)
-        resample = getattr(self, "downsample", None) or getattr(self, "upsample", None)
-        return resample(x) if resample is not None else x
+            layers["upsample"] = Upsample(c_out)
+        super().__init__(layers)
 
 
-class Mid(nn.Module):
+class Mid(nn.Sequential):
     """Two residual blocks at the lowest resolution (upstream's optional attention is off)."""
 
     def __init__(self, ch: int):
-        super().__init__()
-        self.block_1 = ResnetBlock(ch, ch)
-        self.block_2 = ResnetBlock(ch, ch)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.block_2(self.block_1(x))
+        super().__init__(OrderedDict(block_1=ResnetBlock(ch, ch), block_2=ResnetBlock(ch, ch)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -537,20 +513,20 @@ class GroupMoments:
         n = band[:, 0].numel()
         mean = band.sum((0, 2, 3), keepdim=True) / n  # two plain passes: 5x faster than var_mean here
         var = (band - mean).square_().sum((0, 2, 3)) / n
-        self.parts.append((n, mean.flatten().double(), var.double()))
+        self.parts.append((n, mean.flatten().double(), var.double()))  # mean (1, C, 1, 1) -> (C,)
 
     def affine(self, norm: Norm) -> tuple[Tensor, Tensor]:
         """Per-channel a, b (1, C, 1, 1) such that norm(x) = x * a + b on the whole map."""
         gn = norm.norm
-        n = torch.tensor([p[0] for p in self.parts], dtype=torch.float64)[:, None, None]
+        n = torch.tensor([p[0] for p in self.parts], dtype=torch.float64)[:, None, None]  # (P, 1, 1)
         mean = torch.stack([p[1] for p in self.parts]).unflatten(1, (gn.num_groups, -1))  # (P, G, C/G)
-        var = torch.stack([p[2] for p in self.parts]).unflatten(1, (gn.num_groups, -1))
+        var = torch.stack([p[2] for p in self.parts]).unflatten(1, (gn.num_groups, -1))  # (P, G, C/G)
         share = n / (n.sum() * mean.shape[2])                                 # weight of each part
         mu = (share * mean).sum((0, 2), keepdim=True)                         # (1, G, 1)
         rstd = ((share * (var + (mean - mu) ** 2)).sum((0, 2), keepdim=True) + gn.eps).rsqrt()
         a = gn.weight.double() * rstd.expand_as(mean[:1]).flatten()           # (C,)
-        b = gn.bias.double() - mu.expand_as(mean[:1]).flatten() * a
-        return a.to(gn.weight.dtype).view(1, -1, 1, 1), b.to(gn.weight.dtype).view(1, -1, 1, 1)
+        b = gn.bias.double() - mu.expand_as(mean[:1]).flatten() * a           # (C,)
+        return a.to(gn.weight.dtype).view(1, -1, 1, 1), b.to(gn.weight.dtype).view(1, -1, 1, 1)  # (1, C, 1, 1)
 
 
 def norm_swish(norm: Norm, moments: GroupMoments) -> Callable[[Tensor], Tensor]:

@@ -36,6 +36,10 @@ Three stages, each seeded, each with a progress bar and a loss log (train_log.js
 The output directory is a model directory that `minivar.load(path)` reads like any other:
 infinity.pth + infinity_config.json (upstream keys and constructor arguments), vae.pth +
 vae_config.json ({'vae': state_dict}, upstream arguments) and t5/ (Hugging Face layout).
+
+Uses scenes.py (captions and images), the model's own modules (model/vae.py's quantiser and
+autoencoder, model/transformer.py in parity mode (parity.py), model/t5.py and its tokenizer) and
+loading/checkpoint.py (--reuse-vae).
 """
 from __future__ import annotations
 
@@ -62,6 +66,7 @@ from ..model.t5 import T5Config, T5Encoder
 from ..model.t5 import Tokenizer
 from ..model.transformer import Attn, Conditioning, Infinity
 from ..loading.checkpoint import load_vae
+from .. import parity
 from ..model.vae import BSQVAE, VAEConfig, image_to_pixels
 
 
@@ -162,7 +167,7 @@ class ResumeError(ValueError):
     """--resume cannot continue: the checkpoint is missing, unreadable, or of other arguments."""
 
 
-class Clock:
+class StageClock:
     """Seconds per stage. A resumed run starts from the checkpoint's, so it reports the whole run
     (less the time between the last checkpoint and the interruption)."""
 
@@ -199,7 +204,7 @@ class Checkpoint:
         self.path, self.recipe, self.every, self.reuse, self.log = out / "resume.pt", recipe, every, reuse, log
         self.tmp = self.path.with_name(self.path.name + ".tmp")
         self.fields = flat(json.loads(json.dumps(asdict(recipe))))  # tuples as lists, as they load back
-        self.clock, self.state = Clock(), None
+        self.clock, self.state = StageClock(), None
 
     def start(self) -> str:
         """A fresh run: forget an earlier run's checkpoint and log; begin with the tokenizer."""
@@ -232,7 +237,7 @@ class Checkpoint:
         if (state["reuse"] is None) != (self.reuse is None):
             raise ResumeError(f"{where} was written by a run {'with' if state['reuse'] else 'without'} --reuse-vae; "
                               "resume with the same arguments")
-        self.state, self.clock = state, Clock(state["seconds"])
+        self.state, self.clock = state, StageClock(state["seconds"])
         self.log.path.write_text(state["log"])
         self.log(stage="resumed", at=stage, step=step, threads=torch.get_num_threads())
         return stage
@@ -480,7 +485,8 @@ def train_infinity(recipe: Recipe, vae: BSQVAE, tok: Tokenizer, log: Log,
     rng, stage, scales = random.Random(recipe.seed + 3), recipe.gpt_stage, recipe.scales
     gen = torch.Generator().manual_seed(recipe.seed + 4)
     t5 = init_t5(T5Encoder(replace(recipe.t5, vocab_size=tok.vocab_size))).train()
-    model = init_infinity(Infinity(replace(recipe.infinity, d_vae=recipe.vae.codebook_dim))).train()
+    # Trained with the numerics it samples with (loading applies parity mode to every model it loads).
+    model = parity.apply(init_infinity(Infinity(replace(recipe.infinity, d_vae=recipe.vae.codebook_dim)))).train()
     rope = torch.cat([model.rope.table(1.0, h, w, "cpu") for h, w in scales], dim=1)  # (2, L, hd/2)
     mask = block_causal_mask(scales)
     coarse = scales[: recipe.coarse_scales]

@@ -13,7 +13,7 @@ sub-layer (self-attention, cross-attention, feed-forward) it
 3. fills each remaining position with the output the same sub-layer produced at an earlier *cache
    scale*, resized to the current grid ("cached token restoration").
 
-minivar does this as one step of the scale loop (`minivar/pruning.py`), and `generate(trace=True)`
+minivar does this as one step of the scale loop (`minivar/model/pruning.py`), and `generate(trace=True)`
 records the scores and the kept indices of every pruned (scale, layer, sub-layer). Below we look at
 them, compare pruned with unpruned images, sweep the share of kept tokens against quality and FLOPs,
 and measure the cross-scale attention pattern that makes restoring from an earlier scale reasonable.
@@ -32,13 +32,13 @@ depth). `keep` is the share of tokens computed at the two pruned scales. The cel
 ("code", '''
 from minivar import PruneSchedule
 from minivar.bench import flops
-from minivar.model import pruning as presets
+from minivar.model import pruning
 
 scales = pipe.schedule(res, h_div_w=1.0)
 n = len(scales)
 labels = [f"{h}x{w}" for h, w in scales]
 pruned_scales, cache_scale = [n - 2, n - 1], n - 3
-first, last = (round(x / presets.FASTVAR_DEPTH * cfg.depth) for x in presets.FASTVAR_LAYERS)
+first, last = (round(x / pruning.FASTVAR_DEPTH * cfg.depth) for x in pruning.FASTVAR_LAYERS)
 window = (first, min(last, cfg.depth - 1))
 
 def schedule(keep: float, selector: str = "pivotal") -> PruneSchedule:
@@ -54,7 +54,7 @@ demo = schedule(0.5)
 print(f"pruned scales {[labels[si] for si in pruned_scales]}, cache scale {labels[cache_scale]}, "
       f"layers {window[0]}..{window[1]} of {cfg.depth}")
 print("demo schedule:", demo)
-preset = presets.resolve_prune(True, cfg, scales)
+preset = pruning.resolve_prune(True, cfg, scales)
 print("prune=True here:", preset)
 '''),
 ("md", """
@@ -171,7 +171,7 @@ scales, once with pivotal-token selection and once with the same number of rando
 also with the two scales skipped entirely (keep 0) and with the `prune=True` preset. Quality is
 measured in two ways: mini-GenEval accuracy, and the PSNR of each image against its unpruned twin
 (same prompt and seed; higher means closer). Cost is the analytic transformer FLOP count per image
-(`minivar.flops`, guidance included). mini-GenEval is scored for the toy only: its checker reads
+(`minivar.bench.flops`, guidance included). mini-GenEval is scored for the toy only: its checker reads
 flat palette colours, which only the toy's world has, and it only means something for a model that
 passes it unpruned (see the model card in `minivar/toy/weights/README.md`). The PSNR works for any model.
 
@@ -276,8 +276,8 @@ after the scale. A semantic scale moves the low band a lot; a refinement scale s
 Last, the stagevar preset on the mini-GenEval prompts of section 4, beside `prune=True`.
 """),
 ("code", '''
-stagevar = presets.resolve_prune("stagevar", cfg, scales)
-ref = presets.reference_tokens(cfg, 1.0)
+stagevar = pruning.resolve_prune("stagevar", cfg, scales)
+ref = pruning.reference_tokens(cfg, 1.0)
 def action(p, si):
     if si in p.skip:
         return "skipped"

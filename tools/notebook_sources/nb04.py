@@ -9,7 +9,7 @@ tokens runs every layer on h·w tokens, and its self-attention also reads every 
 scales, so its cost grows faster than its token count. This notebook measures that on this machine's
 CPU with minivar's benchmark module (`minivar.bench`: a warm-up round, then rounds that alternate
 the cases, reported as medians and spreads) and puts the wall time next to the analytic FLOP count
-(`minivar.flops`), without and with the pruning preset (`prune=True`), at a few resolutions.
+(`minivar.bench.flops`), without and with the pruning preset (`prune=True`), at a few resolutions.
 
 The benchmark names a resolution by Infinity's pixel budget, which fixes the token grids: 256 means 7
 scales up to a 16x16 grid, 512 ten scales up to 32x32, 768 twelve up to 48x48, 1024 thirteen up to
@@ -46,11 +46,11 @@ torch.set_num_threads(threads)
 if model == "toy":
     subj = bench.pipeline_subject(model, with_vae=True)
     resolutions = [256, 512, 768]   # the toy's own budget (7 scales) and two larger ones (10 and 12 scales)
-elif f"{model}-shape" in bench.SHAPES:
+elif f"{model}-shape" in bench.SHAPE_MODELS:
     subj = bench.shape_subject(f"{model}-shape", depth=2, with_vae=True)
     resolutions = [512, 1024]
 else:
-    raise ValueError(f"this notebook times 'toy' or an Infinity preset ({', '.join(bench.SHAPES)}), not {model!r}")
+    raise ValueError(f"this notebook times 'toy' or an Infinity preset ({', '.join(bench.SHAPE_MODELS)}), not {model!r}")
 REPEATS = 2                         # timed rounds per case; more give steadier medians
 cfg = subj.model.cfg
 m = bench.machine_info()
