@@ -31,7 +31,7 @@ test -s x.png
 "$py" -I -c '
 import os, pathlib, sys
 import minivar
-from minivar import hub
+from minivar.loading import hub
 p = minivar.load("toy")
 here, toy = pathlib.Path(minivar.__file__).resolve(), hub.SHIPPED["toy"]
 assert "site-packages" in here.as_posix() and here.is_relative_to(pathlib.Path(sys.prefix).resolve()), here
