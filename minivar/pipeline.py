@@ -117,11 +117,11 @@ class Pipeline:
         scales, model_cfg = self.schedule(res, h_div_w), self.transformer.cfg
         schedule = resolve_prune(prune, model_cfg, scales)
         check_against_schedule(cfg=cfg, tau=tau, cfg_stop_scale=cfg_stop_scale, cfg_insertion_layer=cfg_insertion_layer,
-                               force_bits=force_bits, scales=scales, prune=schedule, depth=model_cfg.depth,
-                               d_bits=model_cfg.d_vae, batch=len(prompts))
+                               n_scales=len(scales), depth=model_cfg.depth)
         seed = None if seed is None else int(seed)  # numpy integers pass the checks; torch generators need an int
         settings = Settings(cfg, tau, int(top_k), float(top_p), seed, cfg_insertion_layer, cfg_stop_scale, force_bits)
         the_plan = plan(model_cfg, scales, nearest_template(h_div_w), settings, schedule)
+        check_force_bits(force_bits, [(len(prompts), *step.hw, model_cfg.d_vae) for step in the_plan.ran])
         kv_itemsize = cache_dtype(self.transformer.storage_dtype).itemsize
         need = estimate(the_plan, model_cfg, self.vae.cfg, len(prompts), kv_itemsize)
         check_memory(need, self.device, f"generating {len(prompts)} image(s) at res={res}")
@@ -135,17 +135,17 @@ class Pipeline:
 
     def run(self, prompts: list[str], p: Plan, s: Settings, negative_prompt: str | None, trace: Trace | None,
             progress, decode: bool = True) -> Output:
-        """Text -> scale loop -> decode. Each model hands back its mapped pages once it is done (`release`)."""
+        """Text -> scale loop -> decode. Each model hands back its mapped pages once it is done (`release_mapped`)."""
         stamps = [time.perf_counter()]
         kv, segments = self.text_rows(prompts, negative_prompt, p.cfg_on)
-        self.release(self.text_encoder)
+        release_mapped(self.text_encoder)
         cond = self.transformer.condition(kv, segments)
         stamps.append(time.perf_counter())
         summed = run_scale_loop(self.transformer, cond, len(prompts), p, s, trace, progress=progress)
-        self.release(self.transformer)  # its 4 GiB (2B, bf16) of pages are not needed by the decoder
+        release_mapped(self.transformer)  # its 4 GiB (2B, bf16) of pages are not needed by the decoder
         stamps.append(time.perf_counter())
         images = self.decode(summed) if decode else []
-        self.release(self.vae)
+        release_mapped(self.vae)
         stamps.append(time.perf_counter())
         times = dict(zip(("text", "transformer", "vae"), np.diff(stamps).tolist()))
         return Output(images, summed.squeeze(2).float().contiguous(), trace, p.scales, p.prune, times,
@@ -154,11 +154,6 @@ class Pipeline:
     def stages(self, scales: list[tuple[int, int]]) -> list[str]:
         """The StageVAR stage of each scale (`pruning.stages`), against the model's own reference grid."""
         return model_stages(self.transformer.cfg, scales)
-
-    def release(self, module: torch.nn.Module) -> None:
-        """Hand back the resident pages of a memory-mapped model (CPU); the next use faults them in again."""
-        if self.device.type == "cpu":
-            release_mapped(module)
 
     @torch.no_grad()
     def decode(self, summed_Bd1HW: torch.Tensor) -> list[Image.Image]:
@@ -388,11 +383,11 @@ def check_seed(name: str, value) -> None:
 # --------------------------------------------------------------------------------------------------
 # Against the scale schedule and the model
 # --------------------------------------------------------------------------------------------------
-def check_against_schedule(*, cfg, tau, cfg_stop_scale: int | None, cfg_insertion_layer: int, force_bits,
-                           scales: list[tuple[int, int]], prune: PruneSchedule, depth: int, d_bits: int,
-                           batch: int) -> None:
-    """What only the schedule and the model can judge: list lengths, indices, forced bits."""
-    n = len(scales)
+def check_against_schedule(*, cfg, tau, cfg_stop_scale: int | None, cfg_insertion_layer: int, n_scales: int,
+                           depth: int) -> None:
+    """What only the schedule and the model can judge: per-scale list lengths and indices (forced bits are
+    checked against the plan's scales, `check_force_bits`)."""
+    n = n_scales
     for name, value in (("cfg", cfg), ("tau", tau)):
         if isinstance(value, (list, tuple)) and len(value) != n:
             raise ValueError(f"{name} has {len(value)} per-scale values, but the scale schedule has {n} scales: "
@@ -402,8 +397,6 @@ def check_against_schedule(*, cfg, tau, cfg_stop_scale: int | None, cfg_insertio
     if not (cfg_insertion_layer in (0, 1) or -depth < cfg_insertion_layer < 0):
         raise bad("cfg_insertion_layer", cfg_insertion_layer, f"use 0 (guide logits), 1 (no guidance mixing) "
                   f"or a negative layer offset in -{depth - 1}..-1")
-    ran = [hw for si, hw in enumerate(scales) if si not in prune.skip]  # (resolve_prune validated the schedule)
-    check_force_bits(force_bits, [(batch, h, w, d_bits) for h, w in ran])
 
 
 def check_force_bits(force_bits, shapes: list[tuple[int, int, int, int]]) -> None:
@@ -587,8 +580,11 @@ def release_mapped(module: torch.nn.Module) -> int:
     pages as Private_Dirty), and its pages read back the same, so they are dropped like clean ones
     (keeping them held T5's 4.6 GiB through the scale loop: 11.2 instead of 6.9 GiB at 1024).
     """
+    tensors = [*module.parameters(), *module.buffers()]
+    if not tensors or tensors[0].device.type != "cpu":  # only CPU weights are memory-mapped
+        return 0
     maps = mappings()
-    files = {m.start: m for t in [*module.parameters(), *module.buffers()] if (m := mapping_of(t, maps)) is not None}
+    files = {m.start: m for t in tensors if (m := mapping_of(t, maps)) is not None}
     dropped = 0
     for m in files.values():
         if not m.stats.get("Anonymous", 1) and drop_pages(m):

@@ -235,9 +235,6 @@ class Pruner:
         self.rng = torch.Generator().manual_seed(seed) if schedule.selector == "random" else None
         self.seed, self.proj = seed, None  # the projection is drawn at the first pruned sub-layer (width known)
 
-    def runs(self, si: int) -> bool:
-        return si not in self.s.skip
-
     def runner(self, si: int, layer: int) -> LayerRun:
         """How `layer` runs at scale si: dense, storing its outputs (the cache scale), or on k tokens."""
         if si == self.s.cache_scale and self.s.layers[0] <= layer <= self.s.layers[1]:

@@ -22,11 +22,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .vae import add_scale_codes, bits_to_codes, bits_to_vae_layout, latent_to_tokens
-from .transformer import cache_dtype
 from .config import InfinityConfig
 from .pruning import BRANCHES, Pruner, PruneSchedule, ScaleRecord, model_stages
-from .transformer import Attn, Conditioning, Infinity, KVCache
+from .transformer import Attn, Conditioning, Infinity, KVCache, cache_dtype
+from .vae import add_scale_codes, bits_to_codes, bits_to_vae_layout, latent_to_tokens
 
 
 @dataclass
@@ -114,7 +113,7 @@ class ScaleStep:
 @dataclass(frozen=True)
 class Plan:
     """The scale plan of one generation. The loop runs it, and the KV cache sizes, the memory estimate
-    (memory.py) and the FLOP count (bench/flops.py) read it, so none of them re-derives the loop."""
+    (pipeline.estimate) and the FLOP count (bench/flops.py) read it, so none of them re-derives the loop."""
     steps: tuple[ScaleStep, ...]
     ran: tuple[ScaleStep, ...]       # the steps that run, in order
     scales: list[tuple[int, int]]    # every step's grid
@@ -135,8 +134,7 @@ def plan(cfg: InfinityConfig, scales: list[tuple[int, int]], template: float, s:
     n = len(scales)
     cfgs, taus = s.per_scale(s.cfg, n), s.per_scale(s.tau, n)
     cfg_on = any(c != 1 for c in cfgs)
-    stop = prune.cfg_stop if s.cfg_stop_scale is None else s.cfg_stop_scale  # the caller's stop wins
-    ran, stages = [si for si in range(n) if si not in prune.skip], model_stages(cfg, scales)
+    stop, ran, stages = prune.guidance_stop(s.cfg_stop_scale), prune.ran(n), model_stages(cfg, scales)
     steps = tuple(ScaleStep(si, (h, w), si in ran, tuple(prune.kept(si, li, h * w) for li in range(cfg.depth)),
                             stored=si in ran[:-1], guided=cfg_on and (stop is None or si < stop),
                             cfg=cfgs[si], tau=taus[si], stage=stages[si])

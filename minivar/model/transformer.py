@@ -320,12 +320,12 @@ class Block(nn.Module):
 # The model
 # --------------------------------------------------------------------------------------------------
 class TextPool(nn.Module):
+    """`text_proj_for_sos`: a container that gives the checkpoint its key names (`text_proj_for_sos.ca.*`);
+    `Infinity.condition` runs its attention pooling."""
+
     def __init__(self, cfg: InfinityConfig):
         super().__init__()
         self.ca = CrossAttention(cfg.embed_dim, cfg.text_channels, cfg.pool_heads, pool=True)
-
-    def forward(self, text: Text, rows: int) -> torch.Tensor:
-        return self.ca(None, text, rows).squeeze(1)  # (R, C)
 
 
 class AdaLNHead(nn.Module):
@@ -378,7 +378,7 @@ class Infinity(nn.Module):
         one pack (parity.py's mode conditions each image of an `image_batch` on its own).
         """
         normed = Text([self.text_norm(kv)], [(0, s, e) for s, e in segments])
-        cond = self.text_proj_for_sos(normed, rows=len(segments))           # (R, C)
+        cond = self.text_proj_for_sos.ca(None, normed, rows=len(segments)).squeeze(1)  # (R, C)
         gss = self.shared_ada_lin(cond.float()).float().view(-1, 1, 6, self.cfg.embed_dim)
         text = Text([self.text_proj_for_ca(t) for t in normed.tokens], normed.rows)  # N x (C)
         return Conditioning(text, cond, gss)
