@@ -85,18 +85,18 @@ class Recipe:
     seed: int = 0
     vocab: int = 128                 # sentencepiece pieces (plus T5's 100 sentinel ids)
     corpus: int = 20_000             # captions the tokenizer is trained on
-    # 1.6M parameters. No residual blocks in the encoder levels (the decoder keeps one per level):
+    # 0.41M parameters. No residual blocks in the encoder levels (the decoder keeps one per level):
     # on this budget the shallow VAE trains several times faster per step and per second.
     vae: VAEConfig = field(default_factory=lambda: VAEConfig(codebook_dim=32, base_ch=48, num_res_blocks=0,
                                                              ch_mult=(1, 1, 1), patch_size=4))
     # 0.36M parameters
     t5: T5Config = field(default_factory=lambda: T5Config(d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4,
                                                           feed_forward_proj="gated-gelu"))
-    # 1.35M parameters
-    infinity: InfinityConfig = field(default_factory=lambda: InfinityConfig(depth=4, embed_dim=128, num_heads=2,
+    # 1.88M parameters; 8 heads of width 16 and 6 blocks (docs/toy/experiments.md, comparisons 9 to 14)
+    infinity: InfinityConfig = field(default_factory=lambda: InfinityConfig(depth=6, embed_dim=128, num_heads=8,
                                                                             text_channels=128, block_chunks=2))
     vae_stage: Stage = field(default_factory=lambda: Stage(steps=2500, batch=8, lr=2e-3, warmup=50))
-    gpt_stage: Stage = field(default_factory=lambda: Stage(steps=2500, batch=16, lr=2e-3, warmup=50))
+    gpt_stage: Stage = field(default_factory=lambda: Stage(steps=3600, batch=16, lr=2e-3, warmup=50))
     commit: float = 0.25             # weight of the VAE's commitment loss
     truncate: float = 0.4            # share of VAE steps that decode only the first scales ...
     truncate_to: tuple[int, ...] = (5, 6)  # ... this many of them (up to 8x8 or 12x12)
