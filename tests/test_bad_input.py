@@ -106,6 +106,7 @@ API_CASES = [
     ("prune-drop-scale-str", dict(prune={**PRUNE_BASE, "drop": {"five": 0.5}}), "scale 'five'"),
     ("prune-skip-int", dict(prune={"skip": 5}), "prune['skip']=5"),
     ("prune-skip-str", dict(prune={"skip": "56"}), "prune['skip']='56'"),
+    ("prune-skip-first", dict(prune={"skip": [0]}), "skips scale 0"),  # a torch reshape error in the loop
     ("prune-layers-int", dict(prune={**PRUNE_BASE, "layers": 3}), "prune['layers']=3"),
     ("prune-layers-float", dict(prune={**PRUNE_BASE, "layers": (0.0, 3.0)}), "layer window (0.0, 3.0)"),
     ("prune-cache-str", dict(prune={**PRUNE_BASE, "cache_scale": "4"}), "cache_scale='4'"),
@@ -138,6 +139,8 @@ SCHEDULE_CASES = [
     ("drop-scale-beyond", PruneSchedule(drop={7: 0.4}, layers=(0, 3), cache_scale=4), "names scale 7"),
     ("skip-beyond", PruneSchedule(skip=frozenset({9})), "names scale 9"),
     ("skip-everything", PruneSchedule(skip=frozenset(range(N256))), "skips all 7 scales"),
+    ("skip-first", PruneSchedule(skip=frozenset({0})), "skips scale 0"),
+    ("skip-first-of-many", PruneSchedule(skip=frozenset({0, 5, 6})), "skips scale 0"),
     ("skip-and-drop", PruneSchedule(drop={5: 0.4}, skip=frozenset({5}), layers=(0, 3), cache_scale=4),
      "both skips and prunes scales [5]"),
     ("layers-past-depth", PruneSchedule(drop={5: 0.4}, layers=(0, 4), cache_scale=4), "layer window (0, 4)"),
@@ -209,6 +212,13 @@ def test_sample_refuses_before_loading_a_model(kwargs, culprit, empty_cwd):
     with pytest.raises(ValueError) as err:
         minivar.sample(**args)
     assert_one_line(str(err.value), culprit)
+
+
+def test_skipping_middle_and_last_scales_is_fine():
+    """Only scale 0 cannot be skipped; a scale named twice is one scale (it was counted twice)."""
+    PruneSchedule(skip=[6] * N256).validate(N256, 4)
+    out = tiny_pipeline().generate(PROMPT, res=256, prune={"skip": [3, 6, 6]}, output_type="latent", **SETTINGS)
+    assert out.summed_codes.shape == (1, 32, 16, 16) and out.prune.skip == {3, 6}
 
 
 def test_h_div_w_accepts_any_real_number():
