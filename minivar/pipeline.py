@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import threading
@@ -223,16 +224,20 @@ def load(name: str | Path | None = None, *, transformer: str | Path | None = Non
          text_encoder: str | Path | None = None, config=None, vae_config=None, device: str = "cpu",
          dtype: torch.dtype | None = None, revision: str | None = None) -> Pipeline:
     """Load a pipeline from a preset name ("infinity-2b", "infinity-8b", "toy"), a model directory, or
-    explicit files.
+    explicit files, onto `device` ("cpu", "cuda", "cuda:N", "mps" or a torch.device).
 
     Files given explicitly win over the preset's; missing preset files are downloaded (see hub.py),
     from `revision` of the model repo if given. `dtype=None` keeps every tensor in the dtype its file
     stores, memory-mapped without a copy (Infinity: bf16; flan-t5-xl and the VAEs: float32); a dtype
-    casts the transformer to it (`torch.float32` for parity work). On CPU the VAE and T5 are float32
+    casts the transformer to it (`torch.float32` for parity work; the names "fp32", "bf16", "fp16" work too). On CPU the VAE and T5 are float32
     whatever `dtype` says, and all math runs in float32 (see parity.py).
     """
     from .loading.hub import resolve_files
 
+    check_arguments(name=name, transformer=transformer, vae=vae, text_encoder=text_encoder, config=config,
+                    vae_config=vae_config, revision=revision)  # before any file is read or downloaded
+    check_device(device)
+    dtype = check_dtype(dtype)
     files = resolve_files(name, transformer=transformer, vae=vae, text_encoder=text_encoder,
                           config=config, vae_config=vae_config, revision=revision)
     # On CPU, bf16 is storage only: the transformer upcasts per matmul. The VAE and T5 stay float32
@@ -261,7 +266,13 @@ def sample(prompt: str, res: int | None = None, prune=True, model: str = "infini
     """One call from a prompt to a PIL image: loads (downloading if needed, then caching) the model,
     then generates with a progress bar over the scales. `model="toy"` runs offline."""
     check_prompt_text("prompt", prompt)  # one prompt, one image (Pipeline.generate takes a list)
-    check_arguments(res=res, prune=prune, progress=progress, **kwargs)  # before loading a model
+    takes = [k for k in inspect.signature(Pipeline.generate).parameters if k not in ("self", "prompt", "output_type")]
+    if unknown := [k for k in kwargs if k not in takes]:  # all of this before loading a model
+        raise TypeError(f"sample() got an unexpected keyword argument {unknown[0]!r}; it takes {', '.join(takes)}, "
+                        "model, device and dtype")
+    check_arguments(model=model, res=res, prune=prune, progress=progress, **kwargs)
+    check_device(device)
+    dtype = check_dtype(dtype)
     return cached_pipeline(model, device, dtype).generate(prompt, res=res, prune=prune, progress=progress,
                                                            **kwargs).images[0]
 
@@ -336,12 +347,36 @@ ARGUMENTS: dict[str, tuple[Callable[[object], bool], str]] = {
 }
 
 
+def is_path(v) -> bool:
+    return isinstance(v, os.PathLike) or (isinstance(v, str) and v.strip() != "")
+
+
+# minivar.load's arguments (and sample's `model`), by the same rules; `device` and `dtype` have their own checks.
+MODEL_NAME = (lambda v: v is None or is_path(v), "use a preset ('infinity-2b', 'infinity-8b', 'toy'), a model "
+              "directory, or None with every file given")
+LOAD_ARGUMENTS: dict[str, tuple[Callable[[object], bool], str]] = {
+    "name": MODEL_NAME,
+    "model": MODEL_NAME,
+    **{part: (lambda v: v is None or is_path(v), "use a path (a str or Path) or None")
+       for part in ("transformer", "vae", "text_encoder")},
+    "config": (lambda v: v is None or is_path(v) or isinstance(v, (dict, InfinityConfig)),
+               "use a JSON file, a dict of upstream constructor arguments, an InfinityConfig or None"),
+    "vae_config": (lambda v: v is None or is_path(v) or isinstance(v, (dict, VAEConfig)),
+                   "use a VAE preset name, a JSON file, a dict, a VAEConfig or None"),
+    "revision": (lambda v: v is None or (isinstance(v, str) and v.strip() != ""),
+                 "use a branch, tag or commit of the model's hub repo, or None"),
+}
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+               "float16": torch.float16, "fp16": torch.float16}
+
+
 def check_arguments(**values) -> None:
-    """Check the generation arguments given (by their `Pipeline.generate` names); others pass through."""
+    """Check the arguments given, by their `Pipeline.generate` or `minivar.load` names; others pass through."""
     for name, value in values.items():
-        if name not in ARGUMENTS:
+        if name not in ARGUMENTS and name not in LOAD_ARGUMENTS:
             continue
-        accepts, allowed = ARGUMENTS[name]
+        accepts, allowed = ARGUMENTS.get(name) or LOAD_ARGUMENTS[name]
         if not accepts(value):
             raise bad(name, value, allowed)
         if name in ("prompt", "negative_prompt") and value is not None:
@@ -364,6 +399,38 @@ def check_prompt_text(name: str, text, blank_ok: bool = False) -> None:
                               "UTF-8); pass UTF-8 text") from None
     if not blank_ok and not text.strip():
         raise bad(name, text, "the prompt is empty or blank; describe the image to generate")
+
+
+def device_available(kind: str) -> bool:
+    """Whether this torch build and machine have a device of this type ("cpu", "cuda" or "mps")."""
+    return {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}[kind]
+
+
+def check_device(device) -> None:
+    """`device` of load and sample: "cpu", "cuda", "cuda:N", "mps" or a torch.device, of a kind this machine has."""
+    here = ", ".join(repr(kind) for kind in DEVICE_TYPES if device_available(kind))
+    try:
+        d = torch.device(device) if isinstance(device, (str, torch.device)) else None
+    except RuntimeError:  # not a device string torch knows
+        d = None
+    if d is None or d.type not in DEVICE_TYPES:
+        raise bad("device", device, f"use 'cpu', 'cuda', 'cuda:N' or 'mps' (a string or torch.device); this "
+                                    f"machine has {here}")
+    if not device_available(d.type):
+        raise bad("device", device, f"this machine (torch {torch.__version__}) has no {d.type} device; use {here}")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise bad("device", device, f"this machine has {torch.cuda.device_count()} CUDA device(s), "
+                                    f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+
+
+def check_dtype(dtype) -> torch.dtype | None:
+    """`dtype` of load and sample -> None or a torch dtype; the names of DTYPE_NAMES ("bf16", ...) map to theirs."""
+    if isinstance(dtype, str) and dtype in DTYPE_NAMES:
+        return DTYPE_NAMES[dtype]
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype in DTYPE_NAMES.values()):
+        return dtype
+    raise bad("dtype", dtype, "use None (each file's own dtype), torch.float32, torch.bfloat16, torch.float16 or "
+                              f"one of the names {', '.join(map(repr, DTYPE_NAMES))}")
 
 
 def is_per_scale(value, test: Callable[[float], bool]) -> bool:

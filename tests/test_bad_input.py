@@ -221,6 +221,76 @@ def test_skipping_middle_and_last_scales_is_fine():
     assert out.summed_codes.shape == (1, 32, 16, 16) and out.prune.skip == {3, 6}
 
 
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+NO_MPS = pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")
+
+# minivar.load's arguments: (id, keyword arguments, text the message must contain). Each used to end in a
+# torch error or an AssertionError; the model name would fail too, so the check must come before any reading.
+LOAD_CASES = [
+    pytest.param(dict(device="cuda"), "device='cuda'", id="device-cuda-absent", marks=NO_CUDA),
+    pytest.param(dict(device="cuda:0"), "device='cuda:0'", id="device-cuda-0-absent", marks=NO_CUDA),
+    pytest.param(dict(device="mps"), "device='mps'", id="device-mps-absent", marks=NO_MPS),
+    pytest.param(dict(device="cuda:99"), "device='cuda:99'", id="device-cuda-99"),
+    pytest.param(dict(device="bogus"), "device='bogus'", id="device-bogus"),
+    pytest.param(dict(device="CPU"), "device='CPU'", id="device-upper-case"),
+    pytest.param(dict(device="meta"), "device='meta'", id="device-meta"),
+    pytest.param(dict(device=None), "device=None", id="device-none"),
+    pytest.param(dict(device=0), "device=0", id="device-int"),
+    pytest.param(dict(dtype="float32x"), "dtype='float32x'", id="dtype-unknown-name"),
+    pytest.param(dict(dtype=torch.int8), "dtype=torch.int8", id="dtype-int8"),
+    pytest.param(dict(dtype=torch.float64), "dtype=torch.float64", id="dtype-float64"),
+    pytest.param(dict(dtype=torch.complex64), "dtype=torch.complex64", id="dtype-complex"),
+    pytest.param(dict(dtype=np.float32), "dtype=<class 'numpy.float32'>", id="dtype-numpy"),
+    pytest.param(dict(dtype=16), "dtype=16", id="dtype-int"),
+    pytest.param(dict(name=3), "name=3", id="name-int"),
+    pytest.param(dict(name=["toy"]), "name=['toy']", id="name-list"),
+    pytest.param(dict(name=""), "name=''", id="name-empty"),
+    pytest.param(dict(transformer=3), "transformer=3", id="transformer-int"),
+    pytest.param(dict(config=3), "config=3", id="config-int"),
+    pytest.param(dict(vae_config=True), "vae_config=True", id="vae-config-bool"),
+    pytest.param(dict(revision=3), "revision=3", id="revision-int"),
+]
+
+
+@pytest.mark.parametrize("kwargs, culprit", LOAD_CASES)
+def test_load_refuses_before_reading_a_file(kwargs, culprit, empty_cwd):
+    with pytest.raises(ValueError) as err:
+        minivar.load(**{"name": "no-such-model", **kwargs})
+    assert_one_line(str(err.value), culprit)
+
+
+@pytest.mark.parametrize("kwargs, culprit", [
+    (dict(device="bogus"), "device='bogus'"),
+    (dict(dtype="bf17"), "dtype='bf17'"),
+    (dict(model=3), "model=3"),
+], ids=["device", "dtype", "model"])
+def test_sample_checks_device_dtype_and_model_before_loading(kwargs, culprit, empty_cwd):
+    with pytest.raises(ValueError) as err:
+        minivar.sample(PROMPT, **{"model": "no-such-model", **kwargs})
+    assert_one_line(str(err.value), culprit)
+
+
+@pytest.mark.parametrize("kwargs", [dict(stepz=10), dict(output_type="latent"), dict(dtype="bf16", steps=3)],
+                         ids=["typo", "output_type", "typo-after-valid"])
+def test_sample_refuses_an_unknown_keyword_before_loading(kwargs, empty_cwd, monkeypatch):
+    """sample used to load the model (minutes for the 2B) and only then learn of the typo from generate;
+    output_type="latent" left no image to return (IndexError)."""
+    from minivar import pipeline
+
+    monkeypatch.setattr(pipeline, "cached_pipeline", lambda *a: pytest.fail("loaded a model"))
+    with pytest.raises(TypeError) as err:
+        minivar.sample(PROMPT, model="toy", **kwargs)
+    name = next(k for k in kwargs if k != "dtype")
+    assert_one_line(str(err.value), f"unexpected keyword argument {name!r}")
+
+
+def test_dtype_names_map_to_torch_dtypes():
+    """The CLI's names work in the API too; they used to reach torch as a device string."""
+    for name, dtype in [("bf16", torch.bfloat16), ("float32", torch.float32), ("fp16", torch.float16)]:
+        assert minivar.load(TINY, dtype=name).transformer.storage_dtype == dtype
+    assert minivar.load(TINY, device=torch.device("cpu")).device == torch.device("cpu")
+
+
 def test_h_div_w_accepts_any_real_number():
     for h_div_w in [np.float64(1.0), np.int64(1), np.float16(2), Fraction(1, 2)]:
         check_arguments(h_div_w=h_div_w)

@@ -135,8 +135,9 @@ def generation_kwargs(args) -> dict:
 def check_device(device: str) -> None:
     import torch
 
-    ok = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}[device]
-    if not ok:
+    from ..pipeline import device_available
+
+    if not device_available(device):
         raise UsageError(f"--device {device}: not available in this torch build ({torch.__version__}); use --device cpu")
 
 
