@@ -308,6 +308,10 @@ _PIPELINES_LOCK = threading.Lock()
 # ==================================================================================================
 MAX_PROMPT_CHARS = 20_000  # far beyond T5's 512 tokens; longer input is almost surely a mistake
 MAX_SEED = 2**64 - 1       # torch generators take a 64-bit unsigned seed
+# Far past any useful guidance (upstream uses 3 to 4) and temperature (below it sampling is already
+# greedy; top_k=1 is exactly greedy); beyond them the scaled logits or hidden states overflow float32
+# into NaN probabilities (cfg 1e30 mixed into the hidden state, tau 1e-38).
+MAX_CFG, MIN_TAU = 1000.0, 1e-4
 PRUNE_WORDS = ("fastvar", "stagevar", "preset")
 BUDGET_NAMES = [*BUDGETS, *HIGH_RES]
 
@@ -326,8 +330,10 @@ ARGUMENTS: dict[str, tuple[Callable[[object], bool], str]] = {
             "or None"),
     # nearest_template raises its own line for a ratio it cannot snap, naming the trained templates
     "h_div_w": (lambda v: nearest_template(v) > 0, "use a height/width ratio near a trained template"),
-    "cfg": (lambda v: is_per_scale(v, math.isfinite), "use a finite number, or a list of one per scale"),
-    "tau": (lambda v: is_per_scale(v, lambda t: t > 0), "use a finite number > 0, or a list of one per scale"),
+    "cfg": (lambda v: is_per_scale(v, lambda c: abs(c) <= MAX_CFG),
+            f"use a number in -{MAX_CFG:g}..{MAX_CFG:g}, or a list of one per scale"),
+    "tau": (lambda v: is_per_scale(v, lambda t: t >= MIN_TAU),
+            f"use a finite number >= {MIN_TAU:g} (top_k=1 samples greedily), or a list of one per scale"),
     "top_k": (lambda v: is_index(v) and v >= 0, "use an integer >= 0 (0 turns the top-k filter off)"),
     "top_p": (lambda v: is_real(v) and 0 <= v <= 1,
               "use a number in [0, 1] (0 or 1 turn the top-p filter off, as upstream's 0 does)"),

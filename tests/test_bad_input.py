@@ -46,6 +46,10 @@ API_CASES = [
     ("cfg-list-short", dict(cfg=[3.0] * 6), "cfg has 6 per-scale values"),
     ("cfg-list-long", dict(cfg=[3.0] * 8), "cfg has 8 per-scale values"),
     ("cfg-list-empty", dict(cfg=[]), "cfg=[]"),
+    ("cfg-huge", dict(cfg=1e308), "cfg=1e+308"),  # these three were NaN probabilities in torch.multinomial
+    ("cfg-huge-on-hidden-states", dict(cfg=-1e30, cfg_insertion_layer=-1), "cfg=-1e+30"),
+    ("tau-tiny", dict(tau=1e-300), "tau=1e-300"),
+    ("tau-list-tiny", dict(tau=[0.5] * 6 + [1e-40]), "tau=[0.5"),
     ("tau-zero", dict(tau=0), "tau=0"),
     ("tau-negative", dict(tau=-1.0), "tau=-1.0"),
     ("tau-nan", dict(tau=NAN), "tau=nan"),
