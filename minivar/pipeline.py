@@ -11,6 +11,7 @@ import math
 import os
 import threading
 import time
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -392,7 +393,7 @@ def check_arguments(**values) -> None:
 
 
 def check_prompt_text(name: str, text, blank_ok: bool = False) -> None:
-    """One prompt: a string of valid Unicode, not too long, with something to read unless `blank_ok`."""
+    """One prompt: a string of valid Unicode, not too long, with something visible unless `blank_ok`."""
     if not isinstance(text, str):
         raise bad(name, text, "use a string")
     if len(text) > MAX_PROMPT_CHARS:
@@ -403,8 +404,17 @@ def check_prompt_text(name: str, text, blank_ok: bool = False) -> None:
     except UnicodeEncodeError as e:  # a lone surrogate, e.g. undecodable bytes from the command line
         raise bad(name, text, f"it is not valid Unicode text (character {e.start} cannot be encoded as "
                               "UTF-8); pass UTF-8 text") from None
-    if not blank_ok and not text.strip():
-        raise bad(name, text, "the prompt is empty or blank; describe the image to generate")
+    if not blank_ok and not any(map(is_visible, text)):
+        raise bad(name, text, "the prompt is empty or blank (nothing visible); describe the image to generate")
+
+
+def is_visible(char: str) -> bool:
+    """Not whitespace, a control or format character (zero-width space, joiner, BOM: categories C and Z) nor
+    a blank letter (the Hangul fillers, the braille blank)."""
+    return unicodedata.category(char)[0] not in "CZ" and char not in BLANK_LETTERS
+
+
+BLANK_LETTERS = "\u115f\u1160\u3164\uffa0\u2800"
 
 
 def device_available(kind: str) -> bool:

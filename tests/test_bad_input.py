@@ -60,6 +60,8 @@ API_CASES = [
     ("prompt-empty", dict(prompt=""), "prompt=''"),
     ("prompt-blank", dict(prompt=" \n\t"), "prompt="),
     ("prompt-empty-in-list", dict(prompt=["a cat", ""]), "prompt[1]=''"),
+    ("prompt-zero-width", dict(prompt="\u200b\u200c\u200d\u2060\ufeff"), "nothing visible"),
+    ("prompt-invisible-in-list", dict(prompt=["a cat", "\u00a0\u3000\u180e\u3164\x00"]), "prompt[1]="),
     ("top_p-above-one", dict(top_p=1.5), "top_p=1.5"),
     ("top_p-negative", dict(top_p=-0.1), "top_p=-0.1"),
     ("top_p-nan", dict(top_p=NAN), "top_p=nan"),
@@ -203,6 +205,7 @@ def test_issue_example_cache_scale_skipped_at_1024():
     (dict(tau=-1), "tau=-1"),
     (dict(top_p=-0.1), "top_p=-0.1"),
     (dict(prompt=""), "prompt=''"),
+    (dict(prompt="\u200b"), "prompt='\\u200b'"),
     (dict(seed=2**70), "seed="),
     (dict(prompt="\udcff"), "prompt="),
     (dict(prompt=["a list"]), "prompt=['a list']"),  # sample returns one image: it takes one prompt
@@ -293,6 +296,18 @@ def test_dtype_names_map_to_torch_dtypes():
     for name, dtype in [("bf16", torch.bfloat16), ("float32", torch.float32), ("fp16", torch.float16)]:
         assert minivar.load(TINY, dtype=name).transformer.storage_dtype == dtype
     assert minivar.load(TINY, device=torch.device("cpu")).device == torch.device("cpu")
+
+
+def test_batch_skips_a_prompt_line_with_nothing_visible(tmp_path):
+    """It used to pass the batch's blank-line test and stop the batch half way, when generate refused it."""
+    from minivar.cli.batch import read_prompts
+
+    (tmp_path / "p.txt").write_text("a cat\n\u200b\u200b\n\u2060\ufeff \n", encoding="utf-8")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a cat"}\n{"prompt": "\\u200d"}\n', encoding="utf-8")
+    for name, skipped in (("p.txt", 2), ("p.jsonl", 1)):
+        prompts, problems = read_prompts(tmp_path / name)
+        assert [p.text for p in prompts] == ["a cat"] and len(problems) == skipped, problems
+        assert all("nothing visible" in m and "line skipped" in m for m in problems), problems
 
 
 def test_h_div_w_accepts_any_real_number():

@@ -32,6 +32,7 @@ from PIL import Image
 
 from ..loading.files import FolderBusy, FolderLock, atomic_write, partial_path
 from ..pipeline import MAX_PROMPT_CHARS, check_seed
+from ..pipeline import is_visible
 
 MANIFEST = "manifest.jsonl"
 MAX_ID_BYTES = 200  # a file name holds 255 bytes: the id, "_seed<n>.png" and the temporary's ".<name>.partial"
@@ -106,6 +107,8 @@ def parse_line(raw: str, lineno: int, as_json: bool) -> Prompt:
 def check_prompt_length(text: str) -> str:
     if len(text) > MAX_PROMPT_CHARS:
         raise ValueError(f"prompt of {len(text)} characters is too long (max {MAX_PROMPT_CHARS})")
+    if not any(map(is_visible, text)):  # generate would refuse it half way through the batch
+        raise ValueError("the prompt has nothing visible (only zero-width, format or blank characters)")
     return text
 
 
