@@ -12,7 +12,8 @@ The count follows what the scale loop in sampling.py actually computes, so it tr
     ffn     per layer: fc1 and fc2
     select  per pruned sub-layer of the "projection" selector: the tokens' random projection to `rank`
             dimensions (StageVAR); the other selectors' scoring is elementwise (see below)
-    head    the AdaLN head and the bit logits, on every row that is guided
+    head    the AdaLN head and the bit logits: on both halves where guidance mixes the logits, else on
+            the conditional rows only
     vae     the decoder's convolutions (`vae_decode_count`)
 
 FLOPs count a multiply-add as 2 and cover matmuls, attention and convolutions only. Norms, GELU,
@@ -146,7 +147,8 @@ def plan_count(cfg: InfinityConfig, the_plan: Plan, batch: int = 1, text_tokens:
             if n < L and prune.selector == "projection":
                 parts["select"] += linear_flops(rows * L, C, min(prune.rank, C), p) * SUB_LAYERS
             cached[li] += n if step.stored else 0
-        parts["head"] = linear_flops(rows, C, 2 * C, p) + linear_flops(rows * L, C, 2 * cfg.d_vae, p)
+        head_rows = 2 * batch if step.mix_logits else batch  # `sampling.step_logits`
+        parts["head"] = linear_flops(head_rows, C, 2 * C, p) + linear_flops(head_rows * L, C, 2 * cfg.d_vae, p)
         if k + 1 < len(ran):
             nh, nw = ran[k + 1].hw
             parts["embed"] = linear_flops(batch * nh * nw, cfg.d_vae, C, p)
