@@ -552,6 +552,23 @@ def kv_cache_bytes(p: Plan, cfg: InfinityConfig, rows: int, itemsize: int = F32)
     return 2 * rows * sum(p.kv_tokens) * cfg.embed_dim * itemsize
 
 
+def restore_cache_bytes(p: Plan, cfg: InfinityConfig, images: int, itemsize: int = F32) -> int:
+    """Bytes of pruning's restoration cache (`pruning.Pruner`): three sub-layer outputs per layer of the
+    plan, for the rows the cache scale ran (one half of them when guidance stopped before it). Past a later
+    stop it keeps its full rows: the rows that run on are a view of it."""
+    if p.prune.cache_scale is None:
+        return 0
+    rows = images * (2 if p.steps[p.prune.cache_scale].guided else 1)
+    return 3 * rows * sum(p.restored) * cfg.embed_dim * itemsize
+
+
+def joined_kv_values(p: Plan, cfg: InfinityConfig, images: int) -> int:
+    """Values of the largest joined keys and values (`KVCache.extend` at the last scale, which is not
+    stored: every cached key plus its own), over the layers: a layer window prunes only some layers."""
+    rows = images * (2 if p.ran[-1].guided else 1)
+    return 2 * rows * max(sum(s.kept[li] for s in p.ran) for li in range(cfg.depth)) * cfg.embed_dim
+
+
 def vae_decode_bytes(vae_cfg, scales, images: int, patchify: bool, tiled: bool | None = None) -> int:
     """The decoder at full resolution. Whole-map decoding (all images at once) holds the last level's
     first block input and its norm, sigmoid and product temporaries (base_ch * ch_mult[1] channels
@@ -574,20 +591,15 @@ def estimate(p: Plan, cfg: InfinityConfig, vae_cfg, images: int, kv_itemsize: in
 
     Activations: the residual stream and sub-layer temporaries, the FFN hidden layer, the last scale's
     joined keys and values, logits, and the restoration cache. Past the CFG stop the scale runs on one
-    half of the rows; the restoration cache keeps its full rows (the rows that run are a view of it).
+    half of the rows.
     """
     rows = images * (2 if p.cfg_on else 1)
     big = max(p.ran, key=lambda s: s.hw[0] * s.hw[1])
     L, run_rows = big.hw[0] * big.hw[1], images * (2 if big.guided else 1)
-    C, d = cfg.embed_dim, cfg.d_vae
-    stream = run_rows * L * (8 * C + 2 * cfg.ffn_hidden)
-    joined = 2 * run_rows * sum(s.kept[0] for s in p.ran) * C
-    logits = 4 * images * L * 2 * d
-    cache = 0
-    if p.prune.cache_scale is not None:
-        h, w = p.scales[p.prune.cache_scale]
-        cache = 3 * (p.prune.layers[1] - p.prune.layers[0] + 1) * rows * h * w * C
-    return MemoryEstimate(kv_cache_bytes(p, cfg, rows, kv_itemsize), (stream + joined + logits + cache) * F32,
+    stream = run_rows * L * (8 * cfg.embed_dim + 2 * cfg.ffn_hidden)
+    logits = 4 * images * L * 2 * cfg.d_vae
+    activations = (stream + joined_kv_values(p, cfg, images) + logits) * F32 + restore_cache_bytes(p, cfg, images)
+    return MemoryEstimate(kv_cache_bytes(p, cfg, rows, kv_itemsize), activations,
                           vae_decode_bytes(vae_cfg, p.scales, images, cfg.spatial_patchify))
 
 

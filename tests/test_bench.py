@@ -57,6 +57,20 @@ def test_full_depth_estimate_reuses_measured_layers():
     assert est["peak_bytes"] >= max(arith["measured_peaks"].values())
 
 
+def test_restoration_cache_is_the_plans():
+    """The bench re-derived the restoration cache from the schedule with both halves of the rows; with its
+    default CFG stop at 1024 (24x24, the cache scale) the cache holds one half."""
+    from minivar.model.sampling import plan
+    from minivar.pipeline import restore_cache_bytes
+
+    subj = bench.random_subject("tiny-shape", "custom", TINY, depth=2, vae=None, text_tokens=4)
+    for stop in (False, True):
+        case_plan = bench.plan_case(subj, bench.Case("tiny-shape", 1024, True, stop))
+        the_plan = plan(subj.model.cfg, case_plan.scales, 1.0, case_plan.settings, case_plan.prune)
+        assert case_plan.restore_bytes == restore_cache_bytes(the_plan, subj.model.cfg, images=1) > 0
+        assert the_plan.steps[the_plan.prune.cache_scale].guided is not stop
+
+
 def test_default_cfg_stop_is_the_first_scale_with_an_eighth_of_the_final_tokens():
     from minivar.model.config import scale_schedule
 

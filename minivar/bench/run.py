@@ -75,7 +75,7 @@ from torch import nn
 from ..model.config import PRESETS, InfinityConfig, budget_for_res, scale_schedule
 from .flops import block_count, param_count, plan_count, vae_decode_count
 from .flops import summary as flop_summary
-from ..pipeline import GiB, kv_cache_bytes
+from ..pipeline import GiB, kv_cache_bytes, restore_cache_bytes
 from ..model.transformer import cache_dtype
 from .. import parity
 from ..pipeline import Pipeline
@@ -422,6 +422,7 @@ class CasePlan:
     counts: list            # flops.ScaleCount per scale that runs
     flops: dict             # flops.summary
     kv_bytes: int
+    restore_bytes: int      # pruning's restoration cache (float32 sub-layer outputs), from the plan
     generate_kwargs: dict   # the Pipeline.generate arguments that compute exactly this
 
 
@@ -439,7 +440,8 @@ def plan_case(subj: Subject, case: Case, cfg: InfinityConfig | None = None) -> C
                   top_k=settings.top_k, top_p=settings.top_p, seed=settings.seed, cfg_stop_scale=stop,
                   output_type="pil" if subj.vae is not None else "latent")
     kv_bytes = kv_cache_bytes(the_plan, cfg, rows=2, itemsize=cache_dtype(subj.model.storage_dtype).itemsize)
-    return CasePlan(scales, prune, settings, counts, flop_summary(counts, vae), kv_bytes, kwargs)
+    return CasePlan(scales, prune, settings, counts, flop_summary(counts, vae), kv_bytes,
+                    restore_cache_bytes(the_plan, cfg, images=1), kwargs)
 
 
 def vae_latent_hw(cfg: InfinityConfig, scales) -> tuple[int, int]:
@@ -561,16 +563,6 @@ def flops_priced(cfg: InfinityConfig, sc, li: int, med: dict, text_tokens: int) 
     return rate * layer_flops(sc.kept[li], sc.kv_len[li], sc.rows)
 
 
-def restore_cache_bytes(cfg: InfinityConfig, plan: CasePlan, rows: int = 2) -> int:
-    """Pruning keeps the three sub-layer outputs of the cache scale for every layer of its window."""
-    p = plan.prune
-    if not p.prunes:
-        return 0
-    h, w = plan.scales[p.cache_scale]
-    layers = sum(p.in_window(li) for li in range(cfg.depth))
-    return 3 * layers * rows * h * w * cfg.embed_dim * 4
-
-
 def memory_estimate(subj: Subject, result: dict, full: CasePlan) -> dict:
     """Peak memory of the real-depth model, per phase, from the parts that make it up.
 
@@ -586,7 +578,7 @@ def memory_estimate(subj: Subject, result: dict, full: CasePlan) -> dict:
     plan, cfg = result["plan"], subj.model.cfg
     itemsize = subj.model.pos_start.element_size()
     w_now, w_full = subj.weight_bytes, param_count(subj.full_cfg) * itemsize
-    restore_now, restore_full = restore_cache_bytes(cfg, plan), restore_cache_bytes(subj.full_cfg, full)
+    restore_now, restore_full = plan.restore_bytes, full.restore_bytes
     passes = result["memory"]
     base = statistics.median(m["rss_before"] for m in passes)
     peaks = {ph: statistics.median([m["peak"][ph] for m in passes]) for ph in PHASES}

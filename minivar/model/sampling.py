@@ -122,6 +122,7 @@ class Plan:
     prune: PruneSchedule
     cfg_on: bool             # the text conditioning holds both halves (B conditional + B unconditional rows)
     kv_tokens: tuple[int, ...]  # per layer: the tokens its KV cache holds over the whole generation
+    restored: tuple[int, ...]   # per layer: tokens of each sub-layer's output kept to restore from (the cache scale's)
 
 
 def plan(cfg: InfinityConfig, scales: list[tuple[int, int]], template: float, s: Settings,
@@ -143,7 +144,10 @@ def plan(cfg: InfinityConfig, scales: list[tuple[int, int]], template: float, s:
                             cfg=cfgs[si], tau=taus[si], stage=stages[si])
                   for si, (h, w) in enumerate(scales))
     kv_tokens = tuple(sum(s.kept[li] for s in steps if s.stored) for li in range(cfg.depth))
-    return Plan(steps, tuple(s for s in steps if s.runs), list(scales), template, prune, cfg_on, kv_tokens)
+    c = prune.cache_scale  # `pruning.Pruner.runner`: the cache scale keeps its outputs inside the layer window
+    restored = tuple(scales[c][0] * scales[c][1] if c is not None and prune.in_window(li) else 0
+                     for li in range(cfg.depth))
+    return Plan(steps, tuple(s for s in steps if s.runs), list(scales), template, prune, cfg_on, kv_tokens, restored)
 
 
 # --------------------------------------------------------------------------------------------------
