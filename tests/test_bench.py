@@ -82,7 +82,6 @@ def test_bf16_weights_and_banded_decode_enter_the_memory_arithmetic():
     is the sum of the parts the report lists."""
     import torch
 
-    from minivar.bench.flops import param_count
     from minivar.model.vae import VAEConfig
 
     vae = VAEConfig(codebook_dim=32, base_ch=24, num_res_blocks=1, ch_mult=(1, 2, 4, 4, 4), patch_size=16)
@@ -94,7 +93,7 @@ def test_bf16_weights_and_banded_decode_enter_the_memory_arithmetic():
     results = bench.run_cases(subj, [case], warmup=0, repeats=1)
     est = bench.extrapolate(subj, case, results[case], bench.layer_table(list(results.values())))
     arith, parts, phase = est["memory_arithmetic"], est["memory_arithmetic"]["parts"], est["peak_by_phase"]
-    assert arith["weight_dtype"] == "torch.bfloat16" and arith["weights_full"] == 2 * param_count(TINY)
+    assert arith["weight_dtype"] == "torch.bfloat16" and arith["weights_full"] == 2 * TINY.param_count()
     assert arith["largest_weight_upcast"] == 4 * 6 * TINY.embed_dim**2  # shared_ada_lin: the largest matrix
     fixed = parts["weights"] + parts["other"]
     assert phase["transformer"] == fixed + parts["kv_cache"] + parts["restore_cache"] + parts["activations"]

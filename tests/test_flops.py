@@ -1,11 +1,14 @@
 """The analytic FLOP count: a hand count on a tiny config, then torch's own counter on real forwards."""
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from minivar.model.config import InfinityConfig, scale_schedule
-from minivar.bench.flops import param_count, plan_count, totals, transformer_count, vae_decode_count
+from minivar.model.config import PRESETS, InfinityConfig, scale_schedule
+from minivar.bench.flops import plan_count, totals, transformer_count, vae_decode_count
 from minivar.model.pruning import PruneSchedule
 from minivar.model.sampling import Settings, plan, run_scale_loop
 from minivar.model.transformer import Infinity
@@ -108,7 +111,10 @@ def test_vae_decoder_matches_torch_flop_counter():
 def test_param_count_matches_the_model():
     with torch.device("meta"):
         model = Infinity(TINY)
-    assert param_count(TINY) == sum(p.numel() for p in model.parameters())
+    assert TINY.param_count() == sum(p.numel() for p in model.parameters())
+    for name in ("infinity-2b", "infinity-8b"):  # the published checkpoints' counts (tests/fixtures)
+        keys = json.loads((Path(__file__).parent / "fixtures" / f"{name.replace('-', '_')}_keys.json").read_text())
+        assert PRESETS[name].param_count() == keys["param_count"]
 
 
 def test_real_2b_decoder_at_1024_by_hand_and_by_torch():

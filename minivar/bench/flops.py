@@ -157,19 +157,6 @@ def plan_count(cfg: InfinityConfig, the_plan: Plan, batch: int = 1, text_tokens:
     return out
 
 
-def param_count(cfg: InfinityConfig) -> int:
-    """Parameters of `Infinity(cfg)`, including the learned unconditional text rows (buffers excluded)."""
-    C, Ct, F, d, H = cfg.embed_dim, cfg.text_channels, cfg.ffn_hidden, cfg.d_vae, cfg.num_heads
-    sa = 3 * C * C + 2 * C + H + C * C + C          # qkv, q and v biases, temperature, proj
-    ca = C * C + C + 2 * C * C + C + C * C + C      # q, kv and v bias, proj
-    block = 6 * C + sa + ca + 2 * C + C * F + F + F * C + C
-    pool = C + Ct * 2 * C + C + C * C + C           # learned query, kv and v bias, proj
-    text = cfg.text_maxlen * Ct + C + Ct + pool + Ct * C + C + C * C + C
-    embeds = cfg.num_levels * C + d * C + C + C * 6 * C + 6 * C
-    head = C * 2 * C + 2 * C + C * 2 * d + 2 * d
-    return cfg.depth * block + text + embeds + head
-
-
 # --------------------------------------------------------------------------------------------------
 # VAE decoder
 # --------------------------------------------------------------------------------------------------

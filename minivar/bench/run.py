@@ -73,7 +73,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.config import PRESETS, InfinityConfig, budget_for_res, scale_schedule
-from .flops import block_count, param_count, plan_count, vae_decode_count
+from .flops import block_count, plan_count, vae_decode_count
 from .flops import summary as flop_summary
 from ..pipeline import GiB, kv_cache_bytes, restore_cache_bytes
 from ..model.transformer import cache_dtype
@@ -577,7 +577,7 @@ def memory_estimate(subj: Subject, result: dict, full: CasePlan) -> dict:
     """
     plan, cfg = result["plan"], subj.model.cfg
     itemsize = subj.model.pos_start.element_size()
-    w_now, w_full = subj.weight_bytes, param_count(subj.full_cfg) * itemsize
+    w_now, w_full = subj.weight_bytes, subj.full_cfg.param_count() * itemsize
     restore_now, restore_full = plan.restore_bytes, full.restore_bytes
     passes = result["memory"]
     base = statistics.median(m["rss_before"] for m in passes)

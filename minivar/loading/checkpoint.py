@@ -93,14 +93,12 @@ def load_infinity(path: str | Path, cfg: InfinityConfig, device: str | torch.dev
     then put the model in parity mode (parity.py: upstream's numbers bit for bit, and float32 math on
     CPU for bf16-stored weights). `config_name` says where `cfg` came from, for the error that refuses
     a config far larger than the file."""
-    from ..bench.flops import param_count  # flops imports the model's neighbours; import it only when loading
-
     raw = read_state_dict(path, what="Infinity checkpoint")
     names = file_key_names(raw)
     sd = {name: raw[key] for name, key in names.items()}
     source = f"Infinity checkpoint {path}"
     if strict:
-        check_size(param_count(cfg), sd, source, f"{config_name} (depth={cfg.depth}, embed_dim={cfg.embed_dim}, "
+        check_size(cfg.param_count(), sd, source, f"{config_name} (depth={cfg.depth}, embed_dim={cfg.embed_dim}, "
                    f"text_channels={cfg.text_channels}, text_maxlen={cfg.text_maxlen})", dtype)
     with torch.device("meta"):
         model = Infinity(cfg)
