@@ -39,7 +39,7 @@ class Output:
     scales: list[tuple[int, int]]
     prune: PruneSchedule
     timings: dict[str, float] = field(default_factory=dict)
-    stages: list[str] = field(default_factory=list)  # per scale of `scales`: presets.stages against the model
+    stages: list[str] = field(default_factory=list)  # per scale of `scales`: pruning.stages against the model
 
     @property
     def image(self) -> Image.Image:

@@ -29,7 +29,7 @@ the same latent layout, the same decoder path and the conversion to PIL images.
 
 Cases are every combination of --res, --prune and --cfg-stop (--prune: off, on = prune=True, stagevar;
 --cfg-stop: off, on = from 1/8 of the final tokens, refine = from the first refinement-stage scale of
-`presets.stages`). The issue-21 arms are `--prune off,on,stagevar --cfg-stop off,refine`: stagevar
+`pruning.stages`). The issue-21 arms are `--prune off,on,stagevar --cfg-stop off,refine`: stagevar
 carries its own CFG stop, so its cfg-stop@refine case would equal its plain one and is dropped. --res is
 Infinity's pixel side, passed to generate as its budget name, so the toy runs the same token grids).
 After --warmup untimed rounds, each of --repeats rounds runs every case once, in order (A/B/A/B), so
@@ -48,8 +48,8 @@ layer window 3..27 of 32 to round(3k/32)..round(27k/32). The full-depth estimate
 layer of the real model with the real preset (3..27 of 32) and prices it with the measured time of a
 layer doing the same work (same scale, tokens, keys and batch rows) anywhere in this run.
 
-Uses pipeline.py (every generation), flops.py (analytic counts), memory.py (KV-cache bytes), the scale
-plan of model/sampling.py, and synthetic.py (the full-size subject and the fixtures folder).
+Uses pipeline.py (every generation; the KV and restoration cache bytes), flops.py (analytic counts), the
+scale plan of model/sampling.py, and synthetic.py (the full-size subject and the fixtures folder).
 """
 from __future__ import annotations
 
@@ -222,7 +222,7 @@ def make_subject(name: str, args) -> Subject | None:
 
 
 def pin_decode_mode(vae: BSQVAE, tiled: bool | None) -> None:
-    """--decode banded/whole: every `vae.decode` of this instance gets `tiled`. The default (None, auto)
+    """--decode banded/whole: every `BSQVAE.decode` call of this instance gets `tiled`. The default (None, auto)
     leaves the method alone, so generate decodes exactly as it does for a user."""
     if tiled is not None:
         vae.decode = functools.partial(BSQVAE.decode, vae, tiled=tiled)
@@ -402,7 +402,7 @@ def default_cfg_stop(scales: list[tuple[int, int]]) -> int:
 
 
 def refinement_cfg_stop(cfg: InfinityConfig, scales: list[tuple[int, int]]) -> int | None:
-    """Stage-aware CFG from the first refinement-stage scale (`presets.stages`; 32x32 at 1024), as prune="stagevar"."""
+    """Stage-aware CFG from the first refinement-stage scale (`pruning.stages`; 32x32 at 1024), as prune="stagevar"."""
     labels = model_stages(cfg, scales)
     return labels.index("refinement") if "refinement" in labels else None
 
@@ -861,7 +861,7 @@ def method_lines(report: dict) -> list[str]:
 def markdown(report: dict) -> str:
     mm, conv = report["matmul_peak"], report["conv_peak"]
     lines = [machine_line(report) + f" Matmul peak (fp32, measured {len(mm['samples'])} times during the run) "
-             f"median {mm['median']:.1f}, max {mm['max']:.1f} GFLOP/s; 3x3 convolution peak (`bench.conv_peak`, "
+             f"median {mm['median']:.1f}, max {mm['max']:.1f} GFLOP/s; 3x3 convolution peak (`run.conv_peak`, "
              f"channels-last) median {conv['median']:.1f}, max {conv['max']:.1f} GFLOP/s; '% of peak' is against "
              f"the medians. Transformer weights {report['args'].get('weight_dtype', 'fp32')}, VAE decoding "
              f"{report['args'].get('decode', 'auto')}.", *method_lines(report),
@@ -877,7 +877,7 @@ def markdown(report: dict) -> str:
                      f"{c['pct_of_peak']['transformer']:.0f} % | {rss:.2f} | {c['kv_cache_bytes'] / GiB:.2f} |")
     est = [c for c in report["cases"] if "full_depth_estimate" in c]
     if est:
-        lines += ["", "Extrapolated to the real depth (measured layers re-used; see `bench.extrapolate`):", "",
+        lines += ["", "Extrapolated to the real depth (measured layers re-used; see `run.extrapolate`):", "",
                   "| case | depth | total s | transformer s | VAE s | transformer TFLOP | peak GiB |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for c in est:
@@ -931,7 +931,7 @@ def direct_markdown(report: dict) -> str:
 def memory_lines(cases: list[dict]) -> list[str]:
     """The real-depth memory estimate of each case as a sum of its parts (see `memory_estimate`)."""
     lines = ["", "Peak memory at the real depth, GiB: transformer phase = weights + other + KV + restoration "
-             "+ activations; VAE phase = weights + other + decoder (`bench.memory_estimate`):", "",
+             "+ activations; VAE phase = weights + other + decoder (`run.memory_estimate`):", "",
              "| case | weights | other | KV (per layer x depth) | restoration | activations | transformer phase | "
              "decoder | VAE phase | peak |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in cases:

@@ -13,8 +13,8 @@ the rank's own part file, and only then is the image renamed into place. So ever
 is complete and has a record, and a rerun simply skips the images that exist. At the end rank 0
 merges the part files into DIR/manifest.jsonl (one record per finished image, in job order).
 
-Uses checks.py (the seed and prompt-length limits) and loading/files.py (atomic writes, the folder lock);
-cli/__init__.py builds the pipeline and calls `run_batch`.
+Uses pipeline.py's argument checks (the seed and prompt limits) and loading/files.py (atomic writes, the
+folder lock); cli/__init__.py builds the pipeline and calls `run_batch`.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ scale, inside a window of layers, each sub-layer (self-attention, cross-attentio
 The last scales can also be skipped outright: their residual is simply missing from the latent.
 
 StageVAR (arXiv 2512.16483) adds two things for the late, fidelity-refinement scales (see
-`presets.stages`): guidance is dropped there (`cfg_stop`: the conditional rows run alone, halving the
+`stages` below): guidance is dropped there (`cfg_stop`: the conditional rows run alone, halving the
 batch), and tokens are chosen in a random low-dimensional projection of their features
 (`selector="projection"`, `projection_scores`).
 

@@ -60,7 +60,7 @@ class Trace:
     seconds: list[float] = field(default_factory=list)
     cfg_rows: list[int] = field(default_factory=list)         # batch rows the transformer ran at this scale
     kv_len: list[list[int]] = field(default_factory=list)     # per layer: cached tokens after this scale
-    stage: list[str] = field(default_factory=list)            # "semantic", "structure" or "refinement" (presets.stages)
+    stage: list[str] = field(default_factory=list)            # "semantic", "structure" or "refinement" (pruning.stages)
     pruning: dict[int, ScaleRecord] = field(default_factory=dict)
 
 
