@@ -199,12 +199,20 @@ def to_pixels(image) -> torch.Tensor:
         image = np.array(image.convert("RGB"))
     if isinstance(image, np.ndarray):
         image = torch.from_numpy(np.array(image))  # a writable copy
+    if not isinstance(image, torch.Tensor):
+        raise bad("image", image, IMAGE_FORMS)
     if image.dtype == torch.uint8:
+        if image.ndim not in (3, 4) or image.shape[-1] != 3:
+            raise bad("image", image, f"a uint8 image is (H, W, 3) or (B, H, W, 3) RGB; {IMAGE_FORMS}")
         from .model.vae import image_to_pixels
         return image_to_pixels(image)
-    if image.ndim != 4 or image.shape[1] != 3:
-        raise ValueError(f"expected a float image (B, 3, H, W) in [-1, 1], got shape {tuple(image.shape)}")
+    ok = image.is_floating_point() and image.ndim == 4 and image.shape[1] == 3 and image.numel() > 0
+    if not ok or not torch.isfinite(image).all() or image.abs().max() > 1:
+        raise bad("image", image, f"a float image is (B, 3, H, W) with values in [-1, 1]; {IMAGE_FORMS}")
     return image.float().contiguous()
+
+
+IMAGE_FORMS = "use a PIL image, a path, a uint8 (H, W, 3) array or tensor, or a float tensor (B, 3, H, W) in [-1, 1]"
 
 
 def resize_crop(x: torch.Tensor, H: int, W: int) -> torch.Tensor:

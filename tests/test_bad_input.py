@@ -310,6 +310,19 @@ def test_batch_skips_a_prompt_line_with_nothing_visible(tmp_path):
         assert all("nothing visible" in m and "line skipped" in m for m in problems), problems
 
 
+@pytest.mark.parametrize("image, culprit", [
+    (3, "image=3"), (None, "image=None"),                                   # AttributeError: no .dtype
+    (np.zeros((64, 64), np.uint8), "shape (64, 64)"),                        # a torch permute error
+    (torch.full((1, 3, 64, 64), NAN), "shape (1, 3, 64, 64)"),              # these three were accepted
+    (torch.full((1, 3, 64, 64), 255.0), "shape (1, 3, 64, 64)"),
+    (torch.zeros(1, 3, 0, 64), "shape (1, 3, 0, 64)"),
+], ids=["int", "none", "gray", "nan", "0-255-floats", "empty"])
+def test_encode_image_refuses(image, culprit):
+    with pytest.raises(ValueError) as err:
+        tiny_pipeline().encode_image(image, res=256, h_div_w=1.0)
+    assert_one_line(str(err.value), culprit)
+
+
 def test_h_div_w_accepts_any_real_number():
     for h_div_w in [np.float64(1.0), np.int64(1), np.float16(2), Fraction(1, 2)]:
         check_arguments(h_div_w=h_div_w)
