@@ -21,6 +21,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from ..model.sampling import Settings
+from ..numerics import NUMERICS, resolve as resolve_numerics
 
 COMMANDS = ("batch", "convert", "download")
 RESOLUTIONS = (256, 512, 768, 1024, 1344, 2048)
@@ -60,7 +61,10 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
                    help="cuda uses flash-attn when it is installed (default: %(default)s)")
     g.add_argument("--dtype", default="stored", choices=tuple(DTYPES),
                    help="weight storage: as the files store it, memory-mapped (Infinity bf16), or cast to fp32 "
-                        "(parity) or bf16; CPU math is fp32 either way (default: %(default)s)")
+                        "or bf16 (default: %(default)s)")
+    g.add_argument("--numerics", default=None, choices=NUMERICS,
+                   help="what the math runs in: auto (bf16 where the device has fast bf16, else fp32), bf16, fp32, "
+                        "or reference (upstream's CPU numbers bit for bit) (default: $MINIVAR_NUMERICS or auto)")
     g.add_argument("--revision", default=None, metavar="REV", help="pinned hub revision (commit or tag) for downloads")
 
 
@@ -157,8 +161,9 @@ def load_pipeline(args, device: str):
 
     t0 = time.perf_counter()
     dtype = None if DTYPES[args.dtype] is None else getattr(torch, DTYPES[args.dtype])
-    pipe = load(args.model, device=device, dtype=dtype, revision=args.revision)
-    print(f"loaded {pipe.name} on {device} ({args.dtype}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    pipe = load(args.model, device=device, dtype=dtype, revision=args.revision, numerics=args.numerics)
+    print(f"loaded {pipe.name} on {device} ({args.dtype}) in {time.perf_counter() - t0:.1f} s; numerics "
+          f"{pipe.numerics} ({pipe.numerics_reason})", file=sys.stderr)
     return pipe
 
 
@@ -255,7 +260,8 @@ def cmd_batch(args) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     check_writable(out_dir, f"--out {out_dir}")
     prompts, problems = batch.read_prompts(args.prompts)
-    settings = {"model": model_id(args.model), **kwargs, "dtype": args.dtype, "device": args.device}
+    settings = {"model": model_id(args.model), **kwargs, "dtype": args.dtype, "device": args.device,
+                "numerics": resolve_numerics(args.numerics, args.device)[0]}
     jobs = batch.make_jobs(prompts, seeds)
     batch.check_prompts(out_dir, jobs)  # early, for a quick answer; run_batch checks again under the folder's lock
     batch.check_settings(out_dir, settings)
