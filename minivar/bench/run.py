@@ -84,9 +84,8 @@ from ..model.pruning import PruneSchedule
 from ..model.sampling import Settings, plan
 from ..model.transformer import Infinity
 from ..model.vae import VAE_PRESETS, BSQVAE, VAEConfig
-from .synthetic import FIXTURES
 
-TINY_DIR = FIXTURES / "tiny-a"
+TINY_DIR = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "tiny-a"  # "tiny": in a checkout only
 PROMPT = "a red apple on a wooden table"
 SHAPE_MODELS = {"infinity-2b-shape": "infinity-2b", "infinity-8b-shape": "infinity-8b"}
 SYNTHETIC = "infinity-2b-synthetic"   # real files, real T5, full depth: see synthetic.py
