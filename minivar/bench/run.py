@@ -72,6 +72,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..loading.files import atomic_write, write_text
 from ..model.config import PRESETS, InfinityConfig, budget_for_res, scale_schedule
 from .flops import block_count, param_count, plan_count, vae_decode_count
 from .flops import summary as flop_summary
@@ -972,7 +973,7 @@ def plot(report: dict, path: Path) -> bool:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
     return True
 
@@ -980,13 +981,13 @@ def plot(report: dict, path: Path) -> bool:
 def write(report: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if "runs" in report:  # --direct
-        (out / "direct.json").write_text(json.dumps(report, indent=1, default=str))
-        (out / "direct.md").write_text(direct_markdown(report))
+        write_text(out / "direct.json", json.dumps(report, indent=1, default=str))
+        write_text(out / "direct.md", direct_markdown(report))
         print(direct_markdown(report))
         print(f"wrote {out / 'direct.json'}, direct.md")
         return
-    (out / "bench.json").write_text(json.dumps(report, indent=1, default=str))
-    (out / "bench.md").write_text(markdown(report))
+    write_text(out / "bench.json", json.dumps(report, indent=1, default=str))
+    write_text(out / "bench.md", markdown(report))
     plot(report, out / "bench.png")
     print(markdown(report))
     print(f"wrote {out / 'bench.json'}, bench.md, bench.png")

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from ..loading.files import atomic_write
+from ..loading.files import atomic_write, write_text
 from ..loading.hub import SHIPPED
 from ..model.t5 import T5_PRESETS
 from ..pipeline import GiB
@@ -160,11 +160,7 @@ def write_safetensors_shards(folder: Path, listing: dict, shards: int) -> None:
 
         atomic_write(folder / fname, write)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    write_json(folder / "model.safetensors.index.json", index)
-
-
-def write_json(path: Path, obj) -> None:
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+    write_text(folder / "model.safetensors.index.json", json.dumps(index, indent=1))
 
 
 def _numel(shape: list[int]) -> int:
@@ -207,10 +203,10 @@ def write_set(home: Path | None = None) -> Path:
     write_pth(p["vae"], listings["vae"], torch.float32, nest="vae")
     t5 = {k: v for k, v in listings["t5"].items() if k != "encoder.embed_tokens.weight"}
     write_safetensors_shards(p["t5"], t5, T5_SHARDS)  # the files hold the tied embedding once, as shared.weight
-    write_json(p["t5"] / "config.json", {"model_type": "t5", **asdict(T5_PRESETS["flan-t5-xl"])})
+    write_text(p["t5"] / "config.json", json.dumps({"model_type": "t5", **asdict(T5_PRESETS["flan-t5-xl"])}, indent=1))
     atomic_write(p["t5"] / "spiece.model", lambda f: f.write((SHIPPED["toy"] / "t5" / "spiece.model").read_bytes()))
     sizes = {str(f.relative_to(home)): f.stat().st_size for f in sorted(home.rglob("*")) if f.is_file()}
-    write_json(manifest, {"seed": SEED, "bytes": sizes, "seconds": time.perf_counter() - t0})
+    write_text(manifest, json.dumps({"seed": SEED, "bytes": sizes, "seconds": time.perf_counter() - t0}, indent=1))
     print(f"wrote {sum(sizes.values()) / 1e9:.2f} GB in {time.perf_counter() - t0:.0f} s", flush=True)
     return home
 
@@ -337,8 +333,8 @@ def bench(res_list: list[int], prunes: list[bool], prompt: str, out: Path) -> di
             print(f"{NAME} {res} prune={'on' if prune else 'off'}: minivar.sample in a fresh process ...", flush=True)
             arm = measure(res, prune, prompt, home)
             report["arms"] = [a for a in report["arms"] if a["label"] != arm["label"]] + [arm]
-            path.write_text(json.dumps(report, indent=1))
-            (out / "synthetic.md").write_text(synthetic_markdown(report))
+            write_text(path, json.dumps(report, indent=1))
+            write_text(out / "synthetic.md", synthetic_markdown(report))
             print(arm_line(arm), flush=True)
     print(synthetic_markdown(report))
     return report

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..loading.files import FolderBusy, FolderLock, atomic_write, open_own, temporaries
+from ..loading.files import FolderBusy, FolderLock, atomic_write, open_own, temporaries, write_text
 from ..pipeline import MAX_PROMPT_CHARS, check_seed
 
 MANIFEST = "manifest.jsonl"
@@ -250,7 +250,7 @@ def merge_manifest(out_dir: Path, jobs: list[Job]) -> int:
     records = [r for r in known_records(out_dir).values() if (out_dir / r["file"]).exists()]
     records.sort(key=lambda r: (order.get(r["file"], len(order)), r["file"]))
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    atomic_write(out_dir / MANIFEST, lambda f: f.write(text.encode()))
+    write_text(out_dir / MANIFEST, text)
     for part in out_dir.glob(PART.format(rank="*")):
         part.unlink()
     clear_marks(out_dir)
@@ -306,7 +306,7 @@ class RankFailed(ValueError):
 
 
 def mark(out_dir: Path, rank: int, state: str, text: str = "") -> None:
-    atomic_write(out_dir / RANK_MARK.format(rank=rank, state=state), lambda f: f.write(text.encode()))
+    write_text(out_dir / RANK_MARK.format(rank=rank, state=state), text)
 
 
 def clear_marks(out_dir: Path) -> None:

@@ -77,6 +77,11 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None],
     return path
 
 
+def write_text(path: Path, text: str) -> Path:
+    """`atomic_write` of UTF-8 text."""
+    return atomic_write(path, lambda f: f.write(text.encode()))
+
+
 def same_file(a: Path, b: Path) -> bool:
     """Whether two paths name one file, through symlinks and hard links."""
     try:
