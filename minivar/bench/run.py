@@ -72,6 +72,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..loading.files import atomic_write, write_text
 from ..model.config import PRESETS, InfinityConfig, budget_for_res, scale_schedule
 from .flops import block_count, param_count, plan_count, vae_decode_count
 from .flops import summary as flop_summary
@@ -83,9 +84,8 @@ from ..model.pruning import PruneSchedule
 from ..model.sampling import Settings, plan
 from ..model.transformer import Infinity
 from ..model.vae import VAE_PRESETS, BSQVAE, VAEConfig
-from .synthetic import FIXTURES
 
-TINY_DIR = FIXTURES / "tiny-a"
+TINY_DIR = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "tiny-a"  # "tiny": in a checkout only
 PROMPT = "a red apple on a wooden table"
 SHAPE_MODELS = {"infinity-2b-shape": "infinity-2b", "infinity-8b-shape": "infinity-8b"}
 SYNTHETIC = "infinity-2b-synthetic"   # real files, real T5, full depth: see synthetic.py
@@ -993,7 +993,7 @@ def plot(report: dict, path: Path) -> bool:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
     return True
 
@@ -1001,13 +1001,13 @@ def plot(report: dict, path: Path) -> bool:
 def write(report: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if "runs" in report:  # --direct
-        (out / "direct.json").write_text(json.dumps(report, indent=1, default=str))
-        (out / "direct.md").write_text(direct_markdown(report))
+        write_text(out / "direct.json", json.dumps(report, indent=1, default=str))
+        write_text(out / "direct.md", direct_markdown(report))
         print(direct_markdown(report))
         print(f"wrote {out / 'direct.json'}, direct.md")
         return
-    (out / "bench.json").write_text(json.dumps(report, indent=1, default=str))
-    (out / "bench.md").write_text(markdown(report))
+    write_text(out / "bench.json", json.dumps(report, indent=1, default=str))
+    write_text(out / "bench.md", markdown(report))
     plot(report, out / "bench.png")
     print(markdown(report))
     print(f"wrote {out / 'bench.json'}, bench.md, bench.png")
