@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import inspect
-import math
 import os
 import threading
 import time
@@ -27,8 +26,9 @@ from .model.config import BUDGETS, HIGH_RES, RES_TO_BUDGET, InfinityConfig, near
 from .model.pruning import PruneSchedule, is_index, is_real, model_stages, resolve_prune
 from .model.sampling import Plan, Settings, Trace, plan, run_scale_loop
 from .model.t5 import T5Encoder, Tokenizer
-from .model.transformer import Infinity, cache_dtype
+from .model.transformer import Infinity
 from .model.vae import BSQVAE, VAEConfig, banded_decode_bytes, pixels_to_image, use_bands
+from .numerics import apply as apply_numerics, attention_kernels, resolve as resolve_numerics
 from .parity import image_batch
 
 @dataclass
@@ -39,7 +39,8 @@ class Output:
     scales: list[tuple[int, int]]
     prune: PruneSchedule
     timings: dict[str, float] = field(default_factory=dict)
-    stages: list[str] = field(default_factory=list)  # per scale of `scales`: pruning.stages against the model
+    stages: list[str] = field(default_factory=list)  # per scale of `scales`: pruning.model_stages against the model
+    numerics: str = ""  # what the math ran in: "bf16", "fp32" or "reference" (numerics.py)
 
     @property
     def image(self) -> Image.Image:
@@ -48,16 +49,25 @@ class Output:
 
 class Pipeline:
     def __init__(self, transformer: Infinity, vae: BSQVAE, text_encoder: T5Encoder, tokenizer: Tokenizer,
-                 name: str = "custom", device: str | torch.device = "cpu"):
+                 name: str = "custom", device: str | torch.device = "cpu", numerics: str = "fp32",
+                 numerics_reason: str = ""):
         self.transformer, self.vae, self.text_encoder, self.tokenizer = transformer, vae, text_encoder, tokenizer
         self.name, self.device = name, torch.device(device)
+        self.numerics, self.numerics_reason = numerics, numerics_reason  # numerics.py: "bf16", "fp32", "reference"
 
     # ---- text ------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> tuple[list[torch.Tensor], list[int]]:
-        """T5 features of each prompt's real tokens (EOS included): list of (n_i, Ct), and the n_i."""
+        """T5 features of each prompt's real tokens (EOS included): list of (n_i, Ct), and the n_i.
+
+        Upstream encodes 512 positions, padding included; the padding is masked out of every real
+        token's attention, so only the reference numerics pay for it (the features agree within
+        rounding, tests/test_numerics_modes.py). The others encode up to the longest prompt."""
         ids, mask = self.tokenizer(prompts)
-        hidden = self.text_encoder(ids.to(self.device), mask.to(self.device)).float()  # (B, 512, Ct)
+        if self.numerics != "reference":
+            n = int(mask.sum(-1).max())
+            ids, mask = ids[:, :n], mask[:, :n]
+        hidden = self.text_encoder(ids.to(self.device), mask.to(self.device)).float()  # (B, n, Ct)
         lens = mask.sum(-1).tolist()
         return [h[:n] for h, n in zip(hidden, lens)], lens
 
@@ -124,14 +134,16 @@ class Pipeline:
         settings = Settings(cfg, tau, int(top_k), float(top_p), seed, cfg_insertion_layer, cfg_stop_scale, force_bits)
         the_plan = plan(model_cfg, scales, nearest_template(h_div_w), settings, schedule)
         check_force_bits(force_bits, [(len(prompts), *step.hw, model_cfg.d_vae) for step in the_plan.ran])
-        kv_itemsize = cache_dtype(self.transformer.storage_dtype).itemsize
+        kv_itemsize = self.transformer.kv_dtype.itemsize
         need = estimate(the_plan, model_cfg, self.vae.cfg, len(prompts), kv_itemsize)
         check_memory(need, self.device, f"generating {len(prompts)} image(s) at res={res}")
         if progress is True:  # a tqdm bar over the scales; a callable wrapping the scale indices is used as is
             from tqdm.auto import tqdm
 
             progress = partial(tqdm, desc="scales", unit="scale", leave=False)
-        with image_batch(len(prompts)):  # compute small ops image by image: results don't depend on the batch
+        # reference numerics compute image by image (results don't depend on the batch); attention_kernels
+        # keeps bf16 attention on kernels this CPU's settings can run
+        with image_batch(len(prompts)), attention_kernels(self.device, self.transformer.compute_dtype):
             return self.run(prompts, the_plan, settings, negative_prompt, Trace() if trace else None,
                             progress or None, decode=output_type == "pil")
 
@@ -151,7 +163,7 @@ class Pipeline:
         stamps.append(time.perf_counter())
         times = dict(zip(("text", "transformer", "vae"), np.diff(stamps).tolist()))
         return Output(images, summed.squeeze(2).float().contiguous(), trace, p.scales, p.prune, times,
-                      [step.stage for step in p.steps])
+                      [step.stage for step in p.steps], self.numerics)
 
     def stages(self, scales: list[tuple[int, int]]) -> list[str]:
         """The StageVAR stage of each scale (`pruning.stages`), against the model's own reference grid."""
@@ -231,15 +243,17 @@ def resize_crop(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 def load(name: str | Path | None = None, *, transformer: str | Path | None = None, vae: str | Path | None = None,
          text_encoder: str | Path | None = None, config=None, vae_config=None, device: str = "cpu",
-         dtype: torch.dtype | None = None, revision: str | None = None) -> Pipeline:
+         dtype: torch.dtype | None = None, revision: str | None = None, numerics: str | None = None) -> Pipeline:
     """Load a pipeline from a preset name ("infinity-2b", "infinity-8b", "toy"), a model directory, or
     explicit files, onto `device` ("cpu", "cuda", "cuda:N", "mps" or a torch.device).
 
     Files given explicitly win over the preset's; missing preset files are downloaded (see hub.py),
-    from `revision` of the model repo if given. `dtype=None` keeps every tensor in the dtype its file
-    stores, memory-mapped without a copy (Infinity: bf16; flan-t5-xl and the VAEs: float32); a dtype
-    casts the transformer to it (`torch.float32` for parity work; the names "fp32", "bf16", "fp16" work too). On CPU the VAE and T5 are float32
-    whatever `dtype` says, and all math runs in float32 (see parity.py).
+    from `revision` of the model repo if given. `numerics` (numerics.py) decides what the math runs in:
+    "auto" (the default, or $MINIVAR_NUMERICS): "bf16" where the device has fast bf16, else "fp32";
+    "reference": upstream's CPU numbers bit for bit. `pipe.numerics` says what was chosen.
+    `dtype=None` keeps the transformer's weights in the dtype its file stores, memory-mapped without a
+    copy (Infinity: bf16), except that "bf16" stores float32 weights in bf16; a dtype casts them to it
+    (the names "fp32", "bf16", "fp16" work too). The VAE and T5 are float32, or bf16 under "bf16".
     """
     from .loading.hub import resolve_files
 
@@ -247,11 +261,11 @@ def load(name: str | Path | None = None, *, transformer: str | Path | None = Non
                     vae_config=vae_config, revision=revision)  # before any file is read or downloaded
     check_device(device)
     dtype = check_dtype(dtype)
+    mode, why = resolve_numerics(numerics, device)
     files = resolve_files(name, transformer=transformer, vae=vae, text_encoder=text_encoder,
                           config=config, vae_config=vae_config, revision=revision)
-    # On CPU, bf16 is storage only: the transformer upcasts per matmul. The VAE and T5 stay float32
-    # (their published dtype, so still mapped): CPU half-precision convolutions and matmuls are very slow.
-    side_dtype = torch.float32 if torch.device(device).type == "cpu" else dtype
+    # Reference numerics on CPU: bf16 is storage only, the VAE and T5 float32 (their published dtype).
+    side_dtype = torch.bfloat16 if mode == "bf16" else torch.float32 if torch.device(device).type == "cpu" else dtype
     vae_model = load_vae(files.vae, files.vae_config, device=device, dtype=side_dtype)
     cfg = files.config
     if not isinstance(cfg, InfinityConfig):
@@ -260,7 +274,8 @@ def load(name: str | Path | None = None, *, transformer: str | Path | None = Non
     config_name = "the Infinity config" + (f" {files.config}" if isinstance(files.config, (str, Path)) else "")
     model = load_infinity(files.transformer, cfg, device=device, dtype=dtype, config_name=config_name)
     t5 = load_t5(files.text_encoder, device=device, dtype=side_dtype)
-    return Pipeline(model, vae_model, t5, Tokenizer.from_dir(files.text_encoder), files.name, device)
+    apply_numerics(mode, model, vae_model, t5)
+    return Pipeline(model, vae_model, t5, Tokenizer.from_dir(files.text_encoder), files.name, device, mode, why)
 
 
 def fit_bits_to_vae(cfg: InfinityConfig, vae_cfg: VAEConfig) -> InfinityConfig:
@@ -271,34 +286,39 @@ def fit_bits_to_vae(cfg: InfinityConfig, vae_cfg: VAEConfig) -> InfinityConfig:
 
 
 def sample(prompt: str, res: int | None = None, prune=True, model: str = "infinity-2b", device: str = "cpu",
-           dtype: torch.dtype | None = None, progress=True, **kwargs) -> Image.Image:
+           dtype: torch.dtype | None = None, progress=True, numerics: str | None = None, **kwargs) -> Image.Image:
     """One call from a prompt to a PIL image: loads (downloading if needed, then caching) the model,
-    then generates with a progress bar over the scales. `model="toy"` runs offline."""
+    then generates with a progress bar over the scales. `model="toy"` runs offline. The image's
+    `info["numerics"]` says which numerics ran (see `load`)."""
     check_prompt_text("prompt", prompt)  # one prompt, one image (Pipeline.generate takes a list)
     takes = [k for k in inspect.signature(Pipeline.generate).parameters if k not in ("self", "prompt", "output_type")]
     if unknown := [k for k in kwargs if k not in takes]:  # all of this before loading a model
         raise TypeError(f"sample() got an unexpected keyword argument {unknown[0]!r}; it takes {', '.join(takes)}, "
-                        "model, device and dtype")
+                        "model, device, dtype and numerics")
     check_arguments(model=model, res=res, prune=prune, progress=progress, **kwargs)
     check_device(device)
     dtype = check_dtype(dtype)
-    return cached_pipeline(model, device, dtype).generate(prompt, res=res, prune=prune, progress=progress,
-                                                           **kwargs).images[0]
+    resolve_numerics(numerics, device)
+    pipe = cached_pipeline(model, device, dtype, numerics)
+    image = pipe.generate(prompt, res=res, prune=prune, progress=progress, **kwargs).images[0]
+    image.info["numerics"] = pipe.numerics
+    return image
 
 
-def cached_pipeline(model: str, device: str, dtype: torch.dtype | None) -> Pipeline:
+def cached_pipeline(model: str, device: str, dtype: torch.dtype | None, numerics: str | None = None) -> Pipeline:
     """The pipeline `sample` uses: loaded once, at most one model kept. Threads asking at the same time
     wait for one load; a pipeline in use by another thread stays valid when the cache moves on."""
-    key = (str(model), device, dtype)
+    numerics = resolve_numerics(numerics, device)[0]
+    key = (str(model), device, dtype, numerics)
     with _PIPELINES_LOCK:
         pipe = _PIPELINES.get(key)
         if pipe is None:
             _PIPELINES.clear()  # keep at most one model in memory
-            pipe = _PIPELINES[key] = load(model, device=device, dtype=dtype)
+            pipe = _PIPELINES[key] = load(model, device=device, dtype=dtype, numerics=numerics)
         return pipe
 
 
-_PIPELINES: dict[tuple[str, str, torch.dtype | None], Pipeline] = {}
+_PIPELINES: dict[tuple[str, str, torch.dtype | None, str], Pipeline] = {}
 _PIPELINES_LOCK = threading.Lock()
 
 

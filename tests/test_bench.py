@@ -217,3 +217,18 @@ def test_direct_mode_times_plain_generate_calls(tmp_path):
     assert run["label"] == "tiny 256 prune=on" and set(run["timings"]) == set(bench.PHASES)
     assert run["wall"] >= run["timings"]["transformer"]
     assert "Plain `Pipeline.generate` calls" in (tmp_path / "direct.md").read_text()
+
+
+def test_reports_never_write_through_a_symlink_in_the_output_folder(tmp_path):
+    """A link planted at a report's name (or at its old temporary's) is replaced, its target left alone."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("direct.json", "direct.md", ".direct.json.partial"):
+        (out / name).symlink_to(victim)
+    machine = {"cpu": "x", "logical_cpus": 1, "torch": "t", "cpu_capability": "c", "torch_threads": 1,
+               "loadavg": [0.0], "loadavg_end": [0.0]}
+    bench.write({"runs": [], "machine": machine}, out)
+    assert victim.read_text() == "precious"
+    assert json.loads((out / "direct.json").read_text())["runs"] == [] and not (out / "direct.json").is_symlink()

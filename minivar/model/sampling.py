@@ -24,7 +24,7 @@ import torch
 
 from .config import InfinityConfig
 from .pruning import BRANCHES, Pruner, PruneSchedule, ScaleRecord, model_stages
-from .transformer import Attn, Conditioning, Infinity, KVCache, cache_dtype
+from .transformer import Attn, Conditioning, Infinity, KVCache
 from .vae import add_scale_codes, bits_to_codes, bits_to_vae_layout, latent_to_tokens
 
 
@@ -154,9 +154,9 @@ def plan(cfg: InfinityConfig, scales: list[tuple[int, int]], template: float, s:
 # The loop
 # --------------------------------------------------------------------------------------------------
 def make_caches(model: Infinity, batch: int, p: Plan, device) -> list[KVCache]:
-    """One preallocated cache per layer, sized by the plan, in the weights' dtype
-    (transformer.cache_dtype: bf16 for published checkpoints, float32 for float32 weights)."""
-    dtype = cache_dtype(model.storage_dtype)
+    """One preallocated cache per layer, sized by the plan, in `Infinity.kv_dtype` (bf16 when the
+    weights or the compute are, float32 otherwise)."""
+    dtype = model.kv_dtype
     return [KVCache(batch, model.cfg.num_heads, p.kv_tokens[li], model.cfg.head_dim, dtype, device)
             for li in range(model.cfg.depth)]
 
