@@ -709,7 +709,7 @@ def compare_cases(cases: list[dict]) -> list[dict]:
                  else None]
         out += [ab(what, by[key], b) for what, key in filter(None, pairs) if key in by]
     for c in cases:  # --numerics arms: each mode against the reference numerics of the same case
-        ref = next((r for r in cases if r["numerics"] == "reference" and r["numerics"] != c["numerics"]
+        ref = next((r for r in cases if r.get("numerics") == "reference" != c.get("numerics")
                     and same_case(r, c)), None)
         if ref is not None:
             out.append(ab(f"numerics {c['numerics']}", ref, c))

@@ -511,7 +511,8 @@ class GroupMoments:
 
     def add(self, band: Tensor) -> None:
         n = band[:, 0].numel()
-        mean = band.sum((0, 2, 3), keepdim=True) / n  # two plain passes: 5x faster than var_mean here
+        # two plain passes (5x faster than var_mean here), accumulated in float32 even for bf16 maps
+        mean = band.sum((0, 2, 3), keepdim=True, dtype=torch.float32) / n
         var = (band - mean).square_().sum((0, 2, 3)) / n
         self.parts.append((n, mean.flatten().double(), var.double()))  # mean (1, C, 1, 1) -> (C,)
 
