@@ -25,7 +25,7 @@ The environment variable MINIVAR_NUMERICS sets the default for a whole process (
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
+from contextlib import ExitStack
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -83,16 +83,21 @@ def resolve(numerics: str | None, device: torch.device | str) -> tuple[str, str]
     return ("bf16" if fast else "fp32"), why
 
 
-def attention_kernels(device: torch.device | str, dtype: torch.dtype):
-    """The SDPA kernels half-precision attention may use on `device`: all of them, except on a CPU whose
-    ATen kernels are held below AVX-512 (ATEN_CPU_CAPABILITY), where the fused CPU kernel's bf16 path
-    stops on AMX CPUs ("pack_vnni2 is only supported when avx512 is supported"); the math kernel then
-    runs it (its products still go to oneDNN). A context manager."""
-    device = torch.device(device)
+def context(mode: str, device: torch.device | str, images: int = 1) -> ExitStack:
+    """What a generation (or a text encoding) of `images` images runs under, a context manager:
+    * "reference": products image by image (`parity.image_batch`), so no result depends on the batch;
+    * half-precision numerics on a CPU whose ATen kernels are held below AVX-512 (ATEN_CPU_CAPABILITY):
+      attention on SDPA's math kernel, because the fused CPU kernel's bf16 path stops there on AMX CPUs
+      ("pack_vnni2 is only supported when avx512 is supported"); its products still go to oneDNN."""
+    stack = ExitStack()
+    if mode == "reference":
+        from .parity import image_batch
+
+        stack.enter_context(image_batch(images))
     held = not torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and held:
-        return sdpa_kernel(SDPBackend.MATH)
-    return nullcontext()
+    if torch.device(device).type == "cpu" and COMPUTE_DTYPE.get(mode) == torch.bfloat16 and held:
+        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+    return stack
 
 
 def apply(mode: str, transformer, vae=None, text_encoder=None) -> None:

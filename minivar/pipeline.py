@@ -28,8 +28,7 @@ from .model.sampling import Plan, Settings, Trace, plan, run_scale_loop
 from .model.t5 import T5Encoder, Tokenizer
 from .model.transformer import Infinity
 from .model.vae import BSQVAE, VAEConfig, banded_decode_bytes, pixels_to_image, use_bands
-from .numerics import apply as apply_numerics, attention_kernels, resolve as resolve_numerics
-from .parity import image_batch
+from .numerics import apply as apply_numerics, context as numerics_context, resolve as resolve_numerics
 
 @dataclass
 class Output:
@@ -67,7 +66,7 @@ class Pipeline:
         if self.numerics != "reference":
             n = int(mask.sum(-1).max())
             ids, mask = ids[:, :n], mask[:, :n]
-        with attention_kernels(self.device, self.transformer.compute_dtype):
+        with numerics_context(self.numerics, self.device):
             hidden = self.text_encoder(ids.to(self.device), mask.to(self.device)).float()  # (B, n, Ct)
         lens = mask.sum(-1).tolist()
         return [h[:n] for h, n in zip(hidden, lens)], lens
@@ -142,9 +141,9 @@ class Pipeline:
             from tqdm.auto import tqdm
 
             progress = partial(tqdm, desc="scales", unit="scale", leave=False)
-        # reference numerics compute image by image (results don't depend on the batch); attention_kernels
-        # keeps bf16 attention on kernels this CPU's settings can run
-        with image_batch(len(prompts)), attention_kernels(self.device, self.transformer.compute_dtype):
+        # reference numerics compute image by image (results don't depend on the batch); bf16 attention
+        # stays on kernels this CPU's settings can run
+        with numerics_context(self.numerics, self.device, len(prompts)):
             return self.run(prompts, the_plan, settings, negative_prompt, Trace() if trace else None,
                             progress or None, decode=output_type == "pil")
 
@@ -296,11 +295,8 @@ def sample(prompt: str, res: int | None = None, prune=True, model: str = "infini
     if unknown := [k for k in kwargs if k not in takes]:  # all of this before loading a model
         raise TypeError(f"sample() got an unexpected keyword argument {unknown[0]!r}; it takes {', '.join(takes)}, "
                         "model, device, dtype and numerics")
-    check_arguments(model=model, res=res, prune=prune, progress=progress, **kwargs)
-    check_device(device)
-    dtype = check_dtype(dtype)
-    resolve_numerics(numerics, device)
-    pipe = cached_pipeline(model, device, dtype, numerics)
+    check_arguments(res=res, prune=prune, progress=progress, **kwargs)
+    pipe = cached_pipeline(model, device, dtype, numerics)  # checks the model, device, dtype and numerics first
     image = pipe.generate(prompt, res=res, prune=prune, progress=progress, **kwargs).images[0]
     image.info["numerics"] = pipe.numerics
     return image
@@ -309,17 +305,18 @@ def sample(prompt: str, res: int | None = None, prune=True, model: str = "infini
 def cached_pipeline(model: str, device: str, dtype: torch.dtype | None, numerics: str | None = None) -> Pipeline:
     """The pipeline `sample` uses: loaded once, at most one model kept. Threads asking at the same time
     wait for one load; a pipeline in use by another thread stays valid when the cache moves on."""
-    numerics = resolve_numerics(numerics, device)[0]
-    key = (str(model), device, dtype, numerics)
+    key = tuple(map(str, (model, device, dtype, numerics)))  # any value hashes; `load` judges them
     with _PIPELINES_LOCK:
         pipe = _PIPELINES.get(key)
         if pipe is None:
+            check_arguments(model=model)  # and what `load` checks before reading a file, before the cache empties
+            check_device(device), check_dtype(dtype), resolve_numerics(numerics, device)
             _PIPELINES.clear()  # keep at most one model in memory
             pipe = _PIPELINES[key] = load(model, device=device, dtype=dtype, numerics=numerics)
         return pipe
 
 
-_PIPELINES: dict[tuple[str, str, torch.dtype | None, str], Pipeline] = {}
+_PIPELINES: dict[tuple[str, str, str, str], Pipeline] = {}
 _PIPELINES_LOCK = threading.Lock()
 
 

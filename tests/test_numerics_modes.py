@@ -79,12 +79,23 @@ def test_a_bad_numerics_value_is_one_line_before_anything_loads(bad, tmp_path):
     assert "\n" not in str(e.value)
 
 
-def test_attention_kernels_keep_bf16_off_the_fused_cpu_kernel_when_aten_is_held_below_avx512(cpu):
+def test_the_context_keeps_bf16_attention_off_the_fused_cpu_kernel_when_aten_is_held_below_avx512(cpu):
+    from minivar import parity
+
+    flash = torch.backends.cuda.flash_sdp_enabled  # the backend switches SDPA reads on CPU too
     cpu(aten="AVX2")
-    assert type(numerics.attention_kernels("cpu", torch.bfloat16)).__name__ != "nullcontext"
-    assert type(numerics.attention_kernels("cpu", torch.float32)).__name__ == "nullcontext"
+    with numerics.context("bf16", "cpu"):
+        assert not flash() and torch.backends.cuda.math_sdp_enabled()
+    for mode in ("fp32", "reference"):
+        with numerics.context(mode, "cpu"):
+            assert flash()
     cpu(aten="AVX512")
-    assert type(numerics.attention_kernels("cpu", torch.bfloat16)).__name__ == "nullcontext"
+    with numerics.context("bf16", "cpu"):
+        assert flash()
+    with numerics.context("reference", "cpu", images=3):  # the reference numerics compute image by image
+        assert parity._IMAGES.get() == 3
+    with numerics.context("bf16", "cpu", images=3):
+        assert parity._IMAGES.get() == 1
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -140,7 +151,7 @@ def test_unpadded_text_encoding_agrees_with_the_padded_one():
         feats, lens = pipe.encode_text(prompts)
         ids, mask = pipe.tokenizer(prompts)
         assert max(lens) < ids.shape[1] == 512
-        with torch.no_grad(), numerics.attention_kernels("cpu", torch.bfloat16):
+        with torch.no_grad(), numerics.context(mode, "cpu"):
             padded = pipe.text_encoder(ids, mask).float()
         for f, p, n in zip(feats, padded, lens):
             assert f.shape[0] == n and rel_err(f, p[:n]) <= tol, (mode, rel_err(f, p[:n]))

@@ -10,7 +10,7 @@ from conftest import rel_err
 from safetensors.torch import load_file, save_file
 
 from minivar.loading.checkpoint import load_t5
-from minivar.numerics import attention_kernels
+from minivar import numerics
 from minivar.model.t5 import T5_PRESETS, T5Config, T5Encoder
 from minivar.model.t5 import Tokenizer
 from minivar.loading.weights import CheckpointError
@@ -41,8 +41,9 @@ def t5(tiny_dir: Path) -> T5Encoder:
 
 def encode(model: T5Encoder, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     # The kernels a generation would allow: the suite holds ATen to AVX2, where the fused CPU attention
-    # kernel's bf16 path stops on AMX CPUs (numerics.attention_kernels).
-    with torch.no_grad(), attention_kernels("cpu", next(model.parameters()).dtype):
+    # kernel's bf16 path stops on AMX CPUs (numerics.context).
+    mode = "bf16" if next(model.parameters()).dtype == torch.bfloat16 else "fp32"
+    with torch.no_grad(), numerics.context(mode, "cpu"):
         return model(ids, mask)
 
 

@@ -57,20 +57,17 @@ class RMSNorm(nn.Module):
         return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(self.eps))) * self.weight
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """F.linear with input, weight and bias all in `dtype`: a bf16-stored weight is read in place (bf16
-    compute) or upcast for this one product (fp32 compute); no full-precision copy of the model is kept."""
-    return F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
-
-
 class Linear(nn.Linear):
-    """nn.Linear that computes in `compute_dtype` whatever dtype its weights are stored in; the output is
-    in `compute_dtype`. `Infinity.set_compute_dtype` sets it on every layer (float32 until then).
-    The split-bias products (qkv, text kv) pass the bias they assemble from several parameters."""
+    """nn.Linear that computes in `compute_dtype` whatever dtype its weights are stored in: a bf16-stored
+    weight is read in place (bf16 compute) or upcast for this one product (fp32 compute), so no
+    full-precision copy of the model is kept. The output is in `compute_dtype`.
+    `Infinity.set_compute_dtype` sets it on every layer (float32 until then). The split-bias products
+    (qkv, text kv) pass the bias they assemble from several parameters."""
     compute_dtype = torch.float32
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return linear(x, self.weight, self.bias if bias is None else bias, self.compute_dtype)
+        dt, bias = self.compute_dtype, self.bias if bias is None else bias
+        return F.linear(x.to(dt), self.weight.to(dt), None if bias is None else bias.to(dt))
 
 
 class LayerNorm(nn.LayerNorm):
@@ -166,15 +163,6 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
-
-
-def cache_dtype(weight_dtype: torch.dtype) -> torch.dtype:
-    """The KV cache stores keys and values like the weights: bf16 (fp16) with half-precision weights,
-    float32 otherwise. It is the largest buffer of a generation after the weights (6.3 GiB in float32
-    for Infinity-2B at 1024x1024 unpruned), and attention reads it back in the queries' dtype. With bf16
-    weights, rounding the cached keys and values to bf16 moves sampled bits about as much as rounding
-    the weights does (README, "Running Infinity-2B on a laptop")."""
-    return weight_dtype if weight_dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
 # --------------------------------------------------------------------------------------------------
@@ -385,29 +373,31 @@ class Infinity(nn.Module):
         self.head_nm = AdaLNHead(C, cfg.norm_eps)
         self.head = Linear(C, 2 * cfg.d_vae)
         self.rope = Rope2D(cfg.head_dim)
+        self.compute_dtype = torch.float32  # of products and attention: `set_compute_dtype`
 
     @property
     def storage_dtype(self) -> torch.dtype:
         """The dtype the block weights are stored in (bf16 in the public checkpoints)."""
         return self.blocks[0].sa.mat_qkv.weight.dtype
 
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        """The dtype the products and attention run in: float32 or bfloat16 (`set_compute_dtype`).
-        Norms, RoPE, the residual stream, guidance and sampling stay float32 either way."""
-        return self.head.compute_dtype
-
     def set_compute_dtype(self, dtype: torch.dtype) -> Infinity:
-        """Compute every product in `dtype` from now on (the weights keep their storage dtype)."""
+        """Compute every product and attention in `dtype` (float32 or bfloat16) from now on; the weights keep
+        their storage dtype. Norms, RoPE, the residual stream, guidance and sampling stay float32 either way."""
         for module in self.modules():
             if isinstance(module, Linear):
                 module.compute_dtype = dtype
+        self.compute_dtype = dtype
         return self
 
     @property
     def kv_dtype(self) -> torch.dtype:
-        """The KV cache's dtype: half precision if the weights or the compute are (`cache_dtype`)."""
-        return cache_dtype(self.compute_dtype if self.compute_dtype != torch.float32 else self.storage_dtype)
+        """The KV cache stores keys and values in half precision when the compute or the weights are in it,
+        float32 otherwise. It is the largest buffer of a generation after the weights (6.3 GiB in float32
+        for Infinity-2B at 1024x1024 unpruned), and attention reads it back in the queries' dtype. With
+        bf16 weights, rounding the cached keys and values to bf16 moves sampled bits about as much as
+        rounding the weights does (README, "Running Infinity-2B on a laptop")."""
+        half = (torch.bfloat16, torch.float16)
+        return next((d for d in (self.compute_dtype, self.storage_dtype) if d in half), torch.float32)
 
     def condition(self, kv: torch.Tensor, segments: list[tuple[int, int]]) -> Conditioning:
         """Everything the text decides, once per generation.
