@@ -84,8 +84,10 @@ def refuse(d: dict, what: str, **supported) -> None:
 
 
 # hart-0.7b at 1024 px. The public config.json files were not readable from here: depth, width and heads
-# are inferred (24 x 1536 with 24 heads of 64 gives the 0.73 B parameters HART reports without AdaLN in
+# are inferred (24 x 1536 with 24 heads of 64 gives the 0.73 B parameters HART reports, without AdaLN in
 # the blocks, which FastVAR's patch of the `disable_aln` branch confirms); use_context_norm is assumed off.
+# tests/fixtures/hart_0.7b_*_keys.json list upstream's modules built with these values.
 PRESETS = {
-    "hart-0.7b": (HartConfig(), VQConfig()),  # 732 M transformer parameters incl. the diffusion MLP (step 2)
+    # 693 M transformer parameters here (730 M with step 2's diffusion MLP); tokenizer decoder side 65 M
+    "hart-0.7b": (HartConfig(), VQConfig()),
 }

@@ -35,16 +35,16 @@ def weight_file(folder: Path, part: str) -> Path:
     raise CheckpointError(f"HART {part} folder {folder} holds none of {', '.join(WEIGHT_FILES[part])}")
 
 
+def used_name(part: str, key: str) -> str | None:
+    """minivar's name of a checkpoint key of `part` ("llm" or "tokenizer"), or None if step 1 does not use it."""
+    name = key.removeprefix("vae.") if part == "tokenizer" else key
+    return None if name.startswith(STEP2_OR_UNUSED[part]) else name
+
+
 def read_part(folder: Path, part: str) -> dict[str, torch.Tensor]:
     """The tensors of one part that the discrete path uses, named as minivar names them (no `vae.`)."""
-    path = weight_file(folder, part)
-    sd = read_state_dict(path, what=f"HART {part} checkpoint")
-    out = {}
-    for key, value in sd.items():
-        name = key.removeprefix("vae.") if part == "tokenizer" else key
-        if not name.startswith(STEP2_OR_UNUSED[part]):
-            out[name] = value
-    return out
+    sd = read_state_dict(weight_file(folder, part), what=f"HART {part} checkpoint")
+    return {name: value for key, value in sd.items() if (name := used_name(part, key)) is not None}
 
 
 def load_configs(root: str | Path) -> tuple[HartConfig, VQConfig]:

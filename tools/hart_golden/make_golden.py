@@ -287,12 +287,67 @@ def patch_fastvar_reshape() -> None:
     exec(compile(src.replace(bad, ".reshape(B, -1, C)"), spec.origin, "exec"), module.__dict__)
 
 
+# hart-0.7b as assumed (its config.json files could not be read from here): see `keys`.
+REAL_TOKENIZER = dict(vocab_size=4096, z_channels=32, ch=160, ch_mult=[1, 1, 2, 2, 4], quantizer_type="var_hybrid",
+                      quant_resi=0.5, share_quant_resi=4, v_patch_nums=list(SCHEDULE_1024), hybrid=True)
+REAL_TRANSFORMER = dict(TRANSFORMER, depth=24, embed_dim=1536, num_heads=24, context_dim=1536, diff_width=1024,
+                        diff_depth=6, diffusion_batch_mul=4, patch_nums=list(SCHEDULE_1024), use_context_norm=False)
+
+
+def on_meta(build):
+    """Build a model whose parameters and buffers live on the meta device. Upstream's constructor calls
+    `.item()` (its drop-path rates), which the meta device refuses, so each tensor is created on the CPU
+    and moved to meta as it is registered."""
+    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+
+    def parameter(self, name, p):
+        register_parameter(self, name, None if p is None else nn.Parameter(p.to("meta"), p.requires_grad))
+
+    def buffer(self, name, t, persistent=True):
+        register_buffer(self, name, None if t is None else t.to("meta"), persistent)
+
+    nn.Module.register_parameter, nn.Module.register_buffer = parameter, buffer
+    try:
+        return build()
+    finally:
+        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
+
+
+def keys(out: Path, commit: str) -> None:
+    """Key listings of hart-0.7b's transformer (`llm/`) and tokenizer (`tokenizer/`) state dicts."""
+    import tempfile
+
+    from hart.modules.models.autoencoder import HARTAutoEncoderWithDisc
+    from hart.modules.models.autoencoder.configuration import HARTAutoEncoderWithDiscConfig
+    from hart.modules.models.transformer import HARTForT2I
+    from hart.modules.models.transformer.configuration import HARTForT2IConfig
+
+    with tempfile.TemporaryDirectory() as tok_dir:
+        (Path(tok_dir) / "config.json").write_text(json.dumps(REAL_TOKENIZER))
+        llm = on_meta(lambda: HARTForT2I(HARTForT2IConfig(**REAL_TRANSFORMER, vae_path=tok_dir)))
+        tok = on_meta(lambda: HARTAutoEncoderWithDisc(HARTAutoEncoderWithDiscConfig(**REAL_TOKENIZER)))
+    assumed = ("config.json of mit-han-lab/hart-0.7b-1024px not readable here; depth 24, width 1536, 24 heads, "
+               "use_context_norm false, diff_width 1024 and diff_depth 6 (upstream defaults) are assumptions; "
+               "context_token 300 and context_dim 1536 (Qwen2-VL-1.5B) are from upstream's sample.py and README")
+    for name, model, config in (("hart_0.7b_llm_keys.json", llm, REAL_TRANSFORMER),
+                                ("hart_0.7b_tokenizer_keys.json", tok, REAL_TOKENIZER)):
+        listing = dict(description=f"upstream {type(model).__name__} state_dict built on the meta device",
+                       upstream=dict(repository="github:mit-han-lab/hart", commit=commit), config=config,
+                       assumed=assumed, param_count=sum(p.numel() for p in model.parameters()),
+                       keys={k: [list(v.shape), str(v.dtype).removeprefix("torch.")]
+                             for k, v in model.state_dict().items()})
+        (out / name).write_text(json.dumps(listing, indent=1) + "\n")
+        print(f"{name}: {len(listing['keys'])} keys, {listing['param_count']:,} parameters")
+
+
 def child(args) -> None:
     sys.path.insert(0, str(Path(args.tree).resolve()))
     install_stand_ins()
     patch_fastvar_reshape()
     torch.set_num_threads(2)
     out = Path(args.fixture)
+    if args.keys:
+        return keys(out, args.spec)
     spec = json.loads(args.spec)
     if args.build:
         build_fixture_models(out, spec)
@@ -309,12 +364,20 @@ def main() -> None:
     ap.add_argument("--out", default="tests/fixtures")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--commit", help="upstream HART's commit, recorded in the key listings (default: git rev-parse)")
+    ap.add_argument("--keys", action="store_true", help="only write the hart-0.7b key listings into --out")
     ap.add_argument("--tree", help=argparse.SUPPRESS)
     ap.add_argument("--fixture", help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args)
+    if args.keys:
+        commit = args.commit or subprocess.run(["git", "-C", args.hart, "rev-parse", "HEAD"], capture_output=True,
+                                               text=True).stdout.strip()
+        subprocess.run([sys.executable, __file__, "--child", "--keys", "--tree", args.hart, "--fixture", args.out,
+                        "--spec", commit or "unknown"], check=True)
+        return
     trees = {"hart": args.hart, "fastvar": str(Path(args.fastvar) / "HART")}
     for name, spec in FIXTURES.items():
         fixture = Path(args.out) / name
