@@ -142,3 +142,19 @@ def test_keys_and_shapes_match_the_real_hart_checkpoints(listing, part):
     with torch.device("meta"):
         model = Hart(cfg) if part == "llm" else HartVQ(vq_cfg)
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == want
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(context=torch.zeros(1, 299, 24)), r"context must be text states \(B, 300, 24\)"),
+    (dict(context_position_ids=torch.zeros(1, 300)), "context_position_ids must be integer positions"),
+    (dict(cfg=float("nan")), "cfg=nan is invalid"),
+    (dict(seed=-1), "seed=-1 is invalid"),
+    (dict(force_tokens=[torch.zeros(1, 4, dtype=torch.long)]), r"force_tokens\[0\] must be integer codes of shape \(1, 1\)"),
+    (dict(force_tokens=[torch.full((1, 1), 1024)]), r"force_tokens\[0\] holds codes outside 0 \.\.\. 1023"),
+])
+def test_bad_generate_inputs_are_one_line_errors(change, match):
+    model, vq = models("hart-tiny-b")
+    args = dict(context=torch.zeros(1, 300, 24), context_position_ids=torch.zeros(1, 300, dtype=torch.long))
+    with pytest.raises(ValueError, match=match) as e:
+        generate(model, vq, **{**args, **change})
+    assert "\n" not in str(e.value)

@@ -18,6 +18,7 @@ token's logits are sampled.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -76,6 +77,7 @@ def generate(model: Hart, vq: HartVQ, context: torch.Tensor, context_position_id
     `force_tokens[si]` (B, l), when given, replaces scale si's draw (teacher forcing); the generator is
     consumed exactly as when sampling.
     """
+    check_inputs(model, context, context_position_ids, cfg, seed, force_tokens)
     prune = prune or PruneSchedule.none()
     pns, n, B = model.cfg.patch_nums, len(model.cfg.patch_nums), context.shape[0]
     gen = torch.Generator(context.device).manual_seed(seed) if seed is not None else None
@@ -108,3 +110,26 @@ def generate(model: Hart, vq: HartVQ, context: torch.Tensor, context_position_id
             nxt = torch.nn.functional.interpolate(f_hat, size=(pns[si + 1],) * 2, mode="area")
             x = model.embed_scale(model.word_embed(nxt.flatten(2).transpose(1, 2)), si + 1).repeat(2, 1, 1)
     return vq.decode(f_hat)
+
+
+def check_inputs(model: Hart, context: torch.Tensor, pos: torch.Tensor, cfg: float, seed: int | None,
+                 force_tokens: list[torch.Tensor] | None) -> None:
+    """One ValueError line, before any work, for inputs that do not fit the model."""
+    c = model.cfg
+    if not isinstance(context, torch.Tensor) or context.ndim != 3 or tuple(context.shape[1:]) != (c.context_token, c.context_dim):
+        got = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
+        raise ValueError(f"context must be text states (B, {c.context_token}, {c.context_dim}), got {got}")
+    if not isinstance(pos, torch.Tensor) or tuple(pos.shape) != tuple(context.shape[:2]) or pos.is_floating_point():
+        got = tuple(pos.shape) if isinstance(pos, torch.Tensor) else type(pos).__name__
+        raise ValueError(f"context_position_ids must be integer positions {tuple(context.shape[:2])}, got {got}")
+    if not isinstance(cfg, (int, float)) or isinstance(cfg, bool) or not math.isfinite(cfg):
+        raise ValueError(f"cfg={cfg!r} is invalid: use a finite number (HART's default is 4.5)")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64):
+        raise ValueError(f"seed={seed!r} is invalid: use None or a whole number 0 ... 2**64-1")
+    for si, tokens in enumerate(force_tokens or []):
+        want = (context.shape[0], 1 if si == 0 else c.patch_nums[si] ** 2)
+        if si >= len(c.patch_nums) or tuple(tokens.shape) != want or tokens.is_floating_point():
+            raise ValueError(f"force_tokens[{si}] must be integer codes of shape {want} (scale {si} of "
+                             f"{len(c.patch_nums)}), got {tuple(tokens.shape)}")
+        if tokens.numel() and not 0 <= int(tokens.min()) <= int(tokens.max()) < c.vocab_size:
+            raise ValueError(f"force_tokens[{si}] holds codes outside 0 ... {c.vocab_size - 1}")
