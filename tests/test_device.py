@@ -1,0 +1,88 @@
+"""Device-agnostic generation, checked on the CPU: `minivar.load` and the whole `Pipeline.generate` run
+with the models on a pretend accelerator (tests/pretend_device.py), where an op that mixes devices, a
+generator on the wrong device or a float64 tensor on the device raises. Results must equal the CPU
+run's up to rounding (ATen's composite ops take their non-CPU kernels there)."""
+import numpy as np
+import pytest
+import torch
+
+from minivar.model import vae as vae_module
+from helpers import PROMPT, SETTINGS, load_tiny, rel_err, tiny_pipeline
+from pretend_device import PRETEND, DeviceMix, Float64OnDevice, OnDevice, on_cpu, pretend_device
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# Together the cases reach every part of the path: text (with a negative prompt: T5 twice), the scale
+# loop unpruned and with prune=True, StageVAR's projection selector and CFG stop, the random selector
+# (a CPU generator by design), guidance mixed inside the blocks, and the whole-map and banded decoders.
+CASES = {
+    "plain, whole-map decode": dict(res=256),
+    "prune=True, banded decode": dict(res=512, prune=True, tiled=True),
+    "stagevar, negative prompt, banded": dict(res=512, prune="stagevar", tiled=True, negative_prompt="blurry"),
+    "random selector, CFG inside the blocks, two prompts": dict(
+        res=256, cfg_insertion_layer=-1, prune={"drop": {5: 0.5}, "cache_scale": 4, "selector": "random"},
+        prompts=[PROMPT, "a blue car"]),
+}
+# Float64 on the CPU, by the minivar function that makes it: StageVAR's random projection is drawn
+# once per generation in float64 on the CPU, so that every device gets the same matrix; only its
+# float32 copy moves to the device.
+CPU_FLOAT64 = {"stagevar, negative prompt, banded": {"projection_matrix"}}
+# SDPA's and GroupNorm's non-CPU kernels (see pretend_device.py) move logits by up to 1.4e-4.
+LOGIT_TOL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def device_pipe():
+    """A fresh tiny-a pipeline, loaded onto the pretend device."""
+    with pretend_device():
+        return load_tiny(device=PRETEND)
+
+
+def generate(pipe, case: dict, monkeypatch, **extra):
+    kw = {**SETTINGS, **case, **extra}
+    prompts, tiled = kw.pop("prompts", PROMPT), kw.pop("tiled", False)
+    if tiled:  # bands of about 20 rows at full resolution: most maps are merged from several bands
+        monkeypatch.setattr(vae_module, "TILE_ABOVE", 0)
+        monkeypatch.setattr(vae_module, "BAND_ELEMS", 1 << 18)
+    return pipe.generate(prompts, trace=True, **kw)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_generate_on_a_device_keeps_every_op_there_and_matches_the_cpu(device_pipe, case, monkeypatch):
+    """Teacher-forced with the CPU run's bits, so that both runs see the same inputs at every scale."""
+    ref = generate(tiny_pipeline(), CASES[case], monkeypatch)
+    with pretend_device() as check:
+        out = generate(device_pipe, CASES[case], monkeypatch, force_bits=ref.trace.bits)
+        assert isinstance(out.summed_codes, OnDevice)
+        trace = on_cpu(out.trace)
+    assert check.ops > 1000 and check.cpu_float64 == CPU_FLOAT64.get(case, set())
+    for si, (a, b) in enumerate(zip(trace.logits, ref.trace.logits)):
+        assert rel_err(a, b) < LOGIT_TOL, f"scale {si}"
+    for a, b in zip(out.images, ref.images):
+        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 2
+
+
+def test_banded_decode_keeps_its_statistics_on_the_device_in_float32(monkeypatch):
+    """The banded decoder merged its GroupNorm statistics in a CPU float64 tensor: a device mix on any
+    GPU, and a dtype that MPS does not have."""
+    monkeypatch.setattr(vae_module, "BAND_ELEMS", 24 * 64 * 3)
+    z = torch.randn(1, 32, 4, 3, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = tiny_pipeline().vae.decode(z, tiled=True)
+        with pretend_device() as check:
+            out = load_tiny(device=PRETEND).vae.decode(z.to(PRETEND), tiled=True).cpu()
+    assert not check.cpu_float64 and (out - ref).abs().max() <= 1e-5
+
+
+def test_the_checker_catches_a_device_mix_a_cpu_generator_and_float64():
+    with pretend_device():
+        x = torch.ones(3, 2).to(PRETEND)
+        with pytest.raises(DeviceMix, match="mixes devices"):
+            x * torch.ones(3, 2)
+        x * torch.tensor(2.0)  # a 0-dim CPU tensor is a scalar, as on CUDA
+        with pytest.raises(DeviceMix, match="generator on cpu"):
+            torch.multinomial(x, 1, generator=torch.Generator().manual_seed(0))
+        torch.multinomial(x, 1, generator=torch.Generator(device=x.device).manual_seed(0))
+        with pytest.raises(Float64OnDevice):
+            x.double()
+        assert isinstance(torch.tensor([1.0], device=x.device), OnDevice)
