@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from minivar import pipeline
 from minivar.model import vae as vae_module
+from minivar.model.pruning import projection_matrix
 from helpers import PROMPT, SETTINGS, load_tiny, rel_err, tiny_pipeline
 from pretend_device import PRETEND, DeviceMix, Float64OnDevice, OnDevice, on_cpu, pretend_device
 
@@ -72,6 +74,23 @@ def test_banded_decode_keeps_its_statistics_on_the_device_in_float32(monkeypatch
         with pretend_device() as check:
             out = load_tiny(device=PRETEND).vae.decode(z.to(PRETEND), tiled=True).cpu()
     assert not check.cpu_float64 and (out - ref).abs().max() <= 1e-5
+
+
+def test_the_projection_is_drawn_on_the_cpu_whatever_the_default_device():
+    """Every device gets the same StageVAR projection: under another default device it was drawn there
+    (on meta: no values at all; on CUDA: from the CPU generator, which CUDA refuses)."""
+    with torch.device("meta"):
+        inside = projection_matrix(16, 4, seed=3)
+    assert inside.device.type == "cpu" and torch.equal(inside, projection_matrix(16, 4, seed=3))
+
+
+def test_phase_times_wait_for_the_device(device_pipe, monkeypatch):
+    """A GPU op returns before it runs: `Output.timings` synchronises the device at every phase boundary."""
+    waited = []
+    monkeypatch.setattr(pipeline, "synchronize", waited.append)
+    with pretend_device():
+        device_pipe.generate(PROMPT, res=256, output_type="latent", **SETTINGS)
+    assert waited == [PRETEND] * 4
 
 
 def test_the_checker_catches_a_device_mix_a_cpu_generator_and_float64():

@@ -79,6 +79,7 @@ from ..pipeline import GiB, kv_cache_bytes
 from ..model.transformer import cache_dtype
 from .. import parity
 from ..pipeline import Pipeline
+from ..pipeline import synchronize as sync
 from ..model.pruning import model_stages, resolve_prune
 from ..model.pruning import PruneSchedule
 from ..model.sampling import Settings, plan
@@ -231,11 +232,6 @@ def pin_decode_mode(vae: BSQVAE, tiled: bool | None) -> None:
 # --------------------------------------------------------------------------------------------------
 # Measuring: a scale clock, a layer clock, a peak-memory sampler, matmul and convolution peaks
 # --------------------------------------------------------------------------------------------------
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class ScaleClock:
     """generate's `progress` hook: stamps the start of every scale that runs, and the loop's end."""
 
