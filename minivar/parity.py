@@ -125,23 +125,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out
 
 
-class Linear(nn.Linear):
-    """nn.Linear computed by `linear`: bf16-stored weights give fp32 math on CPU, image by image."""
+class Linear(transformer.Linear):
+    """The model's Linear computed by `linear`: bf16-stored weights give fp32 math on CPU, image by image
+    (its own `compute_dtype` is not read)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
-
-
-class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32 whatever the storage dtype of its parameters."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
-
-
-class ParitySelfAttention(transformer.SelfAttention):
-    """Its qkv product (one weight, a bias assembled from three parameters) computed by `linear`."""
-    linear = staticmethod(linear)
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return linear(x, self.weight, self.bias if bias is None else bias)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -177,7 +166,7 @@ class ParityCrossAttention(transformer.CrossAttention):
         if self not in text.kv:  # keys and values of each text pack (an image's), once per generation
             bias = torch.cat((self.zero_k_bias, self.v_bias))
             with image_batch(1):
-                text.kv[self] = [linear(t, self.mat_kv.weight, bias).view(t.shape[0], 2, self.heads, self.head_dim)
+                text.kv[self] = [self.mat_kv(t, bias).view(t.shape[0], 2, self.heads, self.head_dim)
                                  .to(TEXT_ATTENTION_DTYPE) for t in text.tokens]
         if self.pool:
             R, L = rows, 1
@@ -217,6 +206,5 @@ def flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> to
     return out.transpose(1, 2)  # (B, Lq, H, hd) -> (B, H, Lq, hd)
 
 
-PARITY_CLASSES: dict[type, type] = {nn.Linear: Linear, nn.LayerNorm: LayerNorm, transformer.SelfAttention: ParitySelfAttention,
-                                    transformer.CrossAttention: ParityCrossAttention,
+PARITY_CLASSES: dict[type, type] = {transformer.Linear: Linear, transformer.CrossAttention: ParityCrossAttention,
                                     transformer.Infinity: ParityInfinity}

@@ -6,10 +6,11 @@
 """
 from __future__ import annotations
 
-import math
+import inspect
 import os
 import threading
 import time
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -25,8 +26,9 @@ from .model.config import BUDGETS, HIGH_RES, RES_TO_BUDGET, InfinityConfig, near
 from .model.pruning import PruneSchedule, is_index, is_real, model_stages, resolve_prune
 from .model.sampling import Plan, Settings, Trace, plan, run_scale_loop
 from .model.t5 import T5Encoder, Tokenizer
-from .model.transformer import Infinity, cache_dtype
+from .model.transformer import Infinity
 from .model.vae import BSQVAE, VAEConfig, banded_decode_bytes, pixels_to_image, use_bands
+from .numerics import apply as apply_numerics, attention_kernels, resolve as resolve_numerics
 from .parity import image_batch
 
 @dataclass
@@ -37,7 +39,8 @@ class Output:
     scales: list[tuple[int, int]]
     prune: PruneSchedule
     timings: dict[str, float] = field(default_factory=dict)
-    stages: list[str] = field(default_factory=list)  # per scale of `scales`: presets.stages against the model
+    stages: list[str] = field(default_factory=list)  # per scale of `scales`: pruning.model_stages against the model
+    numerics: str = ""  # what the math ran in: "bf16", "fp32" or "reference" (numerics.py)
 
     @property
     def image(self) -> Image.Image:
@@ -46,16 +49,25 @@ class Output:
 
 class Pipeline:
     def __init__(self, transformer: Infinity, vae: BSQVAE, text_encoder: T5Encoder, tokenizer: Tokenizer,
-                 name: str = "custom", device: str | torch.device = "cpu"):
+                 name: str = "custom", device: str | torch.device = "cpu", numerics: str = "fp32",
+                 numerics_reason: str = ""):
         self.transformer, self.vae, self.text_encoder, self.tokenizer = transformer, vae, text_encoder, tokenizer
         self.name, self.device = name, torch.device(device)
+        self.numerics, self.numerics_reason = numerics, numerics_reason  # numerics.py: "bf16", "fp32", "reference"
 
     # ---- text ------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> tuple[list[torch.Tensor], list[int]]:
-        """T5 features of each prompt's real tokens (EOS included): list of (n_i, Ct), and the n_i."""
+        """T5 features of each prompt's real tokens (EOS included): list of (n_i, Ct), and the n_i.
+
+        Upstream encodes 512 positions, padding included; the padding is masked out of every real
+        token's attention, so only the reference numerics pay for it (the features agree within
+        rounding, tests/test_numerics_modes.py). The others encode up to the longest prompt."""
         ids, mask = self.tokenizer(prompts)
-        hidden = self.text_encoder(ids.to(self.device), mask.to(self.device)).float()  # (B, 512, Ct)
+        if self.numerics != "reference":
+            n = int(mask.sum(-1).max())
+            ids, mask = ids[:, :n], mask[:, :n]
+        hidden = self.text_encoder(ids.to(self.device), mask.to(self.device)).float()  # (B, n, Ct)
         lens = mask.sum(-1).tolist()
         return [h[:n] for h, n in zip(hidden, lens)], lens
 
@@ -122,14 +134,16 @@ class Pipeline:
         settings = Settings(cfg, tau, int(top_k), float(top_p), seed, cfg_insertion_layer, cfg_stop_scale, force_bits)
         the_plan = plan(model_cfg, scales, nearest_template(h_div_w), settings, schedule)
         check_force_bits(force_bits, [(len(prompts), *step.hw, model_cfg.d_vae) for step in the_plan.ran])
-        kv_itemsize = cache_dtype(self.transformer.storage_dtype).itemsize
+        kv_itemsize = self.transformer.kv_dtype.itemsize
         need = estimate(the_plan, model_cfg, self.vae.cfg, len(prompts), kv_itemsize)
         check_memory(need, self.device, f"generating {len(prompts)} image(s) at res={res}")
         if progress is True:  # a tqdm bar over the scales; a callable wrapping the scale indices is used as is
             from tqdm.auto import tqdm
 
             progress = partial(tqdm, desc="scales", unit="scale", leave=False)
-        with image_batch(len(prompts)):  # compute small ops image by image: results don't depend on the batch
+        # reference numerics compute image by image (results don't depend on the batch); attention_kernels
+        # keeps bf16 attention on kernels this CPU's settings can run
+        with image_batch(len(prompts)), attention_kernels(self.device, self.transformer.compute_dtype):
             return self.run(prompts, the_plan, settings, negative_prompt, Trace() if trace else None,
                             progress or None, decode=output_type == "pil")
 
@@ -150,7 +164,7 @@ class Pipeline:
         stamps.append(clock(self.device))
         times = dict(zip(("text", "transformer", "vae"), np.diff(stamps).tolist()))
         return Output(images, summed.squeeze(2).float().contiguous(), trace, p.scales, p.prune, times,
-                      [step.stage for step in p.steps])
+                      [step.stage for step in p.steps], self.numerics)
 
     def stages(self, scales: list[tuple[int, int]]) -> list[str]:
         """The StageVAR stage of each scale (`pruning.stages`), against the model's own reference grid."""
@@ -212,12 +226,20 @@ def to_pixels(image) -> torch.Tensor:
         image = np.array(image.convert("RGB"))
     if isinstance(image, np.ndarray):
         image = torch.from_numpy(np.array(image))  # a writable copy
+    if not isinstance(image, torch.Tensor):
+        raise bad("image", image, IMAGE_FORMS)
     if image.dtype == torch.uint8:
+        if image.ndim not in (3, 4) or image.shape[-1] != 3:
+            raise bad("image", image, f"a uint8 image is (H, W, 3) or (B, H, W, 3) RGB; {IMAGE_FORMS}")
         from .model.vae import image_to_pixels
         return image_to_pixels(image)
-    if image.ndim != 4 or image.shape[1] != 3:
-        raise ValueError(f"expected a float image (B, 3, H, W) in [-1, 1], got shape {tuple(image.shape)}")
+    ok = image.is_floating_point() and image.ndim == 4 and image.shape[1] == 3 and image.numel() > 0
+    if not ok or not torch.isfinite(image).all() or image.abs().max() > 1:
+        raise bad("image", image, f"a float image is (B, 3, H, W) with values in [-1, 1]; {IMAGE_FORMS}")
     return image.float().contiguous()
+
+
+IMAGE_FORMS = "use a PIL image, a path, a uint8 (H, W, 3) array or tensor, or a float tensor (B, 3, H, W) in [-1, 1]"
 
 
 def resize_crop(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
@@ -236,23 +258,29 @@ def resize_crop(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 def load(name: str | Path | None = None, *, transformer: str | Path | None = None, vae: str | Path | None = None,
          text_encoder: str | Path | None = None, config=None, vae_config=None, device: str = "cpu",
-         dtype: torch.dtype | None = None, revision: str | None = None) -> Pipeline:
+         dtype: torch.dtype | None = None, revision: str | None = None, numerics: str | None = None) -> Pipeline:
     """Load a pipeline from a preset name ("infinity-2b", "infinity-8b", "toy"), a model directory, or
-    explicit files.
+    explicit files, onto `device` ("cpu", "cuda", "cuda:N", "mps" or a torch.device).
 
     Files given explicitly win over the preset's; missing preset files are downloaded (see hub.py),
-    from `revision` of the model repo if given. `dtype=None` keeps every tensor in the dtype its file
-    stores, memory-mapped without a copy (Infinity: bf16; flan-t5-xl and the VAEs: float32); a dtype
-    casts the transformer to it (`torch.float32` for parity work). On CPU the VAE and T5 are float32
-    whatever `dtype` says, and all math runs in float32 (see parity.py).
+    from `revision` of the model repo if given. `numerics` (numerics.py) decides what the math runs in:
+    "auto" (the default, or $MINIVAR_NUMERICS): "bf16" where the device has fast bf16, else "fp32";
+    "reference": upstream's CPU numbers bit for bit. `pipe.numerics` says what was chosen.
+    `dtype=None` keeps the transformer's weights in the dtype its file stores, memory-mapped without a
+    copy (Infinity: bf16), except that "bf16" stores float32 weights in bf16; a dtype casts them to it
+    (the names "fp32", "bf16", "fp16" work too). The VAE and T5 are float32, or bf16 under "bf16".
     """
     from .loading.hub import resolve_files
 
+    check_arguments(name=name, transformer=transformer, vae=vae, text_encoder=text_encoder, config=config,
+                    vae_config=vae_config, revision=revision)  # before any file is read or downloaded
+    check_device(device)
+    dtype = check_dtype(dtype)
+    mode, why = resolve_numerics(numerics, device)
     files = resolve_files(name, transformer=transformer, vae=vae, text_encoder=text_encoder,
                           config=config, vae_config=vae_config, revision=revision)
-    # On CPU, bf16 is storage only: the transformer upcasts per matmul. The VAE and T5 stay float32
-    # (their published dtype, so still mapped): CPU half-precision convolutions and matmuls are very slow.
-    side_dtype = torch.float32 if torch.device(device).type == "cpu" else dtype
+    # Reference numerics on CPU: bf16 is storage only, the VAE and T5 float32 (their published dtype).
+    side_dtype = torch.bfloat16 if mode == "bf16" else torch.float32 if torch.device(device).type == "cpu" else dtype
     vae_model = load_vae(files.vae, files.vae_config, device=device, dtype=side_dtype)
     cfg = files.config
     if not isinstance(cfg, InfinityConfig):
@@ -261,7 +289,8 @@ def load(name: str | Path | None = None, *, transformer: str | Path | None = Non
     config_name = "the Infinity config" + (f" {files.config}" if isinstance(files.config, (str, Path)) else "")
     model = load_infinity(files.transformer, cfg, device=device, dtype=dtype, config_name=config_name)
     t5 = load_t5(files.text_encoder, device=device, dtype=side_dtype)
-    return Pipeline(model, vae_model, t5, Tokenizer.from_dir(files.text_encoder), files.name, device)
+    apply_numerics(mode, model, vae_model, t5)
+    return Pipeline(model, vae_model, t5, Tokenizer.from_dir(files.text_encoder), files.name, device, mode, why)
 
 
 def fit_bits_to_vae(cfg: InfinityConfig, vae_cfg: VAEConfig) -> InfinityConfig:
@@ -272,28 +301,39 @@ def fit_bits_to_vae(cfg: InfinityConfig, vae_cfg: VAEConfig) -> InfinityConfig:
 
 
 def sample(prompt: str, res: int | None = None, prune=True, model: str = "infinity-2b", device: str = "cpu",
-           dtype: torch.dtype | None = None, progress=True, **kwargs) -> Image.Image:
+           dtype: torch.dtype | None = None, progress=True, numerics: str | None = None, **kwargs) -> Image.Image:
     """One call from a prompt to a PIL image: loads (downloading if needed, then caching) the model,
-    then generates with a progress bar over the scales. `model="toy"` runs offline."""
+    then generates with a progress bar over the scales. `model="toy"` runs offline. The image's
+    `info["numerics"]` says which numerics ran (see `load`)."""
     check_prompt_text("prompt", prompt)  # one prompt, one image (Pipeline.generate takes a list)
-    check_arguments(res=res, prune=prune, progress=progress, **kwargs)  # before loading a model
-    return cached_pipeline(model, device, dtype).generate(prompt, res=res, prune=prune, progress=progress,
-                                                           **kwargs).images[0]
+    takes = [k for k in inspect.signature(Pipeline.generate).parameters if k not in ("self", "prompt", "output_type")]
+    if unknown := [k for k in kwargs if k not in takes]:  # all of this before loading a model
+        raise TypeError(f"sample() got an unexpected keyword argument {unknown[0]!r}; it takes {', '.join(takes)}, "
+                        "model, device, dtype and numerics")
+    check_arguments(model=model, res=res, prune=prune, progress=progress, **kwargs)
+    check_device(device)
+    dtype = check_dtype(dtype)
+    resolve_numerics(numerics, device)
+    pipe = cached_pipeline(model, device, dtype, numerics)
+    image = pipe.generate(prompt, res=res, prune=prune, progress=progress, **kwargs).images[0]
+    image.info["numerics"] = pipe.numerics
+    return image
 
 
-def cached_pipeline(model: str, device: str, dtype: torch.dtype | None) -> Pipeline:
+def cached_pipeline(model: str, device: str, dtype: torch.dtype | None, numerics: str | None = None) -> Pipeline:
     """The pipeline `sample` uses: loaded once, at most one model kept. Threads asking at the same time
     wait for one load; a pipeline in use by another thread stays valid when the cache moves on."""
-    key = (str(model), device, dtype)
+    numerics = resolve_numerics(numerics, device)[0]
+    key = (str(model), device, dtype, numerics)
     with _PIPELINES_LOCK:
         pipe = _PIPELINES.get(key)
         if pipe is None:
             _PIPELINES.clear()  # keep at most one model in memory
-            pipe = _PIPELINES[key] = load(model, device=device, dtype=dtype)
+            pipe = _PIPELINES[key] = load(model, device=device, dtype=dtype, numerics=numerics)
         return pipe
 
 
-_PIPELINES: dict[tuple[str, str, torch.dtype | None], Pipeline] = {}
+_PIPELINES: dict[tuple[str, str, torch.dtype | None, str], Pipeline] = {}
 _PIPELINES_LOCK = threading.Lock()
 
 
@@ -312,6 +352,10 @@ _PIPELINES_LOCK = threading.Lock()
 # ==================================================================================================
 MAX_PROMPT_CHARS = 20_000  # far beyond T5's 512 tokens; longer input is almost surely a mistake
 MAX_SEED = 2**64 - 1       # torch generators take a 64-bit unsigned seed
+# Far past any useful guidance (upstream uses 3 to 4) and temperature (below it sampling is already
+# greedy; top_k=1 is exactly greedy); beyond them the scaled logits or hidden states overflow float32
+# into NaN probabilities (cfg 1e30 mixed into the hidden state, tau 1e-38).
+MAX_CFG, MIN_TAU = 1000.0, 1e-4
 PRUNE_WORDS = ("fastvar", "stagevar", "preset")
 BUDGET_NAMES = [*BUDGETS, *HIGH_RES]
 
@@ -330,8 +374,10 @@ ARGUMENTS: dict[str, tuple[Callable[[object], bool], str]] = {
             "or None"),
     # nearest_template raises its own line for a ratio it cannot snap, naming the trained templates
     "h_div_w": (lambda v: nearest_template(v) > 0, "use a height/width ratio near a trained template"),
-    "cfg": (lambda v: is_per_scale(v, math.isfinite), "use a finite number, or a list of one per scale"),
-    "tau": (lambda v: is_per_scale(v, lambda t: t > 0), "use a finite number > 0, or a list of one per scale"),
+    "cfg": (lambda v: is_per_scale(v, lambda c: abs(c) <= MAX_CFG),
+            f"use a number in -{MAX_CFG:g}..{MAX_CFG:g}, or a list of one per scale"),
+    "tau": (lambda v: is_per_scale(v, lambda t: t >= MIN_TAU),
+            f"use a finite number >= {MIN_TAU:g} (top_k=1 samples greedily), or a list of one per scale"),
     "top_k": (lambda v: is_index(v) and v >= 0, "use an integer >= 0 (0 turns the top-k filter off)"),
     "top_p": (lambda v: is_real(v) and 0 <= v <= 1,
               "use a number in [0, 1] (0 or 1 turn the top-p filter off, as upstream's 0 does)"),
@@ -351,12 +397,36 @@ ARGUMENTS: dict[str, tuple[Callable[[object], bool], str]] = {
 }
 
 
+def is_path(v) -> bool:
+    return isinstance(v, os.PathLike) or (isinstance(v, str) and v.strip() != "")
+
+
+# minivar.load's arguments (and sample's `model`), by the same rules; `device` and `dtype` have their own checks.
+MODEL_NAME = (lambda v: v is None or is_path(v), "use a preset ('infinity-2b', 'infinity-8b', 'toy'), a model "
+              "directory, or None with every file given")
+LOAD_ARGUMENTS: dict[str, tuple[Callable[[object], bool], str]] = {
+    "name": MODEL_NAME,
+    "model": MODEL_NAME,
+    **{part: (lambda v: v is None or is_path(v), "use a path (a str or Path) or None")
+       for part in ("transformer", "vae", "text_encoder")},
+    "config": (lambda v: v is None or is_path(v) or isinstance(v, (dict, InfinityConfig)),
+               "use a JSON file, a dict of upstream constructor arguments, an InfinityConfig or None"),
+    "vae_config": (lambda v: v is None or is_path(v) or isinstance(v, (dict, VAEConfig)),
+                   "use a VAE preset name, a JSON file, a dict, a VAEConfig or None"),
+    "revision": (lambda v: v is None or (isinstance(v, str) and v.strip() != ""),
+                 "use a branch, tag or commit of the model's hub repo, or None"),
+}
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+               "float16": torch.float16, "fp16": torch.float16}
+
+
 def check_arguments(**values) -> None:
-    """Check the generation arguments given (by their `Pipeline.generate` names); others pass through."""
+    """Check the arguments given, by their `Pipeline.generate` or `minivar.load` names; others pass through."""
     for name, value in values.items():
-        if name not in ARGUMENTS:
+        if name not in ARGUMENTS and name not in LOAD_ARGUMENTS:
             continue
-        accepts, allowed = ARGUMENTS[name]
+        accepts, allowed = ARGUMENTS.get(name) or LOAD_ARGUMENTS[name]
         if not accepts(value):
             raise bad(name, value, allowed)
         if name in ("prompt", "negative_prompt") and value is not None:
@@ -366,7 +436,7 @@ def check_arguments(**values) -> None:
 
 
 def check_prompt_text(name: str, text, blank_ok: bool = False) -> None:
-    """One prompt: a string of valid Unicode, not too long, with something to read unless `blank_ok`."""
+    """One prompt: a string of valid Unicode, not too long, with something visible unless `blank_ok`."""
     if not isinstance(text, str):
         raise bad(name, text, "use a string")
     if len(text) > MAX_PROMPT_CHARS:
@@ -377,8 +447,49 @@ def check_prompt_text(name: str, text, blank_ok: bool = False) -> None:
     except UnicodeEncodeError as e:  # a lone surrogate, e.g. undecodable bytes from the command line
         raise bad(name, text, f"it is not valid Unicode text (character {e.start} cannot be encoded as "
                               "UTF-8); pass UTF-8 text") from None
-    if not blank_ok and not text.strip():
-        raise bad(name, text, "the prompt is empty or blank; describe the image to generate")
+    if not blank_ok and not any(map(is_visible, text)):
+        raise bad(name, text, "the prompt is empty or blank (nothing visible); describe the image to generate")
+
+
+def is_visible(char: str) -> bool:
+    """Not whitespace, a control or format character (zero-width space, joiner, BOM: categories C and Z) nor
+    a blank letter (the Hangul fillers, the braille blank)."""
+    return unicodedata.category(char)[0] not in "CZ" and char not in BLANK_LETTERS
+
+
+BLANK_LETTERS = "\u115f\u1160\u3164\uffa0\u2800"
+
+
+def device_available(kind: str) -> bool:
+    """Whether this torch build and machine have a device of this type ("cpu", "cuda" or "mps")."""
+    return {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}[kind]
+
+
+def check_device(device) -> None:
+    """`device` of load and sample: "cpu", "cuda", "cuda:N", "mps" or a torch.device, of a kind this machine has."""
+    here = ", ".join(repr(kind) for kind in DEVICE_TYPES if device_available(kind))
+    try:
+        d = torch.device(device) if isinstance(device, (str, torch.device)) else None
+    except RuntimeError:  # not a device string torch knows
+        d = None
+    if d is None or d.type not in DEVICE_TYPES:
+        raise bad("device", device, f"use 'cpu', 'cuda', 'cuda:N' or 'mps' (a string or torch.device); this "
+                                    f"machine has {here}")
+    if not device_available(d.type):
+        raise bad("device", device, f"this machine (torch {torch.__version__}) has no {d.type} device; use {here}")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise bad("device", device, f"this machine has {torch.cuda.device_count()} CUDA device(s), "
+                                    f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+
+
+def check_dtype(dtype) -> torch.dtype | None:
+    """`dtype` of load and sample -> None or a torch dtype; the names of DTYPE_NAMES ("bf16", ...) map to theirs."""
+    if isinstance(dtype, str) and dtype in DTYPE_NAMES:
+        return DTYPE_NAMES[dtype]
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype in DTYPE_NAMES.values()):
+        return dtype
+    raise bad("dtype", dtype, "use None (each file's own dtype), torch.float32, torch.bfloat16, torch.float16 or "
+                              f"one of the names {', '.join(map(repr, DTYPE_NAMES))}")
 
 
 def is_per_scale(value, test: Callable[[float], bool]) -> bool:
@@ -484,6 +595,23 @@ def kv_cache_bytes(p: Plan, cfg: InfinityConfig, rows: int, itemsize: int = F32)
     return 2 * rows * sum(p.kv_tokens) * cfg.embed_dim * itemsize
 
 
+def restore_cache_bytes(p: Plan, cfg: InfinityConfig, images: int, itemsize: int = F32) -> int:
+    """Bytes of pruning's restoration cache (`pruning.Pruner`): three sub-layer outputs per layer of the
+    plan, for the rows the cache scale ran (one half of them when guidance stopped before it). Past a later
+    stop it keeps its full rows: the rows that run on are a view of it."""
+    if p.prune.cache_scale is None:
+        return 0
+    rows = images * (2 if p.steps[p.prune.cache_scale].guided else 1)
+    return 3 * rows * sum(p.restored) * cfg.embed_dim * itemsize
+
+
+def joined_kv_values(p: Plan, cfg: InfinityConfig, images: int) -> int:
+    """Values of the largest joined keys and values (`KVCache.extend` at the last scale, which is not
+    stored: every cached key plus its own), over the layers: a layer window prunes only some layers."""
+    rows = images * (2 if p.ran[-1].guided else 1)
+    return 2 * rows * max(sum(s.kept[li] for s in p.ran) for li in range(cfg.depth)) * cfg.embed_dim
+
+
 def vae_decode_bytes(vae_cfg, scales, images: int, patchify: bool, tiled: bool | None = None) -> int:
     """The decoder at full resolution. Whole-map decoding (all images at once) holds the last level's
     first block input and its norm, sigmoid and product temporaries (base_ch * ch_mult[1] channels
@@ -506,20 +634,15 @@ def estimate(p: Plan, cfg: InfinityConfig, vae_cfg, images: int, kv_itemsize: in
 
     Activations: the residual stream and sub-layer temporaries, the FFN hidden layer, the last scale's
     joined keys and values, logits, and the restoration cache. Past the CFG stop the scale runs on one
-    half of the rows; the restoration cache keeps its full rows (the rows that run are a view of it).
+    half of the rows.
     """
     rows = images * (2 if p.cfg_on else 1)
     big = max(p.ran, key=lambda s: s.hw[0] * s.hw[1])
     L, run_rows = big.hw[0] * big.hw[1], images * (2 if big.guided else 1)
-    C, d = cfg.embed_dim, cfg.d_vae
-    stream = run_rows * L * (8 * C + 2 * cfg.ffn_hidden)
-    joined = 2 * run_rows * sum(s.kept[0] for s in p.ran) * C
-    logits = 4 * images * L * 2 * d
-    cache = 0
-    if p.prune.cache_scale is not None:
-        h, w = p.scales[p.prune.cache_scale]
-        cache = 3 * (p.prune.layers[1] - p.prune.layers[0] + 1) * rows * h * w * C
-    return MemoryEstimate(kv_cache_bytes(p, cfg, rows, kv_itemsize), (stream + joined + logits + cache) * F32,
+    stream = run_rows * L * (8 * cfg.embed_dim + 2 * cfg.ffn_hidden)
+    logits = 4 * images * L * 2 * cfg.d_vae
+    activations = (stream + joined_kv_values(p, cfg, images) + logits) * F32 + restore_cache_bytes(p, cfg, images)
+    return MemoryEstimate(kv_cache_bytes(p, cfg, rows, kv_itemsize), activations,
                           vae_decode_bytes(vae_cfg, p.scales, images, cfg.spatial_patchify))
 
 

@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,9 @@ from minivar import parity
 # Upstream's fixtures were recorded with ATen's AVX2 kernels; ask for them before any kernel runs.
 # Subprocesses (CLI, batch, notebooks) inherit the choice through the environment.
 parity.reference_mode()
+# The suite's default numerics are the reference ones, which the fixtures are compared against; the tests
+# of the fast modes ask for "bf16", "fp32" or "auto" by name (test_numerics_modes.py). Subprocesses inherit it.
+os.environ["MINIVAR_NUMERICS"] = "reference"
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = FIXTURES / "tiny-a"

@@ -80,7 +80,7 @@ def test_sample_cache_loads_once_for_threads_asking_together(monkeypatch):
 
     loads = []
 
-    def fake_load(name, device, dtype):
+    def fake_load(name, device, dtype, numerics=None):
         assert pipeline._PIPELINES_LOCK.locked()  # no other thread can look or clear meanwhile
         loads.append(name)
         return f"pipeline of {name}"

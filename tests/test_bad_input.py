@@ -46,6 +46,10 @@ API_CASES = [
     ("cfg-list-short", dict(cfg=[3.0] * 6), "cfg has 6 per-scale values"),
     ("cfg-list-long", dict(cfg=[3.0] * 8), "cfg has 8 per-scale values"),
     ("cfg-list-empty", dict(cfg=[]), "cfg=[]"),
+    ("cfg-huge", dict(cfg=1e308), "cfg=1e+308"),  # these three were NaN probabilities in torch.multinomial
+    ("cfg-huge-on-hidden-states", dict(cfg=-1e30, cfg_insertion_layer=-1), "cfg=-1e+30"),
+    ("tau-tiny", dict(tau=1e-300), "tau=1e-300"),
+    ("tau-list-tiny", dict(tau=[0.5] * 6 + [1e-40]), "tau=[0.5"),
     ("tau-zero", dict(tau=0), "tau=0"),
     ("tau-negative", dict(tau=-1.0), "tau=-1.0"),
     ("tau-nan", dict(tau=NAN), "tau=nan"),
@@ -56,6 +60,8 @@ API_CASES = [
     ("prompt-empty", dict(prompt=""), "prompt=''"),
     ("prompt-blank", dict(prompt=" \n\t"), "prompt="),
     ("prompt-empty-in-list", dict(prompt=["a cat", ""]), "prompt[1]=''"),
+    ("prompt-zero-width", dict(prompt="\u200b\u200c\u200d\u2060\ufeff"), "nothing visible"),
+    ("prompt-invisible-in-list", dict(prompt=["a cat", "\u00a0\u3000\u180e\u3164\x00"]), "prompt[1]="),
     ("top_p-above-one", dict(top_p=1.5), "top_p=1.5"),
     ("top_p-negative", dict(top_p=-0.1), "top_p=-0.1"),
     ("top_p-nan", dict(top_p=NAN), "top_p=nan"),
@@ -106,6 +112,7 @@ API_CASES = [
     ("prune-drop-scale-str", dict(prune={**PRUNE_BASE, "drop": {"five": 0.5}}), "scale 'five'"),
     ("prune-skip-int", dict(prune={"skip": 5}), "prune['skip']=5"),
     ("prune-skip-str", dict(prune={"skip": "56"}), "prune['skip']='56'"),
+    ("prune-skip-first", dict(prune={"skip": [0]}), "skips scale 0"),  # a torch reshape error in the loop
     ("prune-layers-int", dict(prune={**PRUNE_BASE, "layers": 3}), "prune['layers']=3"),
     ("prune-layers-float", dict(prune={**PRUNE_BASE, "layers": (0.0, 3.0)}), "layer window (0.0, 3.0)"),
     ("prune-cache-str", dict(prune={**PRUNE_BASE, "cache_scale": "4"}), "cache_scale='4'"),
@@ -138,6 +145,8 @@ SCHEDULE_CASES = [
     ("drop-scale-beyond", PruneSchedule(drop={7: 0.4}, layers=(0, 3), cache_scale=4), "names scale 7"),
     ("skip-beyond", PruneSchedule(skip=frozenset({9})), "names scale 9"),
     ("skip-everything", PruneSchedule(skip=frozenset(range(N256))), "skips all 7 scales"),
+    ("skip-first", PruneSchedule(skip=frozenset({0})), "skips scale 0"),
+    ("skip-first-of-many", PruneSchedule(skip=frozenset({0, 5, 6})), "skips scale 0"),
     ("skip-and-drop", PruneSchedule(drop={5: 0.4}, skip=frozenset({5}), layers=(0, 3), cache_scale=4),
      "both skips and prunes scales [5]"),
     ("layers-past-depth", PruneSchedule(drop={5: 0.4}, layers=(0, 4), cache_scale=4), "layer window (0, 4)"),
@@ -196,6 +205,7 @@ def test_issue_example_cache_scale_skipped_at_1024():
     (dict(tau=-1), "tau=-1"),
     (dict(top_p=-0.1), "top_p=-0.1"),
     (dict(prompt=""), "prompt=''"),
+    (dict(prompt="\u200b"), "prompt='\\u200b'"),
     (dict(seed=2**70), "seed="),
     (dict(prompt="\udcff"), "prompt="),
     (dict(prompt=["a list"]), "prompt=['a list']"),  # sample returns one image: it takes one prompt
@@ -208,6 +218,108 @@ def test_sample_refuses_before_loading_a_model(kwargs, culprit, empty_cwd):
     args = {"prompt": PROMPT, "model": "no-such-model", **kwargs}  # loading would fail: "unknown model"
     with pytest.raises(ValueError) as err:
         minivar.sample(**args)
+    assert_one_line(str(err.value), culprit)
+
+
+def test_skipping_middle_and_last_scales_is_fine():
+    """Only scale 0 cannot be skipped; a scale named twice is one scale (it was counted twice)."""
+    PruneSchedule(skip=[6] * N256).validate(N256, 4)
+    out = tiny_pipeline().generate(PROMPT, res=256, prune={"skip": [3, 6, 6]}, output_type="latent", **SETTINGS)
+    assert out.summed_codes.shape == (1, 32, 16, 16) and out.prune.skip == {3, 6}
+
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+NO_MPS = pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")
+
+# minivar.load's arguments: (id, keyword arguments, text the message must contain). Each used to end in a
+# torch error or an AssertionError; the model name would fail too, so the check must come before any reading.
+LOAD_CASES = [
+    pytest.param(dict(device="cuda"), "device='cuda'", id="device-cuda-absent", marks=NO_CUDA),
+    pytest.param(dict(device="cuda:0"), "device='cuda:0'", id="device-cuda-0-absent", marks=NO_CUDA),
+    pytest.param(dict(device="mps"), "device='mps'", id="device-mps-absent", marks=NO_MPS),
+    pytest.param(dict(device="cuda:99"), "device='cuda:99'", id="device-cuda-99"),
+    pytest.param(dict(device="bogus"), "device='bogus'", id="device-bogus"),
+    pytest.param(dict(device="CPU"), "device='CPU'", id="device-upper-case"),
+    pytest.param(dict(device="meta"), "device='meta'", id="device-meta"),
+    pytest.param(dict(device=None), "device=None", id="device-none"),
+    pytest.param(dict(device=0), "device=0", id="device-int"),
+    pytest.param(dict(dtype="float32x"), "dtype='float32x'", id="dtype-unknown-name"),
+    pytest.param(dict(dtype=torch.int8), "dtype=torch.int8", id="dtype-int8"),
+    pytest.param(dict(dtype=torch.float64), "dtype=torch.float64", id="dtype-float64"),
+    pytest.param(dict(dtype=torch.complex64), "dtype=torch.complex64", id="dtype-complex"),
+    pytest.param(dict(dtype=np.float32), "dtype=<class 'numpy.float32'>", id="dtype-numpy"),
+    pytest.param(dict(dtype=16), "dtype=16", id="dtype-int"),
+    pytest.param(dict(name=3), "name=3", id="name-int"),
+    pytest.param(dict(name=["toy"]), "name=['toy']", id="name-list"),
+    pytest.param(dict(name=""), "name=''", id="name-empty"),
+    pytest.param(dict(transformer=3), "transformer=3", id="transformer-int"),
+    pytest.param(dict(config=3), "config=3", id="config-int"),
+    pytest.param(dict(vae_config=True), "vae_config=True", id="vae-config-bool"),
+    pytest.param(dict(revision=3), "revision=3", id="revision-int"),
+]
+
+
+@pytest.mark.parametrize("kwargs, culprit", LOAD_CASES)
+def test_load_refuses_before_reading_a_file(kwargs, culprit, empty_cwd):
+    with pytest.raises(ValueError) as err:
+        minivar.load(**{"name": "no-such-model", **kwargs})
+    assert_one_line(str(err.value), culprit)
+
+
+@pytest.mark.parametrize("kwargs, culprit", [
+    (dict(device="bogus"), "device='bogus'"),
+    (dict(dtype="bf17"), "dtype='bf17'"),
+    (dict(model=3), "model=3"),
+], ids=["device", "dtype", "model"])
+def test_sample_checks_device_dtype_and_model_before_loading(kwargs, culprit, empty_cwd):
+    with pytest.raises(ValueError) as err:
+        minivar.sample(PROMPT, **{"model": "no-such-model", **kwargs})
+    assert_one_line(str(err.value), culprit)
+
+
+@pytest.mark.parametrize("kwargs", [dict(stepz=10), dict(output_type="latent"), dict(dtype="bf16", steps=3)],
+                         ids=["typo", "output_type", "typo-after-valid"])
+def test_sample_refuses_an_unknown_keyword_before_loading(kwargs, empty_cwd, monkeypatch):
+    """sample used to load the model (minutes for the 2B) and only then learn of the typo from generate;
+    output_type="latent" left no image to return (IndexError)."""
+    from minivar import pipeline
+
+    monkeypatch.setattr(pipeline, "cached_pipeline", lambda *a: pytest.fail("loaded a model"))
+    with pytest.raises(TypeError) as err:
+        minivar.sample(PROMPT, model="toy", **kwargs)
+    name = next(k for k in kwargs if k != "dtype")
+    assert_one_line(str(err.value), f"unexpected keyword argument {name!r}")
+
+
+def test_dtype_names_map_to_torch_dtypes():
+    """The CLI's names work in the API too; they used to reach torch as a device string."""
+    for name, dtype in [("bf16", torch.bfloat16), ("float32", torch.float32), ("fp16", torch.float16)]:
+        assert minivar.load(TINY, dtype=name).transformer.storage_dtype == dtype
+    assert minivar.load(TINY, device=torch.device("cpu")).device == torch.device("cpu")
+
+
+def test_batch_skips_a_prompt_line_with_nothing_visible(tmp_path):
+    """It used to pass the batch's blank-line test and stop the batch half way, when generate refused it."""
+    from minivar.cli.batch import read_prompts
+
+    (tmp_path / "p.txt").write_text("a cat\n\u200b\u200b\n\u2060\ufeff \n", encoding="utf-8")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a cat"}\n{"prompt": "\\u200d"}\n', encoding="utf-8")
+    for name, skipped in (("p.txt", 2), ("p.jsonl", 1)):
+        prompts, problems = read_prompts(tmp_path / name)
+        assert [p.text for p in prompts] == ["a cat"] and len(problems) == skipped, problems
+        assert all("nothing visible" in m and "line skipped" in m for m in problems), problems
+
+
+@pytest.mark.parametrize("image, culprit", [
+    (3, "image=3"), (None, "image=None"),                                   # AttributeError: no .dtype
+    (np.zeros((64, 64), np.uint8), "shape (64, 64)"),                        # a torch permute error
+    (torch.full((1, 3, 64, 64), NAN), "shape (1, 3, 64, 64)"),              # these three were accepted
+    (torch.full((1, 3, 64, 64), 255.0), "shape (1, 3, 64, 64)"),
+    (torch.zeros(1, 3, 0, 64), "shape (1, 3, 0, 64)"),
+], ids=["int", "none", "gray", "nan", "0-255-floats", "empty"])
+def test_encode_image_refuses(image, culprit):
+    with pytest.raises(ValueError) as err:
+        tiny_pipeline().encode_image(image, res=256, h_div_w=1.0)
     assert_one_line(str(err.value), culprit)
 
 

@@ -482,6 +482,35 @@ def test_convert_writes_atomically_and_a_failed_write_keeps_the_old_file(tmp_pat
     assert out.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == ["vae.pth", "vae.safetensors"]
 
 
+def test_a_write_never_goes_through_a_symlink_planted_at_a_temporary_name(tmp_path, monkeypatch):
+    """Even a planted link under the exact random name the writer picks is refused (O_EXCL), not followed."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "out").mkdir()
+    guesses = iter(["deadbeef", "0badf00d"])
+    monkeypatch.setattr("secrets.token_hex", lambda n: next(guesses))
+    for name in (".x.png.partial", ".x.png.deadbeef.partial"):
+        (tmp_path / "out" / name).symlink_to(victim)
+    batch.save_image_atomic(Image.new("RGB", (4, 4)), tmp_path / "out" / "x.png")
+    assert victim.read_text() == "precious"
+    assert Image.open(tmp_path / "out" / "x.png").size == (4, 4) and not (tmp_path / "out" / "x.png").is_symlink()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".x.png.deadbeef.partial", ".x.png.partial", "x.png"]
+
+
+@pytest.mark.parametrize("name, act", [
+    (LOCK_FILE, lambda out: FolderLock(out, "batch").acquire()),
+    ("manifest.rank0.jsonl", lambda out: batch.append_record(out / "manifest.rank0.jsonl", {"file": "x.png"})),
+])
+def test_a_symlink_planted_where_batch_keeps_its_own_file_is_refused(name, act, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / name).symlink_to(victim)
+    with pytest.raises(ValueError, match=f"{name} is a symbolic link where minivar keeps a file of its own; remove it"):
+        act(tmp_path / "out")
+    assert victim.read_text() == "precious"
+
+
 def test_convert_into_a_folder_takes_the_input_name(tmp_path):
     src = pth_copy(tmp_path)
     (tmp_path / "out").mkdir()

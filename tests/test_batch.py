@@ -10,7 +10,9 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -109,7 +111,7 @@ def test_resume_after_sigkill_keeps_finished_images_and_completes(reference, wor
     r = run_cli(batch_args(tiny_dir, "killed"), work, script=KILL_ON_SECOND_RECORD)
     assert r.returncode == -signal.SIGKILL
     assert {p.name for p in out.glob("*.png")} == {"apple_seed0.png"}  # only the finished image is visible
-    assert (out / ".apple_seed1.png.partial").exists()  # the killed write, never renamed
+    assert len(list(out.glob(".apple_seed1.png.*.partial"))) == 1  # the killed write, never renamed
     assert not (out / "manifest.jsonl").exists()
     first = (out / "apple_seed0.png").stat()
 
@@ -140,11 +142,13 @@ def test_two_process_torchrun_equals_a_single_process_run(reference, work, tiny_
     assert [r["file"] for r in recs] == [r["file"] for r in manifest(reference)]
 
 
-def test_rerun_with_other_pixel_settings_is_refused(reference, work, tiny_dir):
-    r = run_cli(batch_args(tiny_dir, "single") + ["--cfg", "4"], work)
+@pytest.mark.parametrize("flags, setting", [(["--cfg", "4"], "cfg=3.0, not 4.0"),
+                                           (["--revision", "v2"], "revision=None, not 'v2'")])
+def test_rerun_with_other_pixel_settings_is_refused(flags, setting, reference, work, tiny_dir):
+    r = run_cli(batch_args(tiny_dir, "single") + flags, work)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
-        "minivar: error: single holds images made with cfg=3.0, not 4.0; "
+        f"minivar: error: single holds images made with {setting}; "
         "rerun with the same settings to resume, or use another --out"]
 
 
@@ -205,3 +209,87 @@ def test_merge_keeps_one_record_per_existing_image_in_job_order(tmp_path):
     assert [json.loads(x) for x in (tmp_path / "manifest.jsonl").read_text().splitlines()] == [
         {"file": "a_seed0.png", "v": 1}, {"file": "b_seed0.png", "v": 2}]
     assert not list(tmp_path.glob("manifest.rank*"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Ranks, simulated as threads of this process
+# --------------------------------------------------------------------------------------------------
+class FakePipe:
+    def generate(self, text: str, seed: int, **kwargs):
+        if "broken" in text:
+            raise RuntimeError("CUDA out of memory.\nTried to allocate 2 GiB")
+        return SimpleNamespace(image=Image.new("RGB", (4, 4), (seed, len(text), 0)), timings={"text": 0.0})
+
+
+class ThreadRanks(batch.Ranks):
+    """Rank `rank` of `world` threads: the collectives (the lock vote, the final barrier) meet at `meet`."""
+
+    def __init__(self, rank: int, world: int, meet: threading.Barrier):
+        super().__init__(rank, world)
+        self.meet = meet
+
+    def all_true(self, ok: bool) -> bool:
+        self.meet.wait()
+        return ok
+
+    def barrier(self) -> None:
+        self.meet.wait()
+
+
+def run_ranks(tmp_path: Path, prompts: str, settings: dict) -> list:
+    """Run every rank of a 2-rank batch at once; each rank's result or exception."""
+    (tmp_path / "p.txt").write_text(prompts)
+    jobs = make_jobs(read_prompts(tmp_path / "p.txt")[0], [1])
+    (tmp_path / "out").mkdir(exist_ok=True)
+    meet, results = threading.Barrier(2, timeout=120), [None, None]
+
+    def rank(r: int) -> None:
+        try:
+            results[r] = batch.run_batch(FakePipe, jobs, tmp_path / "out", {}, settings, ThreadRanks(r, 2, meet),
+                                         show_progress=False)
+        except Exception as e:
+            results[r] = e
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads)
+    return results
+
+
+def test_a_failing_rank_stops_the_others_with_one_clear_line(tmp_path, monkeypatch):
+    """Rank 1 fails on its first image; rank 0 must not wait for it at the end (a real dist.barrier waits
+    out its 24-hour timeout, here the threads' barrier its 120 s) but stop, saying why."""
+    monkeypatch.setattr(batch, "POLL_SECONDS", 0.01, raising=False)
+    first, second = run_ranks(tmp_path, "a cat\na broken dog\na cow\n", {"model": "fake"})
+    assert isinstance(second, RuntimeError)  # the failing rank's own error
+    assert type(first).__name__ == "RankFailed", repr(first)
+    assert str(first) == ("rank 1 of 2 failed (CUDA out of memory. Tried to allocate 2 GiB), so rank 0 stops too; "
+                          "finished images are kept: rerun the same command to resume")
+    assert (tmp_path / "out" / "00000_seed1.png").exists()  # rank 0's finished image is kept
+    assert not (tmp_path / "out" / "00001_seed1.png").exists()
+
+
+def test_ranks_meet_at_the_end_and_leave_no_markers(tmp_path, monkeypatch):
+    monkeypatch.setattr(batch, "POLL_SECONDS", 0.01)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / ".minivar.rank1.failed").write_text("an earlier run's failure")  # cleared by the new run
+    first, second = run_ranks(tmp_path, "a cat\na dog\na cow\n", {"model": "fake"})
+    assert (first.generated, first.manifest_records, second.generated) == (2, 3, 1)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "00000_seed1.png", "00001_seed1.png", "00002_seed1.png", "manifest.jsonl"]
+
+
+@pytest.mark.parametrize("key, other", [("device", "cuda"), ("revision", "abc123")])
+def test_a_rerun_on_another_device_or_revision_is_refused(key, other, tmp_path):
+    """CPU and CUDA draw other random numbers, and another revision holds other weights: images made so
+    must not be mixed into one folder."""
+    (tmp_path / "p.txt").write_text("a cat\n")
+    jobs, out = make_jobs(read_prompts(tmp_path / "p.txt")[0], [1]), tmp_path / "out"
+    out.mkdir()
+    settings = {"model": "fake", "res": 256, "device": "cpu", "revision": None}
+    batch.run_batch(FakePipe, jobs, out, {}, settings, batch.Ranks(), show_progress=False)
+    with pytest.raises(ValueError, match=f"holds images made with {key}={settings[key]!r}, not {other!r}"):
+        batch.run_batch(FakePipe, jobs, out, {}, {**settings, key: other}, batch.Ranks(), show_progress=False)

@@ -57,6 +57,20 @@ def test_full_depth_estimate_reuses_measured_layers():
     assert est["peak_bytes"] >= max(arith["measured_peaks"].values())
 
 
+def test_restoration_cache_is_the_plans():
+    """The bench re-derived the restoration cache from the schedule with both halves of the rows; with its
+    default CFG stop at 1024 (24x24, the cache scale) the cache holds one half."""
+    from minivar.model.sampling import plan
+    from minivar.pipeline import restore_cache_bytes
+
+    subj = bench.random_subject("tiny-shape", "custom", TINY, depth=2, vae=None, text_tokens=4)
+    for stop in (False, True):
+        case_plan = bench.plan_case(subj, bench.Case("tiny-shape", 1024, True, stop))
+        the_plan = plan(subj.model.cfg, case_plan.scales, 1.0, case_plan.settings, case_plan.prune)
+        assert case_plan.restore_bytes == restore_cache_bytes(the_plan, subj.model.cfg, images=1) > 0
+        assert the_plan.steps[the_plan.prune.cache_scale].guided is not stop
+
+
 def test_default_cfg_stop_is_the_first_scale_with_an_eighth_of_the_final_tokens():
     from minivar.model.config import scale_schedule
 
@@ -68,7 +82,6 @@ def test_bf16_weights_and_banded_decode_enter_the_memory_arithmetic():
     is the sum of the parts the report lists."""
     import torch
 
-    from minivar.bench.flops import param_count
     from minivar.model.vae import VAEConfig
 
     vae = VAEConfig(codebook_dim=32, base_ch=24, num_res_blocks=1, ch_mult=(1, 2, 4, 4, 4), patch_size=16)
@@ -80,7 +93,7 @@ def test_bf16_weights_and_banded_decode_enter_the_memory_arithmetic():
     results = bench.run_cases(subj, [case], warmup=0, repeats=1)
     est = bench.extrapolate(subj, case, results[case], bench.layer_table(list(results.values())))
     arith, parts, phase = est["memory_arithmetic"], est["memory_arithmetic"]["parts"], est["peak_by_phase"]
-    assert arith["weight_dtype"] == "torch.bfloat16" and arith["weights_full"] == 2 * param_count(TINY)
+    assert arith["weight_dtype"] == "torch.bfloat16" and arith["weights_full"] == 2 * TINY.param_count()
     assert arith["largest_weight_upcast"] == 4 * 6 * TINY.embed_dim**2  # shared_ada_lin: the largest matrix
     fixed = parts["weights"] + parts["other"]
     assert phase["transformer"] == fixed + parts["kv_cache"] + parts["restore_cache"] + parts["activations"]
@@ -204,3 +217,18 @@ def test_direct_mode_times_plain_generate_calls(tmp_path):
     assert run["label"] == "tiny 256 prune=on" and set(run["timings"]) == set(bench.PHASES)
     assert run["wall"] >= run["timings"]["transformer"]
     assert "Plain `Pipeline.generate` calls" in (tmp_path / "direct.md").read_text()
+
+
+def test_reports_never_write_through_a_symlink_in_the_output_folder(tmp_path):
+    """A link planted at a report's name (or at its old temporary's) is replaced, its target left alone."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("direct.json", "direct.md", ".direct.json.partial"):
+        (out / name).symlink_to(victim)
+    machine = {"cpu": "x", "logical_cpus": 1, "torch": "t", "cpu_capability": "c", "torch_threads": 1,
+               "loadavg": [0.0], "loadavg_end": [0.0]}
+    bench.write({"runs": [], "machine": machine}, out)
+    assert victim.read_text() == "precious"
+    assert json.loads((out / "direct.json").read_text())["runs"] == [] and not (out / "direct.json").is_symlink()

@@ -1,6 +1,7 @@
 """The command line on the tiny fixture model: end to end (console entry point), seeds, timings, the
 trace file, `convert`, and one clear line (no traceback, exit status 2) for each kind of bad input."""
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 from PIL import Image
 
 import minivar
-from minivar.cli import default_out, main, parse_aspect
+from minivar.cli import main, parse_aspect, reserve_out
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,9 +58,24 @@ def test_bf16_storage_on_cpu(tmp_path, tiny_dir, capsys):
     assert code == 0 and "on cpu (bf16)" in err and Image.open(tmp_path / "cat.png").size == (256, 256)
 
 
-def test_default_out_is_named_after_the_prompt_and_seed():
-    assert default_out("A Cat, on a mat!", 1) == Path("a-cat-on-a-mat-seed1.png")
-    assert default_out("一只猫", 7) == Path("minivar-seed7.png")
+def test_default_out_is_named_after_the_prompt_and_seed(tmp_path):
+    assert reserve_out("A Cat, on a mat!", 1, tmp_path) == tmp_path / "a-cat-on-a-mat-seed1.png"
+    assert reserve_out("一只猫", 7, tmp_path) == tmp_path / "minivar-seed7.png"
+
+
+def test_two_runs_started_together_take_two_names(tmp_path):
+    """Each run takes its name when it starts (an empty placeholder, created exclusively), so a second run
+    that starts before the first has written its image picks the next name instead of replacing it."""
+    first, second = reserve_out("a cat", 1, tmp_path), reserve_out("a cat", 1, tmp_path)
+    assert (first.name, second.name) == ("a-cat-seed1.png", "a-cat-seed1-2.png")
+    assert first.is_file() and second.is_file()
+
+
+def test_a_failed_run_gives_its_reserved_name_back(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(["a cat", "--model", str(tmp_path / "no-model")], capsys)  # fails when loading
+    assert code == 2 and "no-model" in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_rerun_without_out_never_replaces_an_earlier_image(tmp_path, tiny_dir, capsys, monkeypatch):
@@ -92,6 +108,9 @@ def test_convert_command_writes_safetensors_next_to_the_checkpoints(tmp_path, ti
     (["a cat", "--out", "{tmp}/no/such/folder/x.png"], "cannot write --out"),
     (["a cat", "--out", "{tmp}/file.txt/x.png"], "cannot write --out"),
     (["a cat", "--out", "{tmp}/x.unknownext"], "unknown image type"),
+    (["a cat", "--out", "{tmp}/x.png", "--trace", "{tmp}/no/x.pt", "--model", "{tiny}", "--res", "256"], "--trace"),
+    (["a cat", "--out", "{tmp}/x.png", "--trace", "{tmp}/x.png", "--model", "{tiny}", "--res", "256"],
+     "would overwrite the image"),
     (["a cat", "--frobnicate"], "unrecognized arguments: --frobnicate"),
     (["a cat", "--res", "300"], "argument --res: invalid choice: 300"),
     (["a cat", "--seed", "one"], "argument --seed: invalid int value: 'one'"),
@@ -110,6 +129,38 @@ def test_bad_input_is_one_clear_line(args, message, tmp_path, tiny_dir, capsys):
     lines = [line for line in err.splitlines() if line.startswith("minivar: error:")]
     assert code == 2 and len(lines) == 1 and message in lines[0], err
     assert "Traceback" not in err and err.strip().splitlines()[-1] == lines[0]
+
+
+@pytest.mark.parametrize("flags", [["--trace", "{tmp}"], ["--out", "{tmp}/d.png"]])
+def test_a_folder_as_out_or_trace_is_refused_before_generating(flags, tmp_path, tiny_dir, capsys):
+    (tmp_path / "d.png").mkdir()
+    args = ["a cat", "--model", str(tiny_dir), "--res", "256", "--out", str(tmp_path / "x.png")]
+    code, _, err = run(args + [f.format(tmp=tmp_path) for f in flags], capsys)
+    assert code == 2 and "is a folder; give a file name" in err.strip().splitlines()[-1], err
+    assert "loaded" not in err and not (tmp_path / "x.png").exists()
+
+
+def test_no_output_follows_a_symlink_planted_at_a_temporary_name(tmp_path, tiny_dir, capsys, monkeypatch):
+    """Someone who can create files in the output folder plants links at the hidden names the image, the
+    trace and `convert` were once written through: every write still lands in its own new file."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "out"
+    out.mkdir()
+    outputs = ["fox.png", "trace.pt", "a-cat-seed1.png", "vae.safetensors"]
+    for name in outputs:
+        (out / f".{name}.partial").symlink_to(victim)
+    monkeypatch.chdir(out)
+    common = ["a cat", "--model", str(tiny_dir), "--res", "256"]
+    assert run(common + ["--out", "fox.png", "--trace", "trace.pt"], capsys)[0] == 0
+    assert run(common, capsys)[0] == 0  # the default name
+    shutil.copy(tiny_dir / "vae.pth", out / "vae.pth")
+    assert run(["convert", "vae.pth"], capsys)[0] == 0
+    assert victim.read_text() == "precious"
+    for name in outputs:
+        assert (out / name).is_file() and not (out / name).is_symlink(), name
+        assert (out / f".{name}.partial").is_symlink()  # left alone
+    assert Image.open(out / "fox.png").size == (256, 256) and torch.load(out / "trace.pt", weights_only=True)["scales"]
 
 
 def test_missing_weights_offline_is_one_line_pointing_at_the_toy_model(tmp_path, capsys, monkeypatch):

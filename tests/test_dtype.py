@@ -125,37 +125,35 @@ def test_bf16_storage_computes_exactly_what_its_float32_copy_computes(tmp_path, 
     """Storage only: with the KV cache in float32 too, the bf16-stored model samples the bits of the same
     weights copied to float32 (a parameter used in bf16 arithmetic, e.g. the attention's learned scale
     exponentiated in bf16, breaks this)."""
-    from minivar.model import sampling
+    from minivar.model import transformer
 
     model_dir = bf16_model_dir(tmp_path)
     copied = minivar.load(model_dir, dtype=torch.float32).generate(PROMPT, res=256, trace=True, output_type="latent",
                                                                    **SETTINGS)
-    monkeypatch.setattr(sampling, "cache_dtype", lambda dtype: torch.float32)
+    monkeypatch.setattr(transformer.Infinity, "kv_dtype", property(lambda self: torch.float32))
     stored = minivar.load(model_dir).generate(PROMPT, res=256, trace=True, output_type="latent", **SETTINGS)
     assert all(torch.equal(a, b) for a, b in zip(stored.trace.bits, copied.trace.bits))
 
 
-def test_cuda_compute_rule_hands_attention_bf16_so_flash_attn_can_run(monkeypatch):
-    """On CUDA the weights' dtype is the compute dtype (parity.compute_dtype), and SDPA takes its flash
-    kernel only for half-precision q, k and v. Simulated on the CPU: the CUDA rule for products,
-    bf16 weights, and a look at what reaches self-attention's kernel."""
+def test_bf16_numerics_hand_attention_bf16_so_flash_kernels_can_run(monkeypatch):
+    """numerics="bf16" (what "auto" picks on CUDA and on CPUs with bf16 units): SDPA's flash kernels take
+    only half-precision q, k and v. Checked on the CPU: what reaches every attention call of a generation
+    (self-attention and the plain model's cross-attention), with bf16-stored weights."""
     from types import SimpleNamespace
 
     import torch.nn.functional as F
 
-    from minivar import parity
     from minivar.model import transformer
 
     pipe = minivar.load(transformer=TINY / "infinity.pth", vae=TINY / "vae.pth", text_encoder=TINY / "t5",
                         config=TINY / "infinity_config.json", vae_config=TINY / "vae_config.json",
-                        dtype=torch.bfloat16)
+                        dtype=torch.bfloat16, numerics="bf16")
     seen, real = [], F.scaled_dot_product_attention
 
     def spy(q, k, v, *args, **kw):
         seen.append((q.dtype, k.dtype, v.dtype))
         return real(q, k, v, *args, **kw)
 
-    monkeypatch.setattr(parity, "compute_dtype", lambda x, weight: weight.dtype)
     monkeypatch.setattr(transformer, "F", SimpleNamespace(**{**vars(F), "scaled_dot_product_attention": spy}))
     pipe.generate(PROMPT, res=256, output_type="latent", **SETTINGS)
-    assert seen and set(seen) == {(torch.bfloat16,) * 3}
+    assert len(seen) > 2 * pipe.transformer.cfg.depth and set(seen) == {(torch.bfloat16,) * 3}

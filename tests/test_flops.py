@@ -1,11 +1,14 @@
 """The analytic FLOP count: a hand count on a tiny config, then torch's own counter on real forwards."""
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from minivar.model.config import InfinityConfig, scale_schedule
-from minivar.bench.flops import param_count, totals, transformer_count, vae_decode_count
+from minivar.model.config import PRESETS, InfinityConfig, scale_schedule
+from minivar.bench.flops import plan_count, totals, transformer_count, vae_decode_count
 from minivar.model.pruning import PruneSchedule
 from minivar.model.sampling import Settings, plan, run_scale_loop
 from minivar.model.transformer import Infinity
@@ -75,6 +78,28 @@ def test_matches_torch_flop_counter(prune, stop):
     assert fc.get_total_flops() == sum(c.flops for c in totals(counts).values())
 
 
+@pytest.mark.parametrize("s", [
+    Settings(cfg=[3.0, 1.0, 3.0, 3.0, 1.0, 3.0, 1.0], seed=1),
+    Settings(cfg=3.0, seed=1, cfg_insertion_layer=-1),
+    Settings(cfg=3.0, seed=1, cfg_insertion_layer=1),
+], ids=["cfg-1-at-some-scales", "guidance-on-hidden-states", "no-mixing"])
+def test_head_is_counted_on_the_rows_it_runs(s):
+    """Where guidance does not mix the logits the head runs on the conditional rows only
+    (`sampling.step_logits`); the count used to price it on both halves."""
+    torch.manual_seed(0)
+    model = Infinity(TINY).eval()
+    scales, C, d = scale_schedule(256), TINY.embed_dim, TINY.d_vae
+    shapes = []  # (rows, tokens) of every call of the head's final Linear
+    model.head.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape[:2])))
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        _generate(model, scales, PruneSchedule.none(), s, text_tokens=5)
+    the_plan = plan(TINY, scales, 1.0, s, PruneSchedule.none())
+    counts = plan_count(TINY, the_plan, batch=1, text_tokens=5)
+    assert [c.parts["head"].flops for c in counts] == [2 * b * C * 2 * C + 2 * b * L * C * 2 * d for b, L in shapes]
+    assert fc.get_total_flops() == sum(c.flops for c in totals(counts).values())
+    assert [b for b, _ in shapes] == [2 if step.mix_logits else 1 for step in the_plan.ran]
+
+
 def test_vae_decoder_matches_torch_flop_counter():
     torch.manual_seed(0)
     vae = BSQVAE(TINY_VAE).eval()
@@ -86,7 +111,10 @@ def test_vae_decoder_matches_torch_flop_counter():
 def test_param_count_matches_the_model():
     with torch.device("meta"):
         model = Infinity(TINY)
-    assert param_count(TINY) == sum(p.numel() for p in model.parameters())
+    assert TINY.param_count() == sum(p.numel() for p in model.parameters())
+    for name in ("infinity-2b", "infinity-8b"):  # the published checkpoints' counts (tests/fixtures)
+        keys = json.loads((Path(__file__).parent / "fixtures" / f"{name.replace('-', '_')}_keys.json").read_text())
+        assert PRESETS[name].param_count() == keys["param_count"]
 
 
 def test_real_2b_decoder_at_1024_by_hand_and_by_torch():

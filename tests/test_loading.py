@@ -76,3 +76,17 @@ def test_errors_name_keys_as_the_file_does(tmp_path):
     msg = str(err.value)
     assert "module.block_chunks.1.module.1.ffn.fc1.weight (minivar: blocks.3.ffn.fc1.weight)" in msg
     assert "module.block_chunks.0.module.1.ffn.fc2.bias (minivar: blocks.1.ffn.fc2.bias) (7,)" in msg
+
+
+def test_loading_a_model_does_not_import_the_benchmark():
+    """The loaders took `param_count` from the FLOP counter, closing an import circle bench -> pipeline
+    -> loading -> bench; it is `InfinityConfig.param_count` now."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (f"import sys, minivar; minivar.load({str(TINY)!r}); "
+            "print(sorted(m for m in sys.modules if m.startswith('minivar.bench')))")
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr

@@ -58,7 +58,6 @@ def test_every_batched_product_of_a_generation_sees_contiguous_rows(monkeypatch)
         return real(x, weight, bias)
 
     monkeypatch.setattr(parity, "linear", spy)
-    monkeypatch.setattr(parity.ParitySelfAttention, "linear", staticmethod(spy))
     tiny_pipeline().generate([PROMPT, "a blue cube"], res=1024, prune=True, output_type="latent", **SETTINGS)
     assert len(seen) > 100 and all(seen), f"{seen.count(False)} of {len(seen)} inputs were strided"
 

@@ -234,5 +234,40 @@ def test_memory_estimate_shrinks_with_pruning():
     assert pruned.kv_cache < 0.4 * dense.kv_cache
 
 
+def test_memory_estimate_holds_the_largest_joined_keys_and_values(monkeypatch):
+    """The last scale joins every cached key with its own (`KVCache.extend` without storing). With a
+    layer window the layers outside it join the most; the estimate read layer 0 (in the window here,
+    as in any window from layer 0): 0.19 GiB estimated against 0.32 real on the 2B."""
+    from minivar.model.transformer import KVCache
+
+    joined, extend = [], KVCache.extend
+
+    def spy(self, k, v, store=True):
+        out = extend(self, k, v, store)
+        joined.extend([] if store else [out[0].numel() + out[1].numel()])
+        return out
+
+    monkeypatch.setattr(KVCache, "extend", spy)
+    schedule, pipe = PruneSchedule(drop={5: 0.5, 6: 0.5}, layers=(0, 1), cache_scale=4), tiny_pipeline()
+    out = pipe.generate(PROMPT, res=256, prune=schedule, output_type="latent", **SETTINGS)
+    cfg = pipe.transformer.cfg
+    the_plan = plan(cfg, out.scales, 1.0, Settings(**SETTINGS), schedule)
+    assert len(joined) == cfg.depth and joined[0] < max(joined)
+    assert pipeline.joined_kv_values(the_plan, cfg, images=1) == max(joined)
+
+
+@pytest.mark.parametrize("stop", [None, 8, 9], ids=["no-stop", "stop-at-the-cache-scale", "stop-after-it"])
+def test_restoration_cache_bytes_follow_the_plan(monkeypatch, stop):
+    """The restoration cache the scale loop holds (its storage: past a later stop the rows that run are a
+    view) is the plan's: one half of the rows when guidance stopped at or before the cache scale."""
+    pruners, init = [], Pruner.__init__
+    monkeypatch.setattr(Pruner, "__init__", lambda self, *a, **k: (init(self, *a, **k), pruners.append(self))[0])
+    pipe, cfg = tiny_pipeline(), tiny_pipeline().transformer.cfg
+    out = pipe.generate(PROMPT, res=1024, prune=True, cfg_stop_scale=stop, output_type="latent", **SETTINGS)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in pruners[0].cache.values()}
+    the_plan = plan(cfg, out.scales, 1.0, Settings(**SETTINGS, cfg_stop_scale=stop), out.prune)
+    assert pipeline.restore_cache_bytes(the_plan, cfg, images=1) == sum(storages.values()) > 0
+
+
 def test_budgets_table():
     assert {b: len(scale_schedule(b)) for b in BUDGETS} == {"0.06M": 7, "0.25M": 10, "0.60M": 12, "1M": 13}

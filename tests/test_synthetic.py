@@ -1,5 +1,10 @@
 """The synthetic checkpoint writers, on small listings (the full-size set is never written in tests)."""
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +13,9 @@ from safetensors import safe_open
 from minivar.bench import run as bench
 from minivar.bench import synthetic
 from minivar.loading.weights import read_state_dict
+from minivar.model.t5 import T5_PRESETS, T5Config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 LISTING = {"text_norm.weight": ([16], "float32"), "blocks.0.fc.weight": ([8, 16], "float32"),
            "blocks.0.fc.bias": ([8], "float32"), "quantizer.lfq.mask": ([4], "int64")}
@@ -72,3 +80,44 @@ def test_measure_reports_the_process_wide_peak_of_the_sample_call_and_its_phases
         assert 0 < p["RssAnon"] + p["RssFile"] <= p["VmRSS"] + slack and p["VmRSS"] <= arm["ru_maxrss"] + slack, phase
     table = synthetic_markdown({"arms": [arm], "set_bytes": {"x": 1}, "prompt": "a red circle"})
     assert f"**{arm['ru_maxrss'] / 2**30:.2f}**" in table and "toy 64 prune=on" in table
+
+
+WRITE_SET_STUBBED = """
+import json, sys
+from pathlib import Path
+import minivar.bench.synthetic as s
+
+assert Path(s.__file__).is_relative_to(sys.argv[1]), s.__file__  # the copy, not the checkout
+home, written = Path(sys.argv[2]), {}
+s.write_pth = lambda path, listing, dtype, nest=None: written.update({path.name: len(listing)})  # not 10 GB
+s.write_safetensors_shards = lambda folder, listing, shards: written.update({"t5": len(listing)})
+s.write_set(home)
+print(json.dumps(written))
+"""
+
+
+def test_the_synthetic_set_is_made_from_the_package_alone(tmp_path):
+    """`--subjects infinity-2b-synthetic` from an install: a copy of the package with no tests/ folder
+    beside it, run from elsewhere. The writers are stubbed; everything they are handed is checked."""
+    site, home, elsewhere = tmp_path / "site", tmp_path / "home", tmp_path / "elsewhere"
+    shutil.copytree(ROOT / "minivar", site / "minivar", ignore=shutil.ignore_patterns("__pycache__", "*.pth"))
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", WRITE_SET_STUBBED, str(site), str(home)], cwd=elsewhere, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # the published files' key counts (tests/fixtures/*_keys.json); T5's files hold the tied embedding once
+    assert json.loads(r.stdout.splitlines()[-1]) == {"infinity_2b_reg.pth": 694, "infinity_vae_d32reg.pth": 270,
+                                                     "t5": 219}
+    t5 = synthetic.parts(home)["t5"]
+    assert T5Config.from_json(t5 / "config.json") == T5_PRESETS["flan-t5-xl"]
+    assert (t5 / "spiece.model").read_bytes() == (ROOT / "minivar/toy/weights/t5/spiece.model").read_bytes()
+    assert json.loads((home / "SYNTHETIC.json").read_text())["seed"] == synthetic.SEED
+
+
+def test_the_synthetic_listings_are_the_published_files_keys():
+    fixtures = ROOT / "tests" / "fixtures"
+    listings = synthetic.published_keys()
+    for part, name in [("transformer", "infinity_2b_keys"), ("vae", "vae_d32_keys"), ("t5", "flan_t5_xl_encoder_keys")]:
+        published = json.loads((fixtures / f"{name}.json").read_text())["keys"]
+        assert listings[part] == {k: (shape, dtype) for k, (shape, dtype) in published.items()}, part

@@ -2,6 +2,7 @@
 import json
 import random
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -186,3 +187,120 @@ def test_short_run_reuses_the_tokenizer_and_vae(tmp_path, capsys):
     scores = json.loads((tmp_path / "short" / "geneval.json").read_text())
     assert scores["n"] == 5 and 0.0 <= scores["overall"] <= 1.0
     assert "mini-GenEval" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input: one line before any work, nothing in OUT touched
+# --------------------------------------------------------------------------------------------------
+TOY_DIR = Path(train.__file__).parent / "weights"
+
+
+@pytest.fixture
+def calls(monkeypatch) -> list:
+    """train.run replaced by a stub that records its arguments: the flag checks must stop main before it."""
+    seen = []
+    monkeypatch.setattr(train, "run", lambda *args, **kwargs: seen.append((args, kwargs)) or {})
+    return seen
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Every training stage fails at once: a refused run must stop before them (and without the check,
+    a test fails fast)."""
+    def started(*args, **kwargs):
+        raise AssertionError("training started")
+
+    for stage in ("train_tokenizer", "train_vae", "train_infinity"):
+        monkeypatch.setattr(train, stage, started)
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = err.splitlines()[-1]
+    assert line.startswith("python -m minivar.toy.train: error: ")
+    return line
+
+
+BAD_FLAGS = [  # (arguments to the toy recipe, words of the error)
+    (["--threads", "0"], "--threads=0 is invalid: use 1 or more"),
+    (["--steps", "-5"], "--steps=-5 is invalid: use 1 or more"),
+    (["--steps", "0"], "--steps=0 is invalid"),
+    (["--checkpoint-every", "-1"], "--checkpoint-every=-1 is invalid: use N >= 1 steps, or 0 for no checkpoints"),
+    (["--eval", "-3"], "--eval=-3 is invalid"),
+    (["--set", "gpt_stage.batch=0"], "--set gpt_stage.batch=0 is invalid: use 1 or more"),
+    (["--set", "vae_stage.lr=NaN"], "--set vae_stage.lr=nan is invalid: use a finite number > 0"),
+    (["--set", "gpt_stage.lr=-1"], "--set gpt_stage.lr=-1 is invalid"),
+    (["--set", "gpt_stage.warmup=-5"], "--set gpt_stage.warmup=-5 is invalid"),
+    (["--set", "res=48"], "--set res=48 is invalid: use 64, the last scale's side"),
+    (["--set", "vae.patch_size=2"], "--set res=64 is invalid: use 32"),
+    (["--set", "budget=1.8M"], "--set budget='1.8M' is invalid: use one of"),
+    (["--set", "vocab=10"], "--set vocab=10 is invalid: use 64 or more"),
+    (["--set", "corpus=0"], "--set corpus=0 is invalid"),
+    (["--set", "caption_drop=2"], "--set caption_drop=2 is invalid: use a share in [0, 1]"),
+    (["--set", "truncate_to=[9]"], "--set truncate_to=(9,) is invalid: use a non-empty list of scale counts in 1..7"),
+    (["--set", "coarse_scales=9"], "--set coarse_scales=9 is invalid"),
+    (["--set", "layout=grid"], "--set layout='grid' is invalid: use one of ['random', 'canonical']"),
+    (["--set", "seed=-1"], "--set seed=-1 is invalid"),
+    (["--set", "infinity.depth=5"], "--set infinity.depth=5 is invalid: use a multiple of infinity.block_chunks"),
+    (["--set", "infinity.num_levels=3"], "--set infinity.num_levels=3 is invalid: use 7 or more"),
+    (["--set", "infinity.text_maxlen=16"], "--set infinity.text_maxlen=16 is invalid: use 64 or more"),
+    (["--set", "t5.d_model=64"], "--set infinity.text_channels=128 is invalid: use 64, t5.d_model"),
+    (["--set", "t5.num_layers=0"], "--set t5.num_layers=0 is invalid"),
+    (["--set", "t5.feed_forward_proj=swish"], "--set t5.feed_forward_proj 'swish' is not supported"),
+    (["--set", "infinity.num_heads=3"], "embed_dim=128 and num_heads=3 are invalid"),
+    (["--set", "res=abc"], "res takes an integer like 64, not \"abc\""),
+    (["--set", "gpt_stage.lr=true"], "lr takes a number like 0.002, not true"),
+    (["--set", "truncate_to=5"], "truncate_to takes a list like [5, 6], not 5"),
+    (["--set", "t5=3"], "t5 is a group of fields"),
+    (["--set", "res.x=3"], "res is a value, it has no field 'x'"),
+    (["--set", "t5.vocab_size=99"], "the run derives t5.vocab_size from vocab; set vocab instead"),
+]
+
+
+@pytest.mark.parametrize("args, words", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
+def test_a_bad_flag_is_one_line_before_any_work(args, words, tmp_path, capsys, calls):
+    with pytest.raises(SystemExit) as exit:
+        train.main(["--out", str(tmp_path / "out"), *args])
+    assert exit.value.code == 2 and words in one_error_line(capsys)
+    assert calls == [] and not (tmp_path / "out").exists()
+
+
+def test_good_flags_reach_the_run(tmp_path, calls):
+    train.main(["--out", str(tmp_path), "--steps", "1", "--checkpoint-every", "0", "--set", "truncate=0",
+                "--set", "gpt_stage.lr=1", "--threads", str(torch.get_num_threads())])
+    (recipe, out), kwargs = calls[0]
+    assert recipe.gpt_stage.steps == 1 and recipe.truncate == 0 and kwargs["checkpoint_every"] == 0
+
+
+def model_files(src, dst):
+    """A model directory at dst with (only) src's tokenizer and VAE files."""
+    (dst / "t5").mkdir(parents=True)
+    for name in train.FINISHED:
+        (dst / name).write_bytes((src / name).read_bytes())
+    return dst
+
+
+def test_bad_out_and_reuse_vae_are_one_line_before_anything_is_written(tmp_path, capsys, no_training):
+    (tmp_path / "file").write_text("not a directory")
+    model = model_files(TOY_DIR, tmp_path / "model")
+    broken = model_files(TOY_DIR, tmp_path / "broken")
+    (broken / "vae.pth").write_bytes(b"not a checkpoint")
+    cases = [
+        (["--out", str(tmp_path / "file")], "file is a file, not a directory"),
+        (["--out", str(tmp_path / "file" / "sub")], "file is a file, not a directory"),
+        (["--out", str(tmp_path / "out"), "--reuse-vae", str(tmp_path / "nowhere")],
+         "nowhere has no t5/spiece.model, vae.pth, vae_config.json; point it at a model directory"),
+        (["--out", str(tmp_path / "out"), "--reuse-vae", str(broken)], "broken/vae.pth"),
+        (["tiny", "--out", str(tmp_path / "out"), "--reuse-vae", str(model)],
+         "its VAE has 32 bits per token and 4-pixel patches, the recipe 8 and 2"),
+        (["--out", str(model), "--reuse-vae", str(model), "--overwrite"], "model is --out too"),
+        (["--out", str(tmp_path / "out"), "--resume", "--overwrite"], "give one of them"),
+    ]
+    for args, words in cases:
+        with pytest.raises(SystemExit) as exit:
+            train.main([*args, "--threads", str(torch.get_num_threads())])
+        line = one_error_line(capsys)
+        assert exit.value.code == 2 and words in line, line
+    assert not (tmp_path / "out").exists() and (tmp_path / "file").read_text() == "not a directory"
+    assert sorted(p.name for p in model.rglob("*")) == ["spiece.model", "t5", "vae.pth", "vae_config.json"]

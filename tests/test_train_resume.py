@@ -1,9 +1,13 @@
 """Resumable toy training: a run stopped and resumed ends with the weights of an uninterrupted one."""
 import json
+import random
+import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from safetensors.torch import load_file
 
 from minivar.toy import train
@@ -115,7 +119,7 @@ def test_resuming_with_other_arguments_is_refused_in_one_line(tmp_path, monkeypa
 
 
 def test_a_missing_or_corrupt_checkpoint_is_one_line(tmp_path, capsys):
-    with pytest.raises(ValueError, match="resume.pt not found .*; start without --resume") as e:
+    with pytest.raises(ValueError, match="resume.pt not found .*; start afresh with --overwrite instead of --resume") as e:
         train.run(RECIPE, tmp_path, resume=True)
     assert "\n" not in str(e.value)
     (tmp_path / "resume.pt").write_bytes(b"not a checkpoint")
@@ -127,3 +131,98 @@ def test_a_missing_or_corrupt_checkpoint_is_one_line(tmp_path, capsys):
         train.main(["tiny", "--out", str(tmp_path), "--resume"])
     err = capsys.readouterr().err
     assert exit.value.code == 2 and err.count("\n") == 1 and "not found" in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------------------------------
+# Refused before anything in OUT is written: malformed checkpoints, missing stage files, reruns
+# --------------------------------------------------------------------------------------------------
+TOY_DIR = Path(train.__file__).parent / "weights"
+
+
+def checkpoint(out, stage: str = "vae", recipe=RECIPE, tamper=lambda state: None) -> dict[str, bytes]:
+    """OUT as a run stopped after the first step of `stage` leaves it, without training: resume.pt as
+    Checkpoint.step_done writes it (an untrained VAE; the transformer stage's modules are stand-ins),
+    changed by `tamper`, a log, and the tokenizer (and VAE) of the finished stages. Returns the bytes of
+    every file, to compare after."""
+    (out / "t5").mkdir(parents=True)
+    for name in train.FINISHED[: 1 if stage == "vae" else 3]:
+        shutil.copyfile(TOY_DIR / name, out / name)
+    log = train.Log(out / "train_log.jsonl")
+    log(stage=stage, step=0)
+    modules = ({"vae": train.BSQVAE(recipe.vae)} if stage == "vae" else
+               {"infinity": nn.Linear(2, 2), "t5": nn.Linear(2, 2)})
+    opt = train.optimizer([p for m in modules.values() for p in m.parameters()], recipe.vae_stage)
+    train.Checkpoint(out, recipe, 1, None, log).step_done(stage, 0, modules, opt, random.Random(0),
+                                                          torch.Generator() if stage == "infinity" else None)
+    state = torch.load(out / "resume.pt", weights_only=True)
+    tamper(state)
+    torch.save(state, out / "resume.pt")
+    return files(out)
+
+
+def files(out) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+MALFORMED = [  # (change to a checkpoint of the VAE stage, words of the error)
+    (lambda s: s.pop("modules"), "has no 'modules' entry"),
+    (lambda s: s.update(stage="bogus"), "is of stage 'bogus', not one of ['vae', 'infinity']"),
+    (lambda s: s.update(step=10**9), "is at step 1000000000, outside the vae stage's 1..4"),
+    (lambda s: s.update(step=-1), "is at step -1, outside the vae stage's 1..4"),
+    (lambda s: s.update(step=2.0), "has a float as its 'step' entry"),
+    (lambda s: s.update(log=None), "has a NoneType as its 'log' entry"),
+    (lambda s: s.update(modules={"t5": {}}), "holds the modules ['t5'], the vae stage has ['vae']"),
+    (lambda s: s["rng"].pop("python"), "has no 'python' random state"),
+    (lambda s: s.update(seconds={"vae": "long"}), "has seconds that are not numbers"),
+    # well-formed, but not this stage's state: refused when it is loaded, still before anything is written
+    (lambda s: s["modules"].update(vae={"w": torch.zeros(1)}),
+     "does not fit the vae stage (RuntimeError: Error(s) in loading state_dict for BSQVAE"),
+    (lambda s: s["rng"].update(python=[3]), "does not fit the vae stage (ValueError"),
+]
+
+
+@pytest.mark.parametrize("tamper, words", MALFORMED, ids=[w.split(" (")[0] for _, w in MALFORMED])
+def test_a_malformed_checkpoint_is_one_line_and_nothing_is_written(tmp_path, tamper, words):
+    before = checkpoint(tmp_path, tamper=tamper)
+    with pytest.raises(train.ResumeError) as e:
+        train.run(RECIPE, tmp_path, checkpoint_every=1, resume=True)
+    assert words in str(e.value) and "\n" not in str(e.value) and "--overwrite" in str(e.value)
+    assert files(tmp_path) == before
+
+
+def test_a_checkpoint_that_is_not_a_dict_is_one_line(tmp_path):
+    before = checkpoint(tmp_path)
+    torch.save([1, 2], tmp_path / "resume.pt")
+    with pytest.raises(train.ResumeError, match="resume.pt holds a list, not a checkpoint's dict"):
+        train.run(RECIPE, tmp_path, resume=True)
+    assert files(tmp_path).keys() == before.keys()
+
+
+def test_resuming_the_transformer_stage_without_the_vae_is_one_line(tmp_path, capsys):
+    """The transformer stage resumes on OUT's vae.pth: missing or broken, it is named, and nothing is written."""
+    checkpoint(tmp_path, "infinity", recipe=train.RECIPES["tiny"])
+    (tmp_path / "vae.pth").unlink()
+    for vae, words in [(None, "has no vae.pth; start afresh"), (b"not a checkpoint", "vae.pth is truncated")]:
+        if vae is not None:
+            (tmp_path / "vae.pth").write_bytes(vae)
+        before = files(tmp_path)
+        with pytest.raises(SystemExit) as exit:
+            train.main(["tiny", "--out", str(tmp_path), "--resume", "--threads", str(torch.get_num_threads())])
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err and words in err
+        assert files(tmp_path) == before
+
+
+def test_a_rerun_into_a_run_is_refused_unless_resume_or_overwrite(tmp_path, monkeypatch):
+    before = checkpoint(tmp_path)
+    with pytest.raises(train.RunError, match=r"holds an earlier run \(resume.pt, train_log.jsonl, t5\); "
+                                             "continue it with --resume, or replace it with --overwrite") as e:
+        train.run(RECIPE, tmp_path, checkpoint_every=1)
+    assert "\n" not in str(e.value) and files(tmp_path) == before
+    (tmp_path / "resume.pt").unlink()   # a completed run: only --overwrite is offered
+    with pytest.raises(train.RunError, match=r"\(train_log.jsonl, t5\); replace it with --overwrite, or choose"):
+        train.run(RECIPE, tmp_path)
+    monkeypatch.setattr(train, "train_tokenizer", lambda *args: pytest.fail("training started"))
+    with pytest.raises(pytest.fail.Exception, match="training started"):
+        train.run(RECIPE, tmp_path, overwrite=True)  # starts afresh: the old log is gone
+    assert not (tmp_path / "train_log.jsonl").exists()

@@ -5,7 +5,7 @@ GFLOP per image, with unpruned and prune=True for reference (a Pareto plot).
 
 Every setting uses the same prompts and seeds (`minivar.toy.geneval.evaluate`). The rank sweep keeps the
 refinement boundary at r = 0.20; the boundary sweep keeps rank 8 and moves only where guidance stops
-(`presets.stagevar(refinement_from=...)`): the pruning band is prune=True's in every setting. "CFG stop
+(`pruning.stagevar(refinement_from=...)`): the pruning band is prune=True's in every setting. "CFG stop
 alone" drops guidance from the refinement stage on and prunes nothing: the cost of StageVAR's first idea
 by itself. The band family keeps stagevar's selector and stop but computes the scales prune=True skips,
 with half their tokens dropped: all but the last of them, or all.

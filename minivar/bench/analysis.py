@@ -5,7 +5,7 @@ FastVAR's argument rests on three observations about VAR models (arXiv 2503.2336
   2. the large scales mostly add high-frequency detail, while low frequencies settle early;
   3. a token attends strongly to the same position at the previous scale.
 The functions here measure 2 and 3 on a real run; the notebooks only call them and plot.
-`low_band_changes` and `stage_profile` measure where StageVAR's stages (`presets.stages`) fall on a model.
+`low_band_changes` and `stage_profile` measure where StageVAR's stages (`pruning.stages`) fall on a model.
 """
 from __future__ import annotations
 

@@ -12,7 +12,8 @@ The count follows what the scale loop in sampling.py actually computes, so it tr
     ffn     per layer: fc1 and fc2
     select  per pruned sub-layer of the "projection" selector: the tokens' random projection to `rank`
             dimensions (StageVAR); the other selectors' scoring is elementwise (see below)
-    head    the AdaLN head and the bit logits, on every row that is guided
+    head    the AdaLN head and the bit logits: on both halves where guidance mixes the logits, else on
+            the conditional rows only
     vae     the decoder's convolutions (`vae_decode_count`)
 
 FLOPs count a multiply-add as 2 and cover matmuls, attention and convolutions only. Norms, GELU,
@@ -146,26 +147,14 @@ def plan_count(cfg: InfinityConfig, the_plan: Plan, batch: int = 1, text_tokens:
             if n < L and prune.selector == "projection":
                 parts["select"] += linear_flops(rows * L, C, min(prune.rank, C), p) * SUB_LAYERS
             cached[li] += n if step.stored else 0
-        parts["head"] = linear_flops(rows, C, 2 * C, p) + linear_flops(rows * L, C, 2 * cfg.d_vae, p)
+        head_rows = 2 * batch if step.mix_logits else batch  # `sampling.step_logits`
+        parts["head"] = linear_flops(head_rows, C, 2 * C, p) + linear_flops(head_rows * L, C, 2 * cfg.d_vae, p)
         if k + 1 < len(ran):
             nh, nw = ran[k + 1].hw
             parts["embed"] = linear_flops(batch * nh * nw, cfg.d_vae, C, p)
         sc.parts = {name: parts[name] for name in PARTS if name in parts}
         out.append(sc)
     return out
-
-
-def param_count(cfg: InfinityConfig) -> int:
-    """Parameters of `Infinity(cfg)`, including the learned unconditional text rows (buffers excluded)."""
-    C, Ct, F, d, H = cfg.embed_dim, cfg.text_channels, cfg.ffn_hidden, cfg.d_vae, cfg.num_heads
-    sa = 3 * C * C + 2 * C + H + C * C + C          # qkv, q and v biases, temperature, proj
-    ca = C * C + C + 2 * C * C + C + C * C + C      # q, kv and v bias, proj
-    block = 6 * C + sa + ca + 2 * C + C * F + F + F * C + C
-    pool = C + Ct * 2 * C + C + C * C + C           # learned query, kv and v bias, proj
-    text = cfg.text_maxlen * Ct + C + Ct + pool + Ct * C + C + C * C + C
-    embeds = cfg.num_levels * C + d * C + C + C * 6 * C + 6 * C
-    head = C * 2 * C + 2 * C + C * 2 * d + 2 * d
-    return cfg.depth * block + text + embeds + head
 
 
 # --------------------------------------------------------------------------------------------------

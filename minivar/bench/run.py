@@ -29,7 +29,7 @@ the same latent layout, the same decoder path and the conversion to PIL images.
 
 Cases are every combination of --res, --prune and --cfg-stop (--prune: off, on = prune=True, stagevar;
 --cfg-stop: off, on = from 1/8 of the final tokens, refine = from the first refinement-stage scale of
-`presets.stages`). The issue-21 arms are `--prune off,on,stagevar --cfg-stop off,refine`: stagevar
+`pruning.stages`). The issue-21 arms are `--prune off,on,stagevar --cfg-stop off,refine`: stagevar
 carries its own CFG stop, so its cfg-stop@refine case would equal its plain one and is dropped. --res is
 Infinity's pixel side, passed to generate as its budget name, so the toy runs the same token grids).
 After --warmup untimed rounds, each of --repeats rounds runs every case once, in order (A/B/A/B), so
@@ -48,8 +48,8 @@ layer window 3..27 of 32 to round(3k/32)..round(27k/32). The full-depth estimate
 layer of the real model with the real preset (3..27 of 32) and prices it with the measured time of a
 layer doing the same work (same scale, tokens, keys and batch rows) anywhere in this run.
 
-Uses pipeline.py (every generation), flops.py (analytic counts), memory.py (KV-cache bytes), the scale
-plan of model/sampling.py, and synthetic.py (the full-size subject and the fixtures folder).
+Uses pipeline.py (every generation; the KV and restoration cache bytes), flops.py (analytic counts), the
+scale plan of model/sampling.py, and synthetic.py (the full-size subject and the fixtures folder).
 """
 from __future__ import annotations
 
@@ -72,12 +72,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..loading.files import atomic_write, write_text
 from ..model.config import PRESETS, InfinityConfig, budget_for_res, scale_schedule
-from .flops import block_count, param_count, plan_count, vae_decode_count
+from .flops import block_count, plan_count, vae_decode_count
 from .flops import summary as flop_summary
-from ..pipeline import GiB, kv_cache_bytes
-from ..model.transformer import cache_dtype
-from .. import parity
+from ..pipeline import GiB, kv_cache_bytes, restore_cache_bytes
+from ..numerics import BF16_UNITS, NUMERICS, apply as apply_numerics, cpu_flags, resolve as resolve_numerics
 from ..pipeline import Pipeline
 from ..pipeline import synchronize as sync
 from ..model.pruning import model_stages, resolve_prune
@@ -85,9 +85,8 @@ from ..model.pruning import PruneSchedule
 from ..model.sampling import Settings, plan
 from ..model.transformer import Infinity
 from ..model.vae import VAE_PRESETS, BSQVAE, VAEConfig
-from .synthetic import FIXTURES
 
-TINY_DIR = FIXTURES / "tiny-a"
+TINY_DIR = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "tiny-a"  # "tiny": in a checkout only
 PROMPT = "a red apple on a wooden table"
 SHAPE_MODELS = {"infinity-2b-shape": "infinity-2b", "infinity-8b-shape": "infinity-8b"}
 SYNTHETIC = "infinity-2b-synthetic"   # real files, real T5, full depth: see synthetic.py
@@ -150,37 +149,40 @@ class FixedLengthTokenizer:
 
 
 def shape_subject(name: str, depth: int | None, with_vae: bool, text_tokens: int = 32, seed: int = 0,
-                  weight_dtype: torch.dtype = torch.float32) -> Subject:
+                  weight_dtype: torch.dtype = torch.float32, numerics: str = "reference") -> Subject:
     """Real widths of `name`, `depth` layers, deterministic random weights and text features."""
     full = PRESETS[SHAPE_MODELS[name]]
     vae = VAE_PRESETS["d56" if full.spatial_patchify else "d32"]
     return random_subject(name, SHAPE_MODELS[name], full, depth or full.depth, vae, text_tokens, seed, weight_dtype,
-                          with_vae=with_vae)
+                          with_vae=with_vae, numerics=numerics)
 
 
 def random_subject(name: str, family: str, full: InfinityConfig, depth: int, vae: VAEConfig | None,
                    text_tokens: int, seed: int = 0, weight_dtype: torch.dtype = torch.float32,
-                   with_vae: bool = True) -> Subject:
+                   with_vae: bool = True, numerics: str = "reference") -> Subject:
     """A pipeline of `Infinity(full)` cut to `depth` layers with seeded random weights, random T5-width
     text features (`RandomText`) and a random VAE of config `vae`.
 
     `weight_dtype` is the transformer's storage, as `minivar.load(dtype=...)` gives it: every
-    floating tensor is cast (bf16 halves the weights; CPU matmuls still compute in float32). The
-    VAE stays float32, as `load` keeps it on CPU. Without a VAE to decode (`vae` None or not
-    `with_vae`) the pipeline gets one on the meta device: generate reads only its config.
+    floating tensor is cast (bf16 halves the weights). `numerics` (a resolved mode, numerics.py) then
+    sets what the math runs in, as `load` does. Without a VAE to decode (`vae` None or not `with_vae`)
+    the pipeline gets one on the meta device: generate reads only its config.
     """
     torch.manual_seed(seed)
-    model = parity.apply(Infinity(replace(full, depth=depth))).eval().requires_grad_(False).to(weight_dtype)
+    model = Infinity(replace(full, depth=depth)).eval().requires_grad_(False).to(weight_dtype)
     decodes = with_vae and vae is not None
     vae = vae or VAEConfig(codebook_dim=full.d_vae // (4 if full.spatial_patchify else 1))
     with torch.device("cpu" if decodes else "meta"):
         decoder = BSQVAE(vae).eval().requires_grad_(False)
     feats = torch.randn(text_tokens, full.text_channels, generator=torch.Generator().manual_seed(seed))
-    pipe = Pipeline(model, decoder, RandomText(feats), FixedLengthTokenizer(text_tokens), name=family)
+    pipe = Pipeline(model, decoder, RandomText(feats), FixedLengthTokenizer(text_tokens), name=family,
+                    numerics=numerics)
+    apply_numerics(numerics, model, decoder if decodes else None, pipe.text_encoder)
     return Subject(name, pipe, full, text_tokens, decodes)
 
 
-def pipeline_subject(name: str, with_vae: bool, weight_dtype: torch.dtype | None = None) -> Subject | None:
+def pipeline_subject(name: str, with_vae: bool, weight_dtype: torch.dtype | None = None,
+                     numerics: str = "reference") -> Subject | None:
     """A real pipeline: the tiny-a fixture, or the shipped toy model (None when it is absent)."""
     import minivar
 
@@ -188,7 +190,7 @@ def pipeline_subject(name: str, with_vae: bool, weight_dtype: torch.dtype | None
         t = TINY_DIR
         pipe = minivar.load(transformer=t / "infinity.pth", vae=t / "vae.pth", text_encoder=t / "t5",
                             config=t / "infinity_config.json", vae_config=t / "vae_config.json",
-                            dtype=weight_dtype)
+                            dtype=weight_dtype, numerics=numerics)
     else:
         from ..loading.hub import SHIPPED
 
@@ -196,7 +198,7 @@ def pipeline_subject(name: str, with_vae: bool, weight_dtype: torch.dtype | None
             print(f"skipping toy: {SHIPPED['toy']} does not exist")
             return None
         try:
-            pipe = minivar.load("toy", dtype=weight_dtype)
+            pipe = minivar.load("toy", dtype=weight_dtype, numerics=numerics)
         except Exception as e:  # the toy model is optional: report why and go on
             print(f"skipping toy: {type(e).__name__}: {str(e)[:200]}")
             return None
@@ -209,21 +211,25 @@ PUBLISHED_DTYPE = torch.bfloat16      # "stored" for the shape models: Infinity'
 DECODE_MODES = {"auto": None, "banded": True, "whole": False}
 
 
-def make_subject(name: str, args) -> Subject | None:
-    dtype = WEIGHT_DTYPES[args.weight_dtype]
+def make_subject(name: str, args, numerics: str = "auto") -> Subject | None:
+    """Subject `name` in `numerics`; with several --numerics arms its name carries the mode (`name@bf16`)."""
+    dtype, mode = WEIGHT_DTYPES[args.weight_dtype], resolve_numerics(numerics, args.device)[0]
+    label = f"{name}@{mode}" if len(args.numerics) > 1 else name
     if name in SHAPE_MODELS:
-        subj = shape_subject(name, args.depth, not args.no_vae, args.text_tokens, weight_dtype=dtype or PUBLISHED_DTYPE)
+        subj = shape_subject(name, args.depth, not args.no_vae, args.text_tokens, weight_dtype=dtype or PUBLISHED_DTYPE,
+                             numerics=mode)
     elif name in ("tiny", "toy"):
-        subj = pipeline_subject(name, not args.no_vae, dtype)
+        subj = pipeline_subject(name, not args.no_vae, dtype, mode)
     else:
         raise ValueError(f"unknown subject {name!r}: choose from tiny, toy, {', '.join(SHAPE_MODELS)}")
     if subj is not None:
+        subj.name = label
         pin_decode_mode(subj.pipe.vae, DECODE_MODES[args.decode])
     return subj
 
 
 def pin_decode_mode(vae: BSQVAE, tiled: bool | None) -> None:
-    """--decode banded/whole: every `vae.decode` of this instance gets `tiled`. The default (None, auto)
+    """--decode banded/whole: every `BSQVAE.decode` call of this instance gets `tiled`. The default (None, auto)
     leaves the method alone, so generate decodes exactly as it does for a user."""
     if tiled is not None:
         vae.decode = functools.partial(BSQVAE.decode, vae, tiled=tiled)
@@ -398,7 +404,7 @@ def default_cfg_stop(scales: list[tuple[int, int]]) -> int:
 
 
 def refinement_cfg_stop(cfg: InfinityConfig, scales: list[tuple[int, int]]) -> int | None:
-    """Stage-aware CFG from the first refinement-stage scale (`presets.stages`; 32x32 at 1024), as prune="stagevar"."""
+    """Stage-aware CFG from the first refinement-stage scale (`pruning.stages`; 32x32 at 1024), as prune="stagevar"."""
     labels = model_stages(cfg, scales)
     return labels.index("refinement") if "refinement" in labels else None
 
@@ -418,6 +424,7 @@ class CasePlan:
     counts: list            # flops.ScaleCount per scale that runs
     flops: dict             # flops.summary
     kv_bytes: int
+    restore_bytes: int      # pruning's restoration cache (float32 sub-layer outputs), from the plan
     generate_kwargs: dict   # the Pipeline.generate arguments that compute exactly this
 
 
@@ -434,8 +441,9 @@ def plan_case(subj: Subject, case: Case, cfg: InfinityConfig | None = None) -> C
     kwargs = dict(res=budget_for_res(case.res), prune=case.prune, cfg=settings.cfg, tau=settings.tau,
                   top_k=settings.top_k, top_p=settings.top_p, seed=settings.seed, cfg_stop_scale=stop,
                   output_type="pil" if subj.vae is not None else "latent")
-    kv_bytes = kv_cache_bytes(the_plan, cfg, rows=2, itemsize=cache_dtype(subj.model.storage_dtype).itemsize)
-    return CasePlan(scales, prune, settings, counts, flop_summary(counts, vae), kv_bytes, kwargs)
+    kv_bytes = kv_cache_bytes(the_plan, cfg, rows=2, itemsize=subj.model.kv_dtype.itemsize)
+    return CasePlan(scales, prune, settings, counts, flop_summary(counts, vae), kv_bytes,
+                    restore_cache_bytes(the_plan, cfg, images=1), kwargs)
 
 
 def vae_latent_hw(cfg: InfinityConfig, scales) -> tuple[int, int]:
@@ -557,16 +565,6 @@ def flops_priced(cfg: InfinityConfig, sc, li: int, med: dict, text_tokens: int) 
     return rate * layer_flops(sc.kept[li], sc.kv_len[li], sc.rows)
 
 
-def restore_cache_bytes(cfg: InfinityConfig, plan: CasePlan, rows: int = 2) -> int:
-    """Pruning keeps the three sub-layer outputs of the cache scale for every layer of its window."""
-    p = plan.prune
-    if not p.prunes:
-        return 0
-    h, w = plan.scales[p.cache_scale]
-    layers = sum(p.in_window(li) for li in range(cfg.depth))
-    return 3 * layers * rows * h * w * cfg.embed_dim * 4
-
-
 def memory_estimate(subj: Subject, result: dict, full: CasePlan) -> dict:
     """Peak memory of the real-depth model, per phase, from the parts that make it up.
 
@@ -581,8 +579,8 @@ def memory_estimate(subj: Subject, result: dict, full: CasePlan) -> dict:
     """
     plan, cfg = result["plan"], subj.model.cfg
     itemsize = subj.model.pos_start.element_size()
-    w_now, w_full = subj.weight_bytes, param_count(subj.full_cfg) * itemsize
-    restore_now, restore_full = restore_cache_bytes(cfg, plan), restore_cache_bytes(subj.full_cfg, full)
+    w_now, w_full = subj.weight_bytes, subj.full_cfg.param_count() * itemsize
+    restore_now, restore_full = plan.restore_bytes, full.restore_bytes
     passes = result["memory"]
     base = statistics.median(m["rss_before"] for m in passes)
     peaks = {ph: statistics.median([m["peak"][ph] for m in passes]) for ph in PHASES}
@@ -677,7 +675,7 @@ def summarize(subj: Subject, case: Case, result: dict) -> dict:
             "vae": plan.flops["vae_flops"] / times["vae"]["median"] / 1e9 if subj.vae is not None else None}
     p = plan.prune
     return {
-        "label": case.label, "subject": case.subject, "res": case.res, "prune_on": case.prune,
+        "label": case.label, "subject": case.subject, "numerics": subj.pipe.numerics, "res": case.res, "prune_on": case.prune,
         "cfg_stop_on": case.cfg_stop, "depth": subj.model.cfg.depth, "full_depth": subj.full_cfg.depth,
         "prune": {"drop": p.drop, "skip": sorted(p.skip), "layers": list(p.layers), "cache_scale": p.cache_scale,
                   "selector": p.selector, "rank": p.rank, "cfg_stop": p.cfg_stop},
@@ -706,7 +704,18 @@ def compare_cases(cases: list[dict]) -> list[dict]:
                  (f"{prune_word}+{stop_word}", (subj, res, False, False)) if prune is not False and stop is not False
                  else None]
         out += [ab(what, by[key], b) for what, key in filter(None, pairs) if key in by]
+    for c in cases:  # --numerics arms: each mode against the reference numerics of the same case
+        ref = next((r for r in cases if r.get("numerics") == "reference" != c.get("numerics")
+                    and same_case(r, c)), None)
+        if ref is not None:
+            out.append(ab(f"numerics {c['numerics']}", ref, c))
     return out
+
+
+def same_case(a: dict, b: dict) -> bool:
+    """Two cases that differ only in their numerics (their subjects' names carry it: `name@mode`)."""
+    return (a["subject"].split("@")[0], a["res"], a["prune_on"], a["cfg_stop_on"]) == \
+        (b["subject"].split("@")[0], b["res"], b["prune_on"], b["cfg_stop_on"])
 
 
 def ab(what: str, a: dict, b: dict) -> dict:
@@ -734,6 +743,7 @@ def machine_info() -> dict:
     return {"cpu": model, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY"), "loadavg": os.getloadavg(),
+            "ONEDNN_MAX_CPU_ISA": os.environ.get("ONEDNN_MAX_CPU_ISA"), "bf16_units": sorted(set(BF16_UNITS) & cpu_flags()),
             "ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}
 
 
@@ -772,12 +782,12 @@ def redundant(case: Case, cases: list[Case]) -> bool:
 
 def subjects_and_cases(args, device: torch.device):
     """Each subject of the run, built one at a time on `device`, with its cases (res x prune x cfg-stop)."""
-    for name in args.subjects:
-        subj = make_subject(name, args)
+    for name, numerics in ((n, m) for n in args.subjects for m in args.numerics):
+        subj = make_subject(name, args, numerics)
         if subj is None:
             continue
         to_device(subj, device)
-        cases = [Case(name, r, p, s) for r in args.res for p in args.prune for s in args.cfg_stop]
+        cases = [Case(subj.name, r, p, s) for r in args.res for p in args.prune for s in args.cfg_stop]
         yield subj, [c for c in cases if not redundant(c, cases)]
         del subj  # before the next subject is built: only one model in memory at a time
 
@@ -843,7 +853,8 @@ def run_direct(args) -> dict:
 def machine_line(report: dict) -> str:
     m = report["machine"]
     return (f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']} "
-            f"({m['cpu_capability']} kernels), {m['torch_threads']} threads; load average "
+            f"({m['cpu_capability']} kernels, oneDNN ISA limit {m.get('ONEDNN_MAX_CPU_ISA') or 'none'}, bf16 units: "
+            f"{', '.join(m.get('bf16_units') or ['none'])}), {m['torch_threads']} threads; load average "
             f"{m['loadavg'][0]:.2f} at start, {m['loadavg_end'][0]:.2f} at end.")
 
 
@@ -865,9 +876,10 @@ def method_lines(report: dict) -> list[str]:
 def markdown(report: dict) -> str:
     mm, conv = report["matmul_peak"], report["conv_peak"]
     lines = [machine_line(report) + f" Matmul peak (fp32, measured {len(mm['samples'])} times during the run) "
-             f"median {mm['median']:.1f}, max {mm['max']:.1f} GFLOP/s; 3x3 convolution peak (`bench.conv_peak`, "
+             f"median {mm['median']:.1f}, max {mm['max']:.1f} GFLOP/s; 3x3 convolution peak (`run.conv_peak`, "
              f"channels-last) median {conv['median']:.1f}, max {conv['max']:.1f} GFLOP/s; '% of peak' is against "
-             f"the medians. Transformer weights {report['args'].get('weight_dtype', 'fp32')}, VAE decoding "
+             f"the medians. Numerics {', '.join(sorted({c.get('numerics', '?') for c in report['cases']}))}; "
+             f"transformer weights {report['args'].get('weight_dtype', 'fp32')}, VAE decoding "
              f"{report['args'].get('decode', 'auto')}.", *method_lines(report),
              "| case | depth | total s | spread | text s | transformer s | VAE s | transformer TFLOP | "
              "GFLOP/s | % of matmul peak | peak RSS GiB | KV cache GiB |",
@@ -881,7 +893,7 @@ def markdown(report: dict) -> str:
                      f"{c['pct_of_peak']['transformer']:.0f} % | {rss:.2f} | {c['kv_cache_bytes'] / GiB:.2f} |")
     est = [c for c in report["cases"] if "full_depth_estimate" in c]
     if est:
-        lines += ["", "Extrapolated to the real depth (measured layers re-used; see `bench.extrapolate`):", "",
+        lines += ["", "Extrapolated to the real depth (measured layers re-used; see `run.extrapolate`):", "",
                   "| case | depth | total s | transformer s | VAE s | transformer TFLOP | peak GiB |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for c in est:
@@ -935,7 +947,7 @@ def direct_markdown(report: dict) -> str:
 def memory_lines(cases: list[dict]) -> list[str]:
     """The real-depth memory estimate of each case as a sum of its parts (see `memory_estimate`)."""
     lines = ["", "Peak memory at the real depth, GiB: transformer phase = weights + other + KV + restoration "
-             "+ activations; VAE phase = weights + other + decoder (`bench.memory_estimate`):", "",
+             "+ activations; VAE phase = weights + other + decoder (`run.memory_estimate`):", "",
              "| case | weights | other | KV (per layer x depth) | restoration | activations | transformer phase | "
              "decoder | VAE phase | peak |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in cases:
@@ -969,7 +981,7 @@ def plot(report: dict, path: Path) -> bool:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
     return True
 
@@ -977,13 +989,13 @@ def plot(report: dict, path: Path) -> bool:
 def write(report: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if "runs" in report:  # --direct
-        (out / "direct.json").write_text(json.dumps(report, indent=1, default=str))
-        (out / "direct.md").write_text(direct_markdown(report))
+        write_text(out / "direct.json", json.dumps(report, indent=1, default=str))
+        write_text(out / "direct.md", direct_markdown(report))
         print(direct_markdown(report))
         print(f"wrote {out / 'direct.json'}, direct.md")
         return
-    (out / "bench.json").write_text(json.dumps(report, indent=1, default=str))
-    (out / "bench.md").write_text(markdown(report))
+    write_text(out / "bench.json", json.dumps(report, indent=1, default=str))
+    write_text(out / "bench.md", markdown(report))
     plot(report, out / "bench.png")
     print(markdown(report))
     print(f"wrote {out / 'bench.json'}, bench.md, bench.png")
@@ -1023,7 +1035,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="VAE decoding: in row bands, of whole maps, or auto (bands above 512x512 pixels)")
     ap.add_argument("--weight-dtype", choices=list(WEIGHT_DTYPES), default="stored",
                     help="transformer weight storage: as minivar.load's default (the file's dtype; bf16 for the "
-                         "shape models, as Infinity publishes), fp32 or bf16; CPU matmuls run in float32")
+                         "shape models, as Infinity publishes), fp32 or bf16")
+    ap.add_argument("--numerics", nargs="+", choices=NUMERICS, default=["auto"],
+                    help="what the math runs in (numerics.py), one subject per value: auto (default), bf16, fp32, "
+                         "reference; e.g. --numerics auto reference compares the default with the reference")
     ap.add_argument("--text-tokens", type=int, default=32, help="text tokens per prompt of the shape models")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)

@@ -17,27 +17,32 @@ ru_maxrss as the parent reads it (the kernel's high-water mark, mapped file page
 machine must hold); inside, a thread samples /proc/self/status every 20 ms and says which phase
 (load, text, transformer, VAE) holds the peak, and how much of it is anonymous and file-backed.
 
-Uses the reference key listings in tests/fixtures, the tiny fixture's tokenizer, model/vae.py (the BSQ
-mask buffer) and loading/convert.py (safetensors dtype names); run.py hands it the synthetic subject.
+The keys, shapes and dtypes come from minivar's own modules, built on the meta device (tests/test_keys.py,
+test_vae.py and test_text.py check them against listings of the published files), and the tokenizer is
+the shipped toy's: everything comes from inside the package, so the subject runs from any install. Uses
+model/vae.py (the BSQ mask buffer), loading/convert.py (safetensors dtype names) and loading/files.py
+(atomic writes); run.py hands it the synthetic subject.
 """
 from __future__ import annotations
 
 import json
 import mmap
 import os
-import shutil
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from ..loading.files import atomic_write, write_text
+from ..loading.hub import SHIPPED
+from ..model.t5 import T5_PRESETS
 from ..pipeline import GiB
 
-REPO = Path(__file__).resolve().parents[2]
-FIXTURES = REPO / "tests" / "fixtures"
+PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the folder `import minivar` found this minivar in
 NAME = "infinity-2b-synthetic"
 SEED = 2026
 CHUNK = 1 << 24                       # values generated at a time: 64 MiB of float32
@@ -47,9 +52,24 @@ T5_SHARDS = 2                         # as google/flan-t5-xl ships its weights
 # --------------------------------------------------------------------------------------------------
 # Values: seeded per tensor, scaled so that a forward pass stays finite
 # --------------------------------------------------------------------------------------------------
-def keys(listing: str) -> dict[str, tuple[list[int], str]]:
-    """name -> (shape, dtype) from a reference listing in tests/fixtures (see its KEYS.md)."""
-    return {k: tuple(v) for k, v in json.loads((FIXTURES / listing).read_text())["keys"].items()}
+def keys(module: torch.nn.Module) -> dict[str, tuple[list[int], str]]:
+    """name -> (shape, dtype) of a module's state dict."""
+    return {k: (list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in module.state_dict().items()}
+
+
+def published_keys() -> dict[str, dict[str, tuple[list[int], str]]]:
+    """The keys of the published Infinity-2B, d32 VAE and flan-t5-xl encoder files: minivar's modules on
+    the meta device (nothing is allocated), the transformer's blocks grouped into chunks as upstream saves them."""
+    from ..model.config import PRESETS
+    from ..model.t5 import T5Encoder
+    from ..model.transformer import Infinity
+    from ..model.vae import VAE_PRESETS, BSQVAE
+    from ..toy.train import chunked_block_keys
+
+    cfg = PRESETS["infinity-2b"]
+    with torch.device("meta"):
+        infinity, vae, t5 = Infinity(cfg), BSQVAE(VAE_PRESETS["d32"]), T5Encoder(T5_PRESETS["flan-t5-xl"])
+    return {"transformer": chunked_block_keys(keys(infinity), cfg.block_chunks), "vae": keys(vae), "t5": keys(t5)}
 
 
 def fill(t: torch.Tensor, name: str, index: int) -> None:
@@ -84,23 +104,25 @@ def write_pth(path: Path, listing: dict, dtype: torch.dtype, nest: str | None = 
     with FakeTensorMode():  # shapes and dtypes only: nothing is allocated
         sd = {k: torch.empty(shape, dtype=dtype if dt.startswith("float") else getattr(torch, dt))
               for k, (shape, dt) in listing.items()}
-    tmp = path.with_name(f".{path.name}.partial")
-    with torch.serialization.skip_data(materialize_fake_tensors=True):
-        torch.save({nest: sd} if nest else sd, tmp)
-    torch.serialization.set_default_mmap_options(mmap.MAP_SHARED)  # writes go to the file
-    try:
-        mapped = torch.load(tmp, mmap=True, weights_only=True)
-    finally:
-        torch.serialization.set_default_mmap_options(mmap.MAP_PRIVATE)
-    written = 0
-    for i, (k, t) in enumerate((mapped[nest] if nest else mapped).items()):
-        fill(t, k, i)
-        written += t.nbytes
-        if written > GiB:  # the filled pages are in the page cache: the process need not keep them
-            drop_pages(mapping_of(t))
-            written = 0
-    del mapped
-    os.replace(tmp, path)
+    def write(f) -> None:
+        with torch.serialization.skip_data(materialize_fake_tensors=True):
+            torch.save({nest: sd} if nest else sd, f)
+        f.flush()
+        torch.serialization.set_default_mmap_options(mmap.MAP_SHARED)  # writes go to the file
+        try:
+            # the temporary just written, through its open descriptor (it has no name anyone else can swap)
+            mapped = torch.load(f"/proc/self/fd/{f.fileno()}", mmap=True, weights_only=True)
+        finally:
+            torch.serialization.set_default_mmap_options(mmap.MAP_PRIVATE)
+        written = 0
+        for i, (k, t) in enumerate((mapped[nest] if nest else mapped).items()):
+            fill(t, k, i)
+            written += t.nbytes
+            if written > GiB:  # the filled pages are in the page cache: the process need not keep them
+                drop_pages(mapping_of(t))
+                written = 0
+
+    atomic_write(path, write)
 
 
 def write_safetensors_shards(folder: Path, listing: dict, shards: int) -> None:
@@ -128,16 +150,17 @@ def write_safetensors_shards(folder: Path, listing: dict, shards: int) -> None:
             weight_map[k] = fname
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)
-        tmp = folder / f".{fname}.partial"
-        with open(tmp, "wb") as f:
+
+        def write(f, group=group, blob=blob) -> None:
             f.write(struct.pack("<Q", len(blob)) + blob)
             for k in group:
                 t = torch.empty(listing[k][0], dtype=torch.float32)
                 fill(t, k, names.index(k))
                 f.write(t.view(-1).view(torch.uint8).numpy())
-        os.replace(tmp, folder / fname)
+
+        atomic_write(folder / fname, write)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    write_text(folder / "model.safetensors.index.json", json.dumps(index, indent=1))
 
 
 def _numel(shape: list[int]) -> int:
@@ -175,15 +198,15 @@ def write_set(home: Path | None = None) -> Path:
     for folder in (p["transformer"].parent, p["t5"]):
         folder.mkdir(parents=True, exist_ok=True)
     print(f"writing a random Infinity-2B set (about 10 GB) into {home} ...", flush=True)
-    write_pth(p["transformer"], keys("infinity_2b_keys.json"), torch.bfloat16)  # published in bf16
-    write_pth(p["vae"], keys("vae_d32_keys.json"), torch.float32, nest="vae")
-    t5 = {k: v for k, v in keys("flan_t5_xl_encoder_keys.json").items() if k != "encoder.embed_tokens.weight"}
+    listings = published_keys()
+    write_pth(p["transformer"], listings["transformer"], torch.bfloat16)  # published in bf16
+    write_pth(p["vae"], listings["vae"], torch.float32, nest="vae")
+    t5 = {k: v for k, v in listings["t5"].items() if k != "encoder.embed_tokens.weight"}
     write_safetensors_shards(p["t5"], t5, T5_SHARDS)  # the files hold the tied embedding once, as shared.weight
-    config = json.loads((FIXTURES / "flan_t5_xl_encoder_keys.json").read_text())["config"]
-    (p["t5"] / "config.json").write_text(json.dumps(config, indent=1))
-    shutil.copy(FIXTURES / "tiny-a" / "t5" / "spiece.model", p["t5"] / "spiece.model")
+    write_text(p["t5"] / "config.json", json.dumps({"model_type": "t5", **asdict(T5_PRESETS["flan-t5-xl"])}, indent=1))
+    atomic_write(p["t5"] / "spiece.model", lambda f: f.write((SHIPPED["toy"] / "t5" / "spiece.model").read_bytes()))
     sizes = {str(f.relative_to(home)): f.stat().st_size for f in sorted(home.rglob("*")) if f.is_file()}
-    manifest.write_text(json.dumps({"seed": SEED, "bytes": sizes, "seconds": time.perf_counter() - t0}, indent=1))
+    write_text(manifest, json.dumps({"seed": SEED, "bytes": sizes, "seconds": time.perf_counter() - t0}, indent=1))
     print(f"wrote {sum(sizes.values()) / 1e9:.2f} GB in {time.perf_counter() - t0:.0f} s", flush=True)
     return home
 
@@ -274,9 +297,10 @@ def measure(res: int, prune: bool, prompt: str, home: Path | None, model: str = 
     """`run_sample` in a child process (MINIVAR_HOME at `home` when given). The peak a user meets is
     the child's ru_maxrss as its parent reads it (os.wait4: the kernel's high-water mark of its
     resident set, mapped file pages included), which this adds as `ru_maxrss`."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **({"MINIVAR_HOME": str(home)} if home else {})}
+    path = os.pathsep.join([str(PACKAGE_PARENT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path, **({"MINIVAR_HOME": str(home)} if home else {})}
     cmd = [sys.executable, "-m", "minivar.bench.synthetic", str(res), "on" if prune else "off", prompt, model]
-    child = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)  # the child imports this minivar
     out = child.stdout.read()
     _, wait_status, usage = os.wait4(child.pid, 0)
     if os.waitstatus_to_exitcode(wait_status) != 0:
@@ -309,8 +333,8 @@ def bench(res_list: list[int], prunes: list[bool], prompt: str, out: Path) -> di
             print(f"{NAME} {res} prune={'on' if prune else 'off'}: minivar.sample in a fresh process ...", flush=True)
             arm = measure(res, prune, prompt, home)
             report["arms"] = [a for a in report["arms"] if a["label"] != arm["label"]] + [arm]
-            path.write_text(json.dumps(report, indent=1))
-            (out / "synthetic.md").write_text(synthetic_markdown(report))
+            write_text(path, json.dumps(report, indent=1))
+            write_text(out / "synthetic.md", synthetic_markdown(report))
             print(arm_line(arm), flush=True)
     print(synthetic_markdown(report))
     return report

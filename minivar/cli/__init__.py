@@ -11,16 +11,20 @@ Known errors (bad flags, missing or broken weights, bad input files) print one l
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import re
 import sys
 import tempfile
 import time
+from contextlib import suppress
 from fractions import Fraction
 from pathlib import Path
 
+from ..loading.files import atomic_write, create_new, same_file
 from ..model.sampling import Settings
+from ..numerics import NUMERICS, resolve as resolve_numerics
 
 COMMANDS = ("batch", "convert", "download")
 RESOLUTIONS = (256, 512, 768, 1024, 1344, 2048)
@@ -60,7 +64,10 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
                    help="cuda uses flash-attn when it is installed (default: %(default)s)")
     g.add_argument("--dtype", default="stored", choices=tuple(DTYPES),
                    help="weight storage: as the files store it, memory-mapped (Infinity bf16), or cast to fp32 "
-                        "(parity) or bf16; CPU math is fp32 either way (default: %(default)s)")
+                        "or bf16 (default: %(default)s)")
+    g.add_argument("--numerics", default=None, choices=NUMERICS,
+                   help="what the math runs in: auto (bf16 where the device has fast bf16, else fp32), bf16, fp32, "
+                        "or reference (upstream's CPU numbers bit for bit) (default: $MINIVAR_NUMERICS or auto)")
     g.add_argument("--revision", default=None, metavar="REV", help="pinned hub revision (commit or tag) for downloads")
 
 
@@ -135,8 +142,9 @@ def generation_kwargs(args) -> dict:
 def check_device(device: str) -> None:
     import torch
 
-    ok = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}[device]
-    if not ok:
+    from ..pipeline import device_available
+
+    if not device_available(device):
         raise UsageError(f"--device {device}: not available in this torch build ({torch.__version__}); use --device cpu")
 
 
@@ -157,8 +165,9 @@ def load_pipeline(args, device: str):
 
     t0 = time.perf_counter()
     dtype = None if DTYPES[args.dtype] is None else getattr(torch, DTYPES[args.dtype])
-    pipe = load(args.model, device=device, dtype=dtype, revision=args.revision)
-    print(f"loaded {pipe.name} on {device} ({args.dtype}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    pipe = load(args.model, device=device, dtype=dtype, revision=args.revision, numerics=args.numerics)
+    print(f"loaded {pipe.name} on {device} ({args.dtype}) in {time.perf_counter() - t0:.1f} s; numerics "
+          f"{pipe.numerics} ({pipe.numerics_reason})", file=sys.stderr)
     return pipe
 
 
@@ -185,36 +194,68 @@ class ScaleTimer:
             self.seconds[si] = time.perf_counter() - t0
 
 
-def default_out(prompt: str, seed: int, folder: Path = Path(".")) -> Path:
-    """The prompt's first words and the seed, e.g. a-red-fox-seed1.png; if that file exists, the first
-    free a-red-fox-seed1-2.png, -3 ...: a rerun never replaces an earlier image unless --out names it."""
+def reserve_out(prompt: str, seed: int, folder: Path = Path(".")) -> Path:
+    """The default image name, taken: the prompt's first words and the seed, e.g. a-red-fox-seed1.png, or
+    if that exists the first free a-red-fox-seed1-2.png, -3 ...: a run never replaces an earlier image
+    unless --out names it.
+
+    The name is taken by creating the file, empty (O_EXCL: no two processes can both create it), so two
+    runs started together get two names; the image replaces this placeholder once it is made, and
+    `drop_placeholder` removes it if the run fails."""
     stem = "-".join(re.findall(r"[A-Za-z0-9]+", prompt.lower())[:6]) or "minivar"
-    path, n = folder / f"{stem}-seed{seed}.png", 2
-    while path.exists():
-        path, n = folder / f"{stem}-seed{seed}-{n}.png", n + 1
-    return path
+    for n in itertools.count(1):
+        path = folder / (f"{stem}-seed{seed}.png" if n == 1 else f"{stem}-seed{seed}-{n}.png")
+        try:
+            os.close(create_new(path))
+            return path
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise UsageError(f"cannot write the image {path}: {e.strerror or e}; give --out FILE") from None
+
+
+def drop_placeholder(path: Path) -> None:
+    """Remove a name `reserve_out` took if it never got its image (it is still empty)."""
+    with suppress(OSError):
+        if path.stat().st_size == 0:
+            path.unlink()
+
+
+def check_output(path: Path, flag: str) -> None:
+    """Fail before loading anything if the file `path` cannot be written."""
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a folder; give a file name")
+    check_writable(path.parent, f"{flag} {path}")
 
 
 def cmd_generate(args) -> int:
     from PIL import Image
 
-    from .batch import save_image_atomic
+    from .batch import save_image_atomic, stop_on_sigterm
     from ..pipeline import check_arguments
 
     check_arguments(prompt=args.prompt, seed=args.seed)
     kwargs = generation_kwargs(args)
-    out_path = Path(args.out) if args.out else default_out(args.prompt, args.seed)
-    if out_path.suffix.lower() not in Image.registered_extensions():
-        raise UsageError(f"--out {out_path}: unknown image type {out_path.suffix!r}; use .png, .jpg or .webp")
-    check_writable(out_path.parent, f"--out {out_path}")
-    if args.trace:
-        check_writable(Path(args.trace).parent, f"--trace {args.trace}")
+    if args.out and Path(args.out).suffix.lower() not in Image.registered_extensions():
+        raise UsageError(f"--out {args.out}: unknown image type {Path(args.out).suffix!r}; use .png, .jpg or .webp")
+    for flag, path in (("--out", args.out), ("--trace", args.trace)):
+        if path:
+            check_output(Path(path), flag)
     check_device(args.device)
-    print(describe_template(kwargs["h_div_w"], args.aspect), file=sys.stderr)
-    pipe = load_pipeline(args, args.device)
-    timer = ScaleTimer(args.device)
-    out = pipe.generate(args.prompt, seed=args.seed, trace=bool(args.trace), progress=timer, **kwargs)
-    save_image_atomic(out.image, out_path)
+    stop_on_sigterm()  # a stopped run then removes its temporary file and its placeholder
+    out_path = Path(args.out) if args.out else reserve_out(args.prompt, args.seed)
+    try:
+        if args.trace and same_file(out_path, Path(args.trace)):
+            raise UsageError(f"--trace {args.trace} would overwrite the image {out_path}; give it another name")
+        print(describe_template(kwargs["h_div_w"], args.aspect), file=sys.stderr)
+        pipe = load_pipeline(args, args.device)
+        timer = ScaleTimer(args.device)
+        out = pipe.generate(args.prompt, seed=args.seed, trace=bool(args.trace), progress=timer, **kwargs)
+        save_image_atomic(out.image, out_path)
+    except BaseException:
+        if not args.out:
+            drop_placeholder(out_path)
+        raise
     if args.trace:
         save_trace(out.trace, Path(args.trace))
     print_timings(out, timer.seconds)
@@ -239,7 +280,7 @@ def save_trace(trace, path: Path) -> None:
 
     data = {f.name: getattr(trace, f.name) for f in dataclasses.fields(trace)}
     data["pruning"] = {si: dataclasses.asdict(rec) for si, rec in trace.pruning.items()}
-    torch.save(data, path)
+    atomic_write(path, lambda f: torch.save(data, f))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -255,7 +296,8 @@ def cmd_batch(args) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     check_writable(out_dir, f"--out {out_dir}")
     prompts, problems = batch.read_prompts(args.prompts)
-    settings = {"model": model_id(args.model), **kwargs, "dtype": args.dtype, "device": args.device}
+    settings = {"model": model_id(args.model), "revision": args.revision, **kwargs, "dtype": args.dtype,
+                "device": args.device, "numerics": resolve_numerics(args.numerics, args.device)[0]}
     jobs = batch.make_jobs(prompts, seeds)
     batch.check_prompts(out_dir, jobs)  # early, for a quick answer; run_batch checks again under the folder's lock
     batch.check_settings(out_dir, settings)

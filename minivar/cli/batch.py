@@ -8,13 +8,17 @@ jobs r, r + W, r + 2W, ... of the full list, so the shards are disjoint whatever
 finished, and each image is generated alone (batch of one): its pixels depend on its prompt, seed and
 settings only, never on the rank, the number of ranks or its neighbours.
 
-Surviving a kill: an image is written to a hidden temporary file, its manifest record is appended to
-the rank's own part file, and only then is the image renamed into place. So every image that exists
+Surviving a kill: an image is written to a new hidden temporary file, its manifest record is appended
+to the rank's own part file, and only then is the image renamed into place. So every image that exists
 is complete and has a record, and a rerun simply skips the images that exist. At the end rank 0
 merges the part files into DIR/manifest.jsonl (one record per finished image, in job order).
 
-Uses checks.py (the seed and prompt-length limits) and loading/files.py (atomic writes, the folder lock);
-cli/__init__.py builds the pipeline and calls `run_batch`.
+Ranks meet at the end through marker files in DIR (`.minivar.rank<r>.done`); a rank that fails leaves
+`.minivar.rank<r>.failed` instead, with its error, and the others stop at their next image or while
+waiting, rather than in torch.distributed's barrier, which would wait out its 24-hour timeout.
+
+Uses pipeline.py's argument checks (the seed and prompt limits) and loading/files.py (atomic writes, the
+folder lock); cli/__init__.py builds the pipeline and calls `run_batch`.
 """
 from __future__ import annotations
 
@@ -22,22 +26,29 @@ import json
 import os
 import signal
 import sys
+import time
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
 from PIL import Image
 
-from ..loading.files import FolderBusy, FolderLock, atomic_write, partial_path
-from ..pipeline import MAX_PROMPT_CHARS, check_seed
+from ..loading.files import FolderBusy, FolderLock, atomic_write, open_own, temporaries, write_text
+from ..pipeline import MAX_PROMPT_CHARS, check_seed, is_visible
 
 MANIFEST = "manifest.jsonl"
-MAX_ID_BYTES = 200  # a file name holds 255 bytes: the id, "_seed<n>.png" and the temporary's ".<name>.partial"
+MAX_ID_BYTES = 200  # a file name holds 255 bytes: the id, "_seed<n>.png" and its temporary's ".<name>.<hex 8>.partial"
 PART = "manifest.rank{rank}.jsonl"
-# settings that change pixels: a rerun into the same folder must use the same ones
-PIXEL_SETTINGS = ("model", "res", "h_div_w", "cfg", "tau", "top_k", "top_p", "negative_prompt", "prune", "dtype")
+RANK_MARK = ".minivar.rank{rank}.{state}"  # state: done or failed
+POLL_SECONDS = 1.0  # how often a rank that finished looks at the others' markers
+RANK_TIMEOUT = timedelta(hours=24)  # how long ranks wait for each other: uneven shards may take long
+# settings that change pixels: a rerun into the same folder must use the same ones (the device and the
+# hub revision too: the sampler's random numbers differ between CPU and CUDA, and weights between revisions)
+PIXEL_SETTINGS = ("model", "revision", "res", "h_div_w", "cfg", "tau", "top_k", "top_p", "negative_prompt", "prune",
+                  "dtype", "device", "numerics")
 
 
 @dataclass(frozen=True)
@@ -106,6 +117,8 @@ def parse_line(raw: str, lineno: int, as_json: bool) -> Prompt:
 def check_prompt_length(text: str) -> str:
     if len(text) > MAX_PROMPT_CHARS:
         raise ValueError(f"prompt of {len(text)} characters is too long (max {MAX_PROMPT_CHARS})")
+    if not any(map(is_visible, text)):  # generate would refuse it half way through the batch
+        raise ValueError("the prompt has nothing visible (only zero-width, format or blank characters)")
     return text
 
 
@@ -166,7 +179,7 @@ def save_image_atomic(image: Image.Image, path: Path, before_rename: Callable[[]
 
 def append_record(part: Path, record: dict) -> None:
     """Append one JSON line, durably. A line torn by an earlier kill is closed off first."""
-    with open(part, "a+b") as f:
+    with open(open_own(part, os.O_RDWR | os.O_APPEND), "a+b") as f:  # never through a symlink planted there
         f.seek(0, os.SEEK_END)
         if f.tell() > 0:
             f.seek(-1, os.SEEK_END)
@@ -233,14 +246,16 @@ def check_prompts(out_dir: Path, jobs: list[Job]) -> None:
 
 
 def merge_manifest(out_dir: Path, jobs: list[Job]) -> int:
-    """Rank 0, after every rank finished: one record per existing image into manifest.jsonl."""
+    """Rank 0, after every rank finished: one record per existing image into manifest.jsonl (the part
+    files and the ranks' markers are then removed)."""
     order = {j.file: i for i, j in enumerate(jobs)}
     records = [r for r in known_records(out_dir).values() if (out_dir / r["file"]).exists()]
     records.sort(key=lambda r: (order.get(r["file"], len(order)), r["file"]))
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    atomic_write(out_dir / MANIFEST, lambda f: f.write(text.encode()))
+    write_text(out_dir / MANIFEST, text)
     for part in out_dir.glob(PART.format(rank="*")):
         part.unlink()
+    clear_marks(out_dir)
     return len(records)
 
 
@@ -284,9 +299,61 @@ def init_ranks(device: str) -> Ranks:
     if device == "cuda":
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        # ranks wait for each other only at the end; a long timeout lets uneven shards finish
-        dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=timedelta(hours=24))
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=RANK_TIMEOUT)
     return Ranks(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+class RankFailed(ValueError):
+    """Another rank of the run failed; this one stops too."""
+
+
+def mark(out_dir: Path, rank: int, state: str, text: str = "") -> None:
+    write_text(out_dir / RANK_MARK.format(rank=rank, state=state), text)
+
+
+def clear_marks(out_dir: Path) -> None:
+    for p in out_dir.glob(RANK_MARK.format(rank="*", state="*")):
+        p.unlink(missing_ok=True)
+
+
+def check_peers(out_dir: Path, ranks: Ranks) -> None:
+    """Raise RankFailed if another rank left its failure marker."""
+    for r in range(ranks.world):
+        failed = out_dir / RANK_MARK.format(rank=r, state="failed")
+        if r != ranks.rank and failed.is_file():
+            why = failed.read_text(encoding="utf-8", errors="replace")[:300]
+            raise RankFailed(f"rank {r} of {ranks.world} failed ({why}), so rank {ranks.rank} stops too; "
+                             "finished images are kept: rerun the same command to resume")
+
+
+@contextmanager
+def telling_peers(out_dir: Path, ranks: Ranks) -> Iterator[None]:
+    """Run the body; if it raises, leave this rank's failure marker (with the error) for the other ranks."""
+    try:
+        yield
+    except BaseException as e:
+        if ranks.world > 1 and not isinstance(e, RankFailed):
+            with suppress(OSError):  # a full disk, say: the original error matters more
+                mark(out_dir, ranks.rank, "failed", " ".join(str(e).split()) or type(e).__name__)
+        raise
+
+
+def wait_for_ranks(out_dir: Path, ranks: Ranks) -> None:
+    """The end-of-run barrier: mark this rank done, then wait until every rank is, stopping as soon as
+    one has failed instead (dist.barrier alone would wait for a dead rank until its timeout)."""
+    if ranks.world == 1:
+        return
+    mark(out_dir, ranks.rank, "done")
+    done = [out_dir / RANK_MARK.format(rank=r, state="done") for r in range(ranks.world)]
+    deadline = time.monotonic() + RANK_TIMEOUT.total_seconds()
+    while not all(p.exists() for p in done):
+        check_peers(out_dir, ranks)
+        if time.monotonic() > deadline:  # a rank killed outright (SIGKILL, out of memory) leaves no marker
+            late = [r for r, p in enumerate(done) if not p.exists()]
+            raise RankFailed(f"rank(s) {late} did not finish within {RANK_TIMEOUT}; finished images are kept: "
+                             "rerun the same command to resume")
+        time.sleep(POLL_SECONDS)
+    ranks.barrier()  # every rank is here: this returns at once, and rank 0 may then remove the markers
 
 
 def stop_on_sigterm() -> None:
@@ -307,12 +374,15 @@ class BatchResult:
 
 
 def lock_folder(out_dir: Path, ranks: Ranks) -> FolderLock | None:
-    """Rank 0 locks the folder for the whole run; every rank stops if it could not."""
+    """Rank 0 locks the folder for the whole run (and drops an earlier run's rank markers); every rank
+    stops if it could not."""
     lock, busy = FolderLock(out_dir, "minivar batch run"), None
     if ranks.rank == 0:
         try:
             lock.acquire()
-        except FolderBusy as e:
+            clear_marks(out_dir)
+        except (ValueError, OSError) as e:  # every rank must reach all_true below, or the others hang there
+            lock.release()
             busy = e
     if not ranks.all_true(busy is None):
         raise busy or FolderBusy(f"{out_dir} is in use by another minivar batch run (rank 0 could not lock it)")
@@ -325,18 +395,21 @@ def run_batch(load_pipeline: Callable[[], object], jobs: list[Job], out_dir: Pat
     then (rank 0) merge the manifest."""
     lock = lock_folder(out_dir, ranks)
     try:
-        check_prompts(out_dir, jobs)
-        check_settings(out_dir, settings)
-        mine = shard(jobs, ranks.rank, ranks.world)
-        for job in mine:  # a temporary left by a killed run is never finished: drop it
-            partial_path(out_dir / job.file).unlink(missing_ok=True)
-        todo = [j for j in mine if not (out_dir / j.file).exists()]
-        if todo:
-            pipe = load_pipeline()
-            part = out_dir / PART.format(rank=ranks.rank)
-            for job in progress_bar(todo, show_progress and ranks.rank == 0, ranks.world):
-                generate_one(pipe, job, out_dir, part, gen_kwargs, settings, ranks.rank)
-        ranks.barrier()
+        with telling_peers(out_dir, ranks):
+            check_prompts(out_dir, jobs)
+            check_settings(out_dir, settings)
+            mine = shard(jobs, ranks.rank, ranks.world)
+            for job in mine:  # a temporary left by a killed run is never finished: drop it
+                for tmp in temporaries(out_dir / job.file):
+                    tmp.unlink(missing_ok=True)
+            todo = [j for j in mine if not (out_dir / j.file).exists()]
+            if todo:
+                pipe = load_pipeline()
+                part = out_dir / PART.format(rank=ranks.rank)
+                for job in progress_bar(todo, show_progress and ranks.rank == 0, ranks.world):
+                    check_peers(out_dir, ranks)
+                    generate_one(pipe, job, out_dir, part, gen_kwargs, settings, ranks.rank)
+        wait_for_ranks(out_dir, ranks)
         merged = merge_manifest(out_dir, jobs) if ranks.rank == 0 else None
     finally:
         if lock is not None:

@@ -23,7 +23,6 @@ from ..model.config import InfinityConfig
 from ..model.t5 import TIED_EMBEDDING, T5Config, T5Encoder, is_encoder_key
 from ..model.transformer import Infinity
 from ..model.vae import FLAT_KEY_RULES, VAE_PRESETS, BSQVAE, VAEConfig, make_mask
-from .. import parity
 from .weights import (CheckpointError, assign_state_dict, check_size, read_pth, read_state_dict, remap_names,
                       shard_files)
 
@@ -89,24 +88,21 @@ def file_namer(names: dict[str, str]) -> Callable[[str], str]:
 def load_infinity(path: str | Path, cfg: InfinityConfig, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32, strict: bool = True,
                   config_name: str = "the Infinity config") -> Infinity:
-    """Build on the meta device and assign the checkpoint's tensors (.pth, .safetensors or shard index),
-    then put the model in parity mode (parity.py: upstream's numbers bit for bit, and float32 math on
-    CPU for bf16-stored weights). `config_name` says where `cfg` came from, for the error that refuses
-    a config far larger than the file."""
-    from ..bench.flops import param_count  # flops imports the model's neighbours; import it only when loading
-
+    """Build on the meta device and assign the checkpoint's tensors (.pth, .safetensors or shard index);
+    the plain model, computing in float32 (`Infinity.set_compute_dtype` and `parity.apply` change that).
+    `config_name` says where `cfg` came from, for the error that refuses a config far larger than the file."""
     raw = read_state_dict(path, what="Infinity checkpoint")
     names = file_key_names(raw)
     sd = {name: raw[key] for name, key in names.items()}
     source = f"Infinity checkpoint {path}"
     if strict:
-        check_size(param_count(cfg), sd, source, f"{config_name} (depth={cfg.depth}, embed_dim={cfg.embed_dim}, "
+        check_size(cfg.param_count(), sd, source, f"{config_name} (depth={cfg.depth}, embed_dim={cfg.embed_dim}, "
                    f"text_channels={cfg.text_channels}, text_maxlen={cfg.text_maxlen})", dtype)
     with torch.device("meta"):
         model = Infinity(cfg)
     assign_state_dict(model, sd, source, dtype=dtype, device=device, strict=strict,
                       file_name=file_namer(names))
-    return parity.apply(model).eval().requires_grad_(False)
+    return model.eval().requires_grad_(False)
 
 
 # --------------------------------------------------------------------------------------------------

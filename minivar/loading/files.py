@@ -1,43 +1,85 @@
 """Writing files so that no run can lose or half-write one: atomic replacement and a folder lock.
 
-`atomic_write` writes into a hidden temporary next to the target, flushes it to disk, then renames
-it over the target: a reader (or a later run after a kill) sees the old file or the new one, never a
-mix. `FolderLock` keeps two processes from writing into one output folder at once; the kernel
-drops a `flock` when its holder dies, so a lock file left by a killed run is simply taken over.
+`atomic_write` writes into a new hidden temporary next to the target, flushes it to disk, then
+renames it over the target: a reader (or a later run after a kill) sees the old file or the new one,
+never a mix. Every file minivar creates in a folder that others may write to is created with O_EXCL
+(`create_new`): the kernel then refuses a name that exists, a symlink included, so a link planted
+under a name minivar is about to use can never redirect the write onto another file.
+
+`FolderLock` keeps two processes from writing into one output folder at once; the kernel drops a
+`flock` when its holder dies, so a lock file left by a killed run is simply taken over.
 """
 from __future__ import annotations
 
+import errno
+import glob
 import os
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
 LOCK_FILE = ".minivar.lock"
+TEMPORARY_GLOB = ".{name}." + "[0-9a-f]" * 8 + ".partial"  # the names `new_temporary` picks for `name`
 
 
-def partial_path(path: Path) -> Path:
-    """The hidden temporary a file is written to before its rename (never matches *.png or *.jsonl)."""
-    return path.with_name(f".{path.name}.partial")
+def create_new(path: Path) -> int:
+    """Create `path` and open it for writing; FileExistsError if any file or link has that name."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+
+
+def open_own(path: Path, flags: int) -> int:
+    """Open, creating it if needed, a file minivar keeps under a fixed name in an output folder (a lock, a
+    manifest part); a symlink put there instead is refused rather than followed."""
+    try:
+        return os.open(path, flags | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise ValueError(f"{path} is a symbolic link where minivar keeps a file of its own; remove it") from None
+
+
+def new_temporary(path: Path) -> tuple[int, Path]:
+    """A new hidden file next to `path`, `.NAME.<8 random hex>.partial` (never matches *.png or *.jsonl),
+    open for writing. The random part keeps concurrent writers of one target apart."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
+        try:
+            return create_new(tmp), tmp
+        except FileExistsError:
+            continue
+
+
+def temporaries(path: Path) -> list[Path]:
+    """The temporaries of `path` left by writes that never finished (a killed run)."""
+    return sorted(path.parent.glob(TEMPORARY_GLOB.format(name=glob.escape(path.name))))
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None],
                  before_rename: Callable[[], None] = lambda: None) -> Path:
-    """Call `write(f)` on a temporary in `path`'s folder, fsync it, then rename it to `path`.
+    """Call `write(f)` on a new temporary in `path`'s folder, fsync it, then rename it to `path`.
 
     On any error (or a kill) `path` keeps its old content, or stays absent, and the temporary is removed.
+    The rename replaces whatever `path` names, a symlink itself rather than its target.
     """
     path = Path(path)
-    tmp = partial_path(path)
+    fd, tmp = new_temporary(path)
     try:
-        with open(tmp, "wb") as f:
+        with open(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         before_rename()
         os.replace(tmp, path)
-    finally:
+    except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
     return path
+
+
+def write_text(path: Path, text: str) -> Path:
+    """`atomic_write` of UTF-8 text."""
+    return atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def same_file(a: Path, b: Path) -> bool:
@@ -71,7 +113,7 @@ class FolderLock:
         import fcntl
 
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_own(self.path, os.O_RDWR)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

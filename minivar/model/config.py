@@ -144,6 +144,18 @@ class InfinityConfig:
         # Text pooling heads: 128-wide over T5 channels (64-wide for very wide models), as upstream.
         return self.text_channels // (64 if self.embed_dim > 4096 else 128)
 
+    def param_count(self) -> int:
+        """Parameters of `Infinity(cfg)`, including the learned unconditional text rows (buffers excluded)."""
+        C, Ct, F, d, H = self.embed_dim, self.text_channels, self.ffn_hidden, self.d_vae, self.num_heads
+        sa = 3 * C * C + 2 * C + H + C * C + C          # qkv, q and v biases, temperature, proj
+        ca = C * C + C + 2 * C * C + C + C * C + C      # q, kv and v bias, proj
+        block = 6 * C + sa + ca + 2 * C + C * F + F + F * C + C
+        pool = C + Ct * 2 * C + C + C * C + C           # learned query, kv and v bias, proj
+        text = self.text_maxlen * Ct + C + Ct + pool + Ct * C + C + C * C + C
+        embeds = self.num_levels * C + d * C + C + C * 6 * C + 6 * C
+        head = C * 2 * C + 2 * C + C * 2 * d + 2 * d
+        return self.depth * block + text + embeds + head
+
     @classmethod
     def from_upstream(cls, args: dict | str | Path, d_vae: int | None = None) -> InfinityConfig:
         """Build from upstream Infinity constructor arguments (a dict or a JSON file of them).

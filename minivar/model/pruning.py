@@ -14,7 +14,7 @@ scale, inside a window of layers, each sub-layer (self-attention, cross-attentio
 The last scales can also be skipped outright: their residual is simply missing from the latent.
 
 StageVAR (arXiv 2512.16483) adds two things for the late, fidelity-refinement scales (see
-`presets.stages`): guidance is dropped there (`cfg_stop`: the conditional rows run alone, halving the
+`stages` below): guidance is dropped there (`cfg_stop`: the conditional rows run alone, halving the
 batch), and tokens are chosen in a random low-dimensional projection of their features
 (`selector="projection"`, `projection_scores`).
 
@@ -40,7 +40,7 @@ class PruneSchedule:
     """Where to prune, for one concrete scale schedule.
 
     drop:        scale index -> fraction of tokens dropped (K = L - int(drop * L) are computed)
-    skip:        scale indices that are not run at all (100 % pruning)
+    skip:        scale indices that are not run at all (100 % pruning); any but scale 0
     layers:      inclusive (first, last) window of global layer indices where `drop` applies
     cache_scale: scale index whose sub-layer outputs restore the dropped tokens
     selector:    "pivotal" (FastVAR's distance from the mean token), "projection" (the same distance
@@ -99,8 +99,11 @@ class PruneSchedule:
         for si, f in self.drop.items():
             if not is_real(f) or not 0 <= f < 1:
                 raise ValueError(f"prune drop ratio {f!r} at scale {si} is invalid: use a fraction in [0, 1)")
-        if len(self.skip) >= n_scales:
+        if len(set(self.skip)) >= n_scales:
             raise ValueError(f"the prune schedule skips all {n_scales} scales: at least one must run")
+        if 0 in self.skip:  # the loop starts from the text's start token, a 1x1 grid
+            raise ValueError(f"the prune schedule skips scale 0, the 1x1 scale that starts from the text: only "
+                             f"scales 1..{n_scales - 1} may be skipped")
         self._validate_selector(n_scales)
         pruned = sorted(si for si, f in self.drop.items() if f > 0)
         if both := sorted(set(self.skip) & set(pruned)):

@@ -24,7 +24,7 @@ import torch
 
 from .config import InfinityConfig
 from .pruning import BRANCHES, Pruner, PruneSchedule, ScaleRecord, model_stages
-from .transformer import Attn, Conditioning, Infinity, KVCache, cache_dtype
+from .transformer import Attn, Conditioning, Infinity, KVCache
 from .vae import add_scale_codes, bits_to_codes, bits_to_vae_layout, latent_to_tokens
 
 
@@ -60,7 +60,7 @@ class Trace:
     seconds: list[float] = field(default_factory=list)
     cfg_rows: list[int] = field(default_factory=list)         # batch rows the transformer ran at this scale
     kv_len: list[list[int]] = field(default_factory=list)     # per layer: cached tokens after this scale
-    stage: list[str] = field(default_factory=list)            # "semantic", "structure" or "refinement" (presets.stages)
+    stage: list[str] = field(default_factory=list)            # "semantic", "structure" or "refinement" (pruning.stages)
     pruning: dict[int, ScaleRecord] = field(default_factory=dict)
 
 
@@ -105,6 +105,7 @@ class ScaleStep:
     kept: tuple[int, ...]    # per layer: tokens computed (h * w unless pruned there)
     stored: bool             # its keys enter the KV cache (every scale that runs, except the last one)
     guided: bool             # the batch holds B conditional rows, then B unconditional ones
+    mix_logits: bool         # the head runs on both halves and guidance mixes their logits; else on B rows
     cfg: float
     tau: float
     stage: str               # StageVAR's "semantic", "structure" or "refinement" (pruning.stages)
@@ -121,6 +122,7 @@ class Plan:
     prune: PruneSchedule
     cfg_on: bool             # the text conditioning holds both halves (B conditional + B unconditional rows)
     kv_tokens: tuple[int, ...]  # per layer: the tokens its KV cache holds over the whole generation
+    restored: tuple[int, ...]   # per layer: tokens of each sub-layer's output kept to restore from (the cache scale's)
 
 
 def plan(cfg: InfinityConfig, scales: list[tuple[int, int]], template: float, s: Settings,
@@ -135,21 +137,26 @@ def plan(cfg: InfinityConfig, scales: list[tuple[int, int]], template: float, s:
     cfgs, taus = s.per_scale(s.cfg, n), s.per_scale(s.tau, n)
     cfg_on = any(c != 1 for c in cfgs)
     stop, ran, stages = prune.guidance_stop(s.cfg_stop_scale), prune.ran(n), model_stages(cfg, scales)
+    guided = [cfg_on and (stop is None or si < stop) for si in range(n)]
     steps = tuple(ScaleStep(si, (h, w), si in ran, tuple(prune.kept(si, li, h * w) for li in range(cfg.depth)),
-                            stored=si in ran[:-1], guided=cfg_on and (stop is None or si < stop),
+                            stored=si in ran[:-1], guided=guided[si],
+                            mix_logits=guided[si] and cfgs[si] != 1 and s.cfg_insertion_layer == 0,
                             cfg=cfgs[si], tau=taus[si], stage=stages[si])
                   for si, (h, w) in enumerate(scales))
     kv_tokens = tuple(sum(s.kept[li] for s in steps if s.stored) for li in range(cfg.depth))
-    return Plan(steps, tuple(s for s in steps if s.runs), list(scales), template, prune, cfg_on, kv_tokens)
+    c = prune.cache_scale  # `pruning.Pruner.runner`: the cache scale keeps its outputs inside the layer window
+    restored = tuple(scales[c][0] * scales[c][1] if c is not None and prune.in_window(li) else 0
+                     for li in range(cfg.depth))
+    return Plan(steps, tuple(s for s in steps if s.runs), list(scales), template, prune, cfg_on, kv_tokens, restored)
 
 
 # --------------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------------
 def make_caches(model: Infinity, batch: int, p: Plan, device) -> list[KVCache]:
-    """One preallocated cache per layer, sized by the plan, in the weights' dtype
-    (transformer.cache_dtype: bf16 for published checkpoints, float32 for float32 weights)."""
-    dtype = cache_dtype(model.storage_dtype)
+    """One preallocated cache per layer, sized by the plan, in `Infinity.kv_dtype` (bf16 when the
+    weights or the compute are, float32 otherwise)."""
+    dtype = model.kv_dtype
     return [KVCache(batch, model.cfg.num_heads, p.kv_tokens[li], model.cfg.head_dim, dtype, device)
             for li in range(model.cfg.depth)]
 
@@ -207,7 +214,7 @@ def run_scale_loop(model: Infinity, c: Conditioning, B: int, p: Plan, s: Setting
         rope = model.rope.table(p.template, *step.hw, device)
         last = k == len(ran) - 1
         x_BLC = run_blocks(model, x_BLC, c, caches, rope, pruner, step, last, mix_after)
-        bits_Bhwd = sample_step(step_logits(model, x_BLC, c, step, s.cfg_insertion_layer == 0), s, k, gen, step.hw, trace)
+        bits_Bhwd = sample_step(step_logits(model, x_BLC, c, step), s, k, gen, step.hw, trace)
         codes_Bd1hw = bits_to_codes(bits_to_vae_layout(bits_Bhwd, patchify))
         summed_Bd1HW = add_scale_codes(summed_Bd1HW, codes_Bd1hw, final, last=step.si == len(p.steps) - 1)
         if not last:  # the next scale's input: the running latent at its grid, embedded
@@ -221,10 +228,10 @@ def run_scale_loop(model: Infinity, c: Conditioning, B: int, p: Plan, s: Setting
     return summed_Bd1HW
 
 
-def step_logits(model: Infinity, x: torch.Tensor, c: Conditioning, step: ScaleStep, mix_logits: bool) -> torch.Tensor:
+def step_logits(model: Infinity, x: torch.Tensor, c: Conditioning, step: ScaleStep) -> torch.Tensor:
     """Bit logits (B, h*w*d, 2): temperature first, then guidance (upstream's order). Without guidance
     on the logits (CFG off, cfg = 1, or mixed inside the blocks) the conditional rows give them."""
-    if step.guided and step.cfg != 1 and mix_logits:
+    if step.mix_logits:
         logits = guide(model.logits(x, c.cond).mul(1 / step.tau), step.cfg)
     else:
         B = x.shape[0] // 2 if step.guided else x.shape[0]

@@ -57,6 +57,29 @@ class RMSNorm(nn.Module):
         return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(self.eps))) * self.weight
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """F.linear with input, weight and bias all in `dtype`: a bf16-stored weight is read in place (bf16
+    compute) or upcast for this one product (fp32 compute); no full-precision copy of the model is kept."""
+    return F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+
+
+class Linear(nn.Linear):
+    """nn.Linear that computes in `compute_dtype` whatever dtype its weights are stored in; the output is
+    in `compute_dtype`. `Infinity.set_compute_dtype` sets it on every layer (float32 until then).
+    The split-bias products (qkv, text kv) pass the bias they assemble from several parameters."""
+    compute_dtype = torch.float32
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return linear(x, self.weight, self.bias if bias is None else bias, self.compute_dtype)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the dtype of its input and stored parameters."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
+
+
 # --------------------------------------------------------------------------------------------------
 # 2D rotary position embedding
 # --------------------------------------------------------------------------------------------------
@@ -175,43 +198,41 @@ MAX_LOG_SCALE = float(np.float32(math.log(100.0)))  # log(100) rounded to float3
 
 class SelfAttention(nn.Module):
     """Cosine self-attention: q and k are L2-normalised per head; q carries a learned, clamped scale."""
-    linear = staticmethod(F.linear)  # the split-bias qkv product (parity.py's mode swaps in its own)
-
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads, self.head_dim = heads, dim // heads
-        self.mat_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.mat_qkv = Linear(dim, 3 * dim, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(dim))
         self.v_bias = nn.Parameter(torch.zeros(dim))
         self.register_buffer("zero_k_bias", torch.zeros(dim))  # keys have no bias; kept for the checkpoint
         self.scale_mul_1H11 = nn.Parameter(torch.full((1, heads, 1, 1), 4.0).log())
         self.max_log_scale = MAX_LOG_SCALE
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, attn: Attn, keep: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, L, C) -> (B, L, C). `keep` (B, L) holds the grid index of each row when x is a pruned subset."""
         B, L, C = x.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
-        qkv = self.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.heads, self.head_dim)
+        qkv = self.mat_qkv(x, bias).view(B, L, 3, self.heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, L, hd)
         # Bound the learned temperature at 100 (the last head of real checkpoints sits above it).
         scale = self.scale_mul_1H11.float().clamp_max(self.max_log_scale).exp()  # fp32 even when stored in bf16
         # q, k, v stay strided views of qkv: RoPE writes fresh tensors, the cache copies what it keeps
         # and SDPA reads any strides, so no extra copy is made for a "contiguous" layout.
-        q = F.normalize(q, dim=-1, eps=1e-12).mul(scale)
-        k = F.normalize(k, dim=-1, eps=1e-12)
+        q = F.normalize(q.float(), dim=-1, eps=1e-12).mul(scale)
+        k = F.normalize(k.float(), dim=-1, eps=1e-12)
         cos, sin = attn.rope[0], attn.rope[1]  # (L, hd/2) each
         if keep is not None:  # each kept token keeps the angles of its own grid position
             cos, sin = cos[keep][:, None], sin[keep][:, None]  # (B, 1, K, hd/2)
-        # Scale, norms and RoPE ran in fp32; attention runs in the dtype of the product (v's).
+        # Scale, norms and RoPE ran in fp32; attention runs in the compute dtype (the product's, v's).
         q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
         if attn.cache is not None:
             k, v = attn.cache.extend(k, v, attn.store)
         probes = ATTENTION_PROBES.get()
         if probes is not None and self in probes:
             probes[self](q, k)
-        # The cache may hold keys and values in a narrower dtype than q (bf16 weights on CPU); the cosine
-        # scale is already folded into q.
+        # The cache may hold keys and values in a narrower dtype than q (bf16 weights, fp32 compute); the
+        # cosine scale is already folded into q.
         out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=attn.mask, scale=1.0)
         return self.proj(out.transpose(1, 2).reshape(B, L, C))  # (B, H, L, hd) -> (B, L, C)
 
@@ -248,21 +269,21 @@ class CrossAttention(nn.Module):
         if pool:
             self.mat_q = nn.Parameter(torch.randn(1, heads, self.head_dim) * math.sqrt(1 / dim / 3))
         else:
-            self.mat_q = nn.Linear(dim, dim)
-        self.mat_kv = nn.Linear(kv_dim, 2 * dim, bias=False)
+            self.mat_q = Linear(dim, dim)
+        self.mat_kv = Linear(kv_dim, 2 * dim, bias=False)
         self.v_bias = nn.Parameter(torch.zeros(dim))
         self.register_buffer("zero_k_bias", torch.zeros(dim))
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor | None, text: Text, rows: int | None = None) -> torch.Tensor:
         """x (R, L, C) -> (R, L, C); in pool mode x is ignored and `rows` (R, 1, C) are returned."""
         H, hd = self.heads, self.head_dim
         if self not in text.kv:  # the text's keys and values, once per generation
             bias = torch.cat((self.zero_k_bias, self.v_bias))
-            text.kv[self] = [F.linear(t, self.mat_kv.weight, bias).view(t.shape[0], 2, H, hd) for t in text.tokens]
+            text.kv[self] = [self.mat_kv(t, bias).view(t.shape[0], 2, H, hd) for t in text.tokens]
         if self.pool:
             R, L = rows, 1
-            q = self.mat_q.expand(R, -1, -1)[:, :, None]  # (R, H, 1, hd)
+            q = self.mat_q.to(self.mat_kv.compute_dtype).expand(R, -1, -1)[:, :, None]  # (R, H, 1, hd)
         else:
             R, L = x.shape[:2]
             q = self.mat_q(x).view(R, L, H, hd).transpose(1, 2)  # (R, H, L, hd)
@@ -279,7 +300,7 @@ class CrossAttention(nn.Module):
 class FFN(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.fc1, self.fc2 = Linear(dim, hidden), Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -296,7 +317,7 @@ class Block(nn.Module):
         self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, C) / C**0.5)  # per-block offset of the shared AdaLN
         self.sa = SelfAttention(C, cfg.num_heads)
         self.ca = CrossAttention(C, C, cfg.num_heads)
-        self.ca_norm = nn.LayerNorm(C, eps=cfg.norm_eps)
+        self.ca_norm = LayerNorm(C, eps=cfg.norm_eps)
         self.ffn = FFN(C, cfg.ffn_hidden)
 
     def forward(self, x: torch.Tensor, gss: torch.Tensor, text: Text, attn: Attn,
@@ -332,7 +353,7 @@ class AdaLNHead(nn.Module):
     def __init__(self, C: int, eps: float):
         super().__init__()
         self.eps = eps
-        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 2 * C))
+        self.ada_lin = nn.Sequential(nn.SiLU(), Linear(C, 2 * C))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         scale, shift = self.ada_lin(cond).view(-1, 1, 2, x.shape[-1]).unbind(2)  # 2 x (B, 1, C)
@@ -356,19 +377,37 @@ class Infinity(nn.Module):
         self.pos_start = nn.Parameter(torch.randn(1, 1, C) * math.sqrt(1 / C / 3))
         self.text_norm = RMSNorm(Ct, cfg.norm_eps)
         self.text_proj_for_sos = TextPool(cfg)
-        self.text_proj_for_ca = nn.Sequential(nn.Linear(Ct, C), nn.GELU(approximate="tanh"), nn.Linear(C, C))
+        self.text_proj_for_ca = nn.Sequential(Linear(Ct, C), nn.GELU(approximate="tanh"), Linear(C, C))
         self.lvl_embed = nn.Embedding(cfg.num_levels, C)
-        self.word_embed = nn.Linear(cfg.d_vae, C)
-        self.shared_ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
+        self.word_embed = Linear(cfg.d_vae, C)
+        self.shared_ada_lin = nn.Sequential(nn.SiLU(), Linear(C, 6 * C))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.head_nm = AdaLNHead(C, cfg.norm_eps)
-        self.head = nn.Linear(C, 2 * cfg.d_vae)
+        self.head = Linear(C, 2 * cfg.d_vae)
         self.rope = Rope2D(cfg.head_dim)
 
     @property
     def storage_dtype(self) -> torch.dtype:
-        """The dtype the block weights are stored in (in parity mode CPU math is float32 whatever it is)."""
+        """The dtype the block weights are stored in (bf16 in the public checkpoints)."""
         return self.blocks[0].sa.mat_qkv.weight.dtype
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the products and attention run in: float32 or bfloat16 (`set_compute_dtype`).
+        Norms, RoPE, the residual stream, guidance and sampling stay float32 either way."""
+        return self.head.compute_dtype
+
+    def set_compute_dtype(self, dtype: torch.dtype) -> Infinity:
+        """Compute every product in `dtype` from now on (the weights keep their storage dtype)."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.compute_dtype = dtype
+        return self
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        """The KV cache's dtype: half precision if the weights or the compute are (`cache_dtype`)."""
+        return cache_dtype(self.compute_dtype if self.compute_dtype != torch.float32 else self.storage_dtype)
 
     def condition(self, kv: torch.Tensor, segments: list[tuple[int, int]]) -> Conditioning:
         """Everything the text decides, once per generation.
@@ -378,7 +417,7 @@ class Infinity(nn.Module):
         one pack (parity.py's mode conditions each image of an `image_batch` on its own).
         """
         normed = Text([self.text_norm(kv)], [(0, s, e) for s, e in segments])
-        cond = self.text_proj_for_sos.ca(None, normed, rows=len(segments)).squeeze(1)  # (R, C)
+        cond = self.text_proj_for_sos.ca(None, normed, rows=len(segments)).squeeze(1).float()  # (R, C)
         gss = self.shared_ada_lin(cond.float()).float().view(-1, 1, 6, self.cfg.embed_dim)
         text = Text([self.text_proj_for_ca(t) for t in normed.tokens], normed.rows)  # N x (C)
         return Conditioning(text, cond, gss)
@@ -386,13 +425,13 @@ class Infinity(nn.Module):
     def first_tokens(self, c: Conditioning) -> torch.Tensor:
         """The 1x1 scale's input: pooled text plus a learned start embedding, (B, 1, C)."""
         B = c.cond.shape[0]
-        return c.cond.unsqueeze(1).expand(B, 1, -1) + self.pos_start.expand(B, 1, -1)
+        return c.cond.unsqueeze(1).expand(B, 1, -1) + self.pos_start.float().expand(B, 1, -1)
 
     def embed_scale(self, x: torch.Tensor, si: int) -> torch.Tensor:
-        """Add the level embedding of scale si to its tokens x (B, L, C), in place."""
-        x += self.lvl_embed.weight[si].to(x.dtype)
-        return x
+        """Add the level embedding of scale si to its tokens x (B, L, C): the residual stream starts here,
+        in float32 (in place when x already is)."""
+        return x.float().add_(self.lvl_embed.weight[si].float())
 
     def logits(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """x (B, L, C) -> (B, L, 2d): channel 2j + c is the logit of bit j taking value c."""
-        return self.head(self.head_nm(x.float(), cond.float()))
+        return self.head(self.head_nm(x.float(), cond.float())).float()

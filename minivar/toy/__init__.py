@@ -5,7 +5,7 @@
     geneval.py  mini-GenEval, an analytic checker of colour, shape, count and position
     weights/    the trained toy, a model directory shipped as package data (`minivar.load("toy")`)
 
-    python -m minivar.toy.train --out minivar/toy/weights
+    python -m minivar.toy.train --out minivar/toy/weights --overwrite
     python -m minivar.toy.eval --n 200 --json scores.json
 
 None of this is on the path of `minivar.sample`: the model code (config ... pipeline) only knows

@@ -1,6 +1,6 @@
 """Train the toy Infinity from scratch on procedural shape scenes, in the real checkpoint formats.
 
-    python -m minivar.toy.train --out minivar/toy/weights             # the shipped toy, all three stages
+    python -m minivar.toy.train --out minivar/toy/weights --overwrite # the shipped toy, all three stages
     python -m minivar.toy.train --reuse-vae minivar/toy/weights --steps 1050 --eval 100 --out /tmp/run \
         --set t5.num_layers=4                                         # a short A/B run (about 20 min)
     python -m minivar.toy.train --out minivar/toy/weights --resume    # the first, continued after an interruption
@@ -13,6 +13,10 @@ transformer and T5 for `--steps`, then scores the result with mini-GenEval (`--e
 Runs are resumable: the VAE and transformer stages write OUT/resume.pt every `--checkpoint-every`
 steps (default 100), and the same command plus `--resume` continues from it, ending with the weights
 of an uninterrupted run (same --threads; tests/test_train_resume.py checks it tensor for tensor).
+An OUT that holds an earlier run (its log, checkpoint or weights) is refused unless the command says
+`--resume` (continue it) or `--overwrite` (start afresh, replacing its files). Every flag, `--set`
+value, model directory and checkpoint is checked before anything in OUT is written: a bad one is
+one line, `python -m minivar.toy.train: error: ...`, and exit status 2.
 
 Three stages, each seeded, each with a progress bar and a loss log (train_log.jsonl):
 
@@ -51,7 +55,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
 import torch
@@ -61,12 +65,13 @@ from tqdm.auto import tqdm
 
 from . import scenes
 from ..model.vae import quantize_multiscale
-from ..model.config import InfinityConfig, scale_schedule
+from ..model.config import BUDGETS, InfinityConfig, scale_schedule
 from ..model.t5 import T5Config, T5Encoder
 from ..model.t5 import Tokenizer
 from ..model.transformer import Attn, Conditioning, Infinity
 from ..loading.checkpoint import load_vae
 from .. import parity
+from ..pipeline import bad
 from ..model.vae import BSQVAE, VAEConfig, image_to_pixels
 
 
@@ -119,7 +124,7 @@ RECIPES: dict[str, Recipe] = {
     "tiny": Recipe(res=32, budget="0.06M", vocab=128, corpus=2000,
                    vae=VAEConfig(codebook_dim=8, base_ch=24, num_res_blocks=0, ch_mult=(1, 1), patch_size=2),
                    t5=T5Config(d_model=128, d_kv=16, d_ff=64, num_layers=1, num_heads=2, feed_forward_proj="gated-gelu"),
-                   infinity=InfinityConfig(depth=2, embed_dim=64, num_heads=2, text_channels=128, text_maxlen=32,
+                   infinity=InfinityConfig(depth=2, embed_dim=64, num_heads=2, text_channels=128, text_maxlen=64,
                                            block_chunks=1),
                    vae_stage=Stage(steps=30, batch=4, lr=2e-3, warmup=5),
                    gpt_stage=Stage(steps=30, batch=4, lr=2e-3, warmup=5), coarse_batch=4),
@@ -163,8 +168,13 @@ def pixels_batch(rng: random.Random, n: int, res: int, layout: str = "random") -
 # --------------------------------------------------------------------------------------------------
 # Checkpoints: stopping and resuming a run
 # --------------------------------------------------------------------------------------------------
-class ResumeError(ValueError):
-    """--resume cannot continue: the checkpoint is missing, unreadable, or of other arguments."""
+class RunError(ValueError):
+    """The run cannot start or continue as asked (its --out, --reuse-vae or --resume): one line that names
+    the file and what to do, raised before anything in OUT is written or removed."""
+
+
+class ResumeError(RunError):
+    """--resume cannot continue: the checkpoint is missing, unreadable, malformed or of other arguments."""
 
 
 class StageClock:
@@ -190,6 +200,13 @@ def flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+# What Checkpoint.step_done writes: each entry's type, and each stage's modules
+ENTRIES = {"recipe": dict, "reuse": (str, type(None)), "stage": str, "step": int, "modules": dict,
+           "optimizer": dict, "rng": dict, "log": str, "seconds": dict}
+MODULES = {"vae": ["vae"], "infinity": ["infinity", "t5"]}
+AFRESH = "start afresh with --overwrite instead of --resume"
+
+
 class Checkpoint:
     """OUT/resume.pt: all a stage's loop needs to continue bit for bit (weights, optimiser state, every
     random state it draws from, the log so far, the seconds spent), with the recipe it belongs to.
@@ -197,7 +214,8 @@ class Checkpoint:
     Written after every `every`-th step of the VAE and transformer stages and after their last step
     (every = 0: never), to a temporary name then renamed, so a kill while writing keeps the previous
     one; removed when the run completes. Read with weights_only=True, so it holds only tensors and
-    plain Python values (a random.Random state becomes [version, tensor, gauss_next]).
+    plain Python values (a random.Random state becomes [version, tensor, gauss_next]). A resumed run
+    writes nothing (the log as it was at the checkpoint) until the state has loaded into its stage.
     """
 
     def __init__(self, out: Path, recipe: Recipe, every: int, reuse: Path | None, log: Log):
@@ -205,65 +223,103 @@ class Checkpoint:
         self.tmp = self.path.with_name(self.path.name + ".tmp")
         self.fields = flat(json.loads(json.dumps(asdict(recipe))))  # tuples as lists, as they load back
         self.clock, self.state = StageClock(), None
+        self.where = f"--resume: {self.path}"
 
-    def start(self) -> str:
-        """A fresh run: forget an earlier run's checkpoint and log; begin with the tokenizer."""
+    def start(self) -> None:
+        """A fresh run: forget an earlier run's checkpoint and log."""
         self.remove()
         self.log.path.unlink(missing_ok=True)
-        return "tokenizer"
 
     def remove(self) -> None:
         """Delete the checkpoint, and a half-written one a kill may have left."""
         self.path.unlink(missing_ok=True)
         self.tmp.unlink(missing_ok=True)
 
-    def resume(self) -> str:
-        """Read the checkpoint (ResumeError, one line, if it is missing, unreadable or of another recipe),
-        put the log back as it was when the checkpoint was written, and return the stage to continue."""
-        where = f"--resume: {self.path}"
+    def steps(self, stage: str) -> int:
+        return {"vae": self.recipe.vae_stage, "infinity": self.recipe.gpt_stage}[stage].steps
+
+    def read(self) -> str:
+        """Read and check the checkpoint, writing nothing; the stage to continue. ResumeError (one line)
+        if it is missing, unreadable, malformed, or of another recipe or other arguments."""
         if not self.path.exists():
-            raise ResumeError(f"{where} not found (a completed run removes it); start without --resume")
+            raise self.refusal("not found (a completed run removes it)")
         try:
             state = torch.load(self.path, weights_only=True)
-            stage, step, theirs = state["stage"], state["step"], state["recipe"]
-        except Exception as e:  # a truncated or foreign file: whatever torch.load or the lookups raise
-            raise ResumeError(f"{where} is not a readable checkpoint ({type(e).__name__}); "
-                              "start without --resume") from None
+        except Exception as e:  # a truncated or foreign file: whatever torch.load raises
+            raise self.refusal(f"is not a readable checkpoint ({type(e).__name__})") from None
+        if problem := self.malformed(state):
+            raise self.refusal(problem)
+        theirs = state["recipe"]
         diff = [f"{k} {theirs.get(k)} here {self.fields.get(k)}" for k in sorted(theirs.keys() | self.fields.keys())
                 if theirs.get(k) != self.fields.get(k)]
         if diff:
-            raise ResumeError(f"{where} is of another recipe ({'; '.join(diff)}); "
-                              "resume with the same recipe, --steps and --set")
+            raise self.refusal(f"is of another recipe ({'; '.join(diff)})",
+                               "resume with the same recipe, --steps and --set")
         if (state["reuse"] is None) != (self.reuse is None):
-            raise ResumeError(f"{where} was written by a run {'with' if state['reuse'] else 'without'} --reuse-vae; "
-                              "resume with the same arguments")
+            raise self.refusal(f"was written by a run {'with' if state['reuse'] else 'without'} --reuse-vae",
+                               "resume with the same arguments")
+        stage, step = state["stage"], state["step"]
+        if not 1 <= step <= self.steps(stage):
+            raise self.refusal(f"is at step {step}, outside the {stage} stage's 1..{self.steps(stage)}")
         self.state, self.clock = state, StageClock(state["seconds"])
-        self.log.path.write_text(state["log"])
-        self.log(stage="resumed", at=stage, step=step, threads=torch.get_num_threads())
         return stage
+
+    def refusal(self, problem: str, advice: str = AFRESH) -> ResumeError:
+        return ResumeError(f"{self.where} {problem}; {advice}")
+
+    @staticmethod
+    def malformed(state) -> str | None:
+        """What is wrong with the form of a loaded checkpoint (entries, types, stage, modules), or None."""
+        if not isinstance(state, dict):
+            return f"holds a {type(state).__name__}, not a checkpoint's dict"
+        for key, kind in ENTRIES.items():
+            if key not in state:
+                return f"has no {key!r} entry"
+            if not isinstance(state[key], kind) or isinstance(state[key], bool):
+                return f"has a {type(state[key]).__name__} as its {key!r} entry"
+        stage, modules, rng = state["stage"], sorted(state["modules"]), state["rng"]
+        if stage not in MODULES:
+            return f"is of stage {stage!r}, not one of {list(MODULES)}"
+        if stage == "vae" and state["reuse"] is not None:
+            return "is of the VAE stage, which a run with --reuse-vae does not train"
+        if modules != MODULES[stage]:
+            return f"holds the modules {modules}, the {stage} stage has {MODULES[stage]}"
+        missing = [k for k in ["torch", "python"] + (["generator"] if stage == "infinity" else []) if k not in rng]
+        if missing:
+            return f"has no {missing[0]!r} random state"
+        if not all(isinstance(v, (int, float)) for v in state["seconds"].values()):
+            return "has seconds that are not numbers"
+        return None
 
     def restore(self, stage: str, modules: dict[str, nn.Module], opt: torch.optim.Optimizer, rng: random.Random,
                 gen: torch.Generator | None = None) -> int:
-        """Load a resumed stage's state into its freshly built loop; the step to continue from (0 unless
+        """Load a resumed stage's state into its freshly built loop (ResumeError if it does not fit), then
+        put the log back as it was when the checkpoint was written; the step to continue from (0 unless
         the checkpoint is of this stage)."""
         state, self.state = self.state, None
         if state is None or state["stage"] != stage:
             return 0
-        for name, module in modules.items():
-            module.load_state_dict(state["modules"][name])
-        opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"]["torch"])
-        version, internal, gauss = state["rng"]["python"]
-        rng.setstate((version, tuple(internal.tolist()), gauss))
-        if gen is not None:
-            gen.set_state(state["rng"]["generator"])
+        try:
+            for name, module in modules.items():
+                module.load_state_dict(state["modules"][name])
+            opt.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["rng"]["torch"])
+            version, internal, gauss = state["rng"]["python"]
+            rng.setstate((version, tuple(internal.tolist()), gauss))
+            if gen is not None:
+                gen.set_state(state["rng"]["generator"])
+        except Exception as e:  # tensors of another shape or dtype, a foreign optimiser or random state
+            raise self.refusal(f"does not fit the {stage} stage ({type(e).__name__}: "
+                               f"{' '.join(str(e).split())[:160]})") from None
+        self.log.path.write_text(state["log"])
+        self.log(stage="resumed", at=stage, step=state["step"], threads=torch.get_num_threads())
         return state["step"]
 
     def step_done(self, stage: str, step: int, modules: dict[str, nn.Module], opt: torch.optim.Optimizer,
                   rng: random.Random, gen: torch.Generator | None = None) -> None:
         """Called after each step (0-based `step`, logged already): writes the checkpoint when it is due."""
-        done, steps = step + 1, {"vae": self.recipe.vae_stage, "infinity": self.recipe.gpt_stage}[stage].steps
-        if not self.every or (done % self.every and done < steps):
+        done = step + 1
+        if not self.every or (done % self.every and done < self.steps(stage)):
             return
         version, internal, gauss = rng.getstate()
         state = {"recipe": self.fields, "reuse": None if self.reuse is None else str(self.reuse),
@@ -398,10 +454,13 @@ def block_causal_mask(scales: list[tuple[int, int]]) -> torch.Tensor:
     return ids[:, None] >= ids[None, :]
 
 
+CAPTION_TOKENS = 64  # a caption is read up to this many tokens (with EOS); cfg_uncond needs as many rows
+
+
 def encode_text(t5: T5Encoder, model: Infinity, tok: Tokenizer, captions: list[str], drop: torch.Tensor) -> tuple[torch.Tensor, list]:
     """Packed text rows (N, Ct) and each image's segment; dropped captions become cfg_uncond rows,
     as many as the caption has tokens (what the pipeline feeds the unconditional branch)."""
-    ids, mask = tok(captions, max_length=64)
+    ids, mask = tok(captions, max_length=CAPTION_TOKENS)
     n = mask.sum(-1).tolist()
     width = max(n)
     hidden = t5(ids[:, :width], mask[:, :width])                    # (B, width, Ct)
@@ -585,31 +644,196 @@ def save_t5(t5: T5Encoder, out: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# Argument checks: all before any work, so that a bad value costs no training and loses no file
+# --------------------------------------------------------------------------------------------------
+def same_kind(value, default) -> bool:
+    """Whether a --set value may replace a recipe field's `default`: a number for a float, an integer
+    for an integer (not a bool), a list of the same kind for a tuple, else the same type."""
+    if isinstance(default, float) and not isinstance(value, bool):
+        return isinstance(value, (int, float))
+    if isinstance(default, tuple):
+        return isinstance(value, tuple) and (not default or all(same_kind(v, default[0]) for v in value))
+    return type(value) is type(default)
+
+
+KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", tuple: "a list"}
+# Fields the run derives from others (and overwrites): what to set instead
+DERIVED = {"t5.vocab_size": "vocab", "infinity.d_vae": "vae.codebook_dim", "infinity.pn": "budget"}
+
+
+def set_field(obj, path: list[str], value):
+    """obj (a dataclass) with the field at `path` (["t5", "num_layers"]) replaced by value, which must be
+    of that field's kind; the model configs then check the value itself."""
+    names = [f.name for f in fields(obj)]
+    if path[0] not in names:
+        raise ValueError(f"{type(obj).__name__} has no field {path[0]!r}; fields: {', '.join(names)}")
+    old = getattr(obj, path[0])
+    if len(path) > 1:
+        if not is_dataclass(old):
+            raise ValueError(f"{path[0]} is a value, it has no field {path[1]!r}")
+        value = set_field(old, path[1:], value)
+    elif is_dataclass(old):
+        raise ValueError(f"{path[0]} is a group of fields ({', '.join(f.name for f in fields(old))}); "
+                         f"set one of them, as {path[0]}.FIELD=VALUE")
+    else:
+        value = tuple(value) if isinstance(old, tuple) and isinstance(value, list) else value  # JSON has no tuples
+        if not same_kind(value, old):
+            kind = KINDS.get(type(old), type(old).__name__)
+            raise ValueError(f"{path[0]} takes {kind} like {json.dumps(old)}, not {json.dumps(value)}")
+    return replace(obj, **{path[0]: value})
+
+
+def override(recipe: Recipe, assignment: str) -> Recipe:
+    """recipe with one field changed: "layout=random", "gpt_stage.steps=800", "t5.num_layers=4".
+    The value is parsed as JSON when it can be (numbers, lists), else taken as a string."""
+    key, sep, text = assignment.partition("=")
+    if not sep:
+        raise ValueError(f"--set {assignment!r}: expected FIELD=VALUE, e.g. t5.num_layers=4")
+    if key in DERIVED:
+        raise ValueError(f"--set {assignment!r}: the run derives {key} from {DERIVED[key]}; set {DERIVED[key]} instead")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    try:
+        return set_field(recipe, key.split("."), value)
+    except ValueError as e:  # the field's kind, or the model config's own check of the value
+        raise ValueError(f"--set {assignment!r}: {e}") from None
+
+
+def is_share(v, r) -> bool:
+    return 0 <= v <= 1
+
+
+# What the recipe's fields accept beyond their kind (set_field keeps each field's kind; the model configs
+# check their own fields): dotted name -> (accepts(value, recipe), advice). Checked in this order, so
+# that the rules after "budget" may use the scale schedule. {n}, {res} and {t5} in the advice are the
+# schedule's number of scales, the image side it needs and t5.d_model.
+STAGE_RULES = {"steps": (lambda v, r: v >= 1, "use 1 or more"), "batch": (lambda v, r: v >= 1, "use 1 or more"),
+               "lr": (lambda v, r: math.isfinite(v) and v > 0, "use a finite number > 0"),
+               "warmup": (lambda v, r: v >= 0, "use 0 or more")}
+RECIPE_RULES = {
+    "budget": (lambda v, r: v in BUDGETS, f"use one of {list(BUDGETS)}"),
+    "res": (lambda v, r: v == r.vae.patch_size * r.scales[-1][0],
+            "use {res}, the last scale's side in tokens times vae.patch_size"),
+    "seed": (lambda v, r: 0 <= v < 2**63, "use an integer in 0..2**63-1"),
+    "vocab": (lambda v, r: v >= 64, "use 64 or more (the captions' characters alone take about 30 pieces)"),
+    "corpus": (lambda v, r: v >= 1, "use 1 or more captions"),
+    "commit": (lambda v, r: math.isfinite(v) and v >= 0, "use a finite number >= 0"),
+    "truncate": (is_share, "use a share in [0, 1]"),
+    "truncate_to": (lambda v, r: v and all(1 <= k <= len(r.scales) for k in v),
+                    "use a non-empty list of scale counts in 1..{n}"),
+    "caption_drop": (is_share, "use a share in [0, 1]"),
+    "self_correct": (is_share, "use a share in [0, 1]"),
+    "coarse_batch": (lambda v, r: v >= 0, "use 0 (none) or more"),
+    "coarse_scales": (lambda v, r: 1 <= v <= len(r.scales), "use a scale count in 1..{n}"),
+    "layout": (lambda v, r: v in scenes.LAYOUTS, f"use one of {list(scenes.LAYOUTS)}"),
+    **{f"{stage}.{k}": rule for stage in ("vae_stage", "gpt_stage") for k, rule in STAGE_RULES.items()},
+    "infinity.depth": (lambda v, r: v % r.infinity.block_chunks == 0, "use a multiple of infinity.block_chunks"),
+    "infinity.text_channels": (lambda v, r: v == r.t5.d_model, "use {t5}, t5.d_model (the width of T5's features)"),
+    "infinity.text_maxlen": (lambda v, r: v >= CAPTION_TOKENS,
+                             f"use {CAPTION_TOKENS} or more: a dropped caption of up to {CAPTION_TOKENS} tokens "
+                             "takes as many rows of cfg_uncond"),
+    "infinity.num_levels": (lambda v, r: v >= len(r.scales), "use {n} or more, one per scale"),
+    "infinity.spatial_patchify": (lambda v, r: not v, "use false: the toy has no 2x2 patchify"),
+}
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """ValueError, one line naming the field, for a recipe that would fail mid-run or train nonsense."""
+    try:
+        recipe.t5.check()
+    except ValueError as e:
+        raise ValueError(f"--set t5.{e}") from None
+    values = flat(asdict(recipe))
+    for name, (accepts, advice) in RECIPE_RULES.items():
+        if not accepts(values[name], recipe):
+            scales = recipe.scales if recipe.budget in BUDGETS else [(0, 0)]
+            side = scales[-1][0] * recipe.vae.patch_size
+            raise bad(f"--set {name}", values[name], advice.format(n=len(scales), res=side, t5=recipe.t5.d_model))
+
+
+# What a run writes in OUT, and so would replace
+RUN_FILES = ("resume.pt", "train_log.jsonl", "infinity.pth", "vae.pth", "t5")
+
+
+def check_out(out: Path, reuse: Path | None, resume: bool, overwrite: bool) -> None:
+    """RunError for an OUT the run cannot write, or holding an earlier run it was not asked to continue
+    (--resume) or replace (--overwrite)."""
+    if resume and overwrite:
+        raise RunError("--resume continues the run in --out and --overwrite replaces it; give one of them")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise RunError(f"--out {out}: {existing} is a file, not a directory; name a directory")
+    if reuse is not None and out.resolve() == reuse.resolve():
+        raise RunError(f"--reuse-vae {reuse} is --out too; write the run to another directory")
+    held = [name for name in RUN_FILES if (out / name).exists()]
+    if held and not (resume or overwrite):
+        raise RunError(f"--out {out} holds an earlier run ({', '.join(held)}); "
+                       + ("continue it with --resume, or " if "resume.pt" in held else "")
+                       + "replace it with --overwrite, or choose another --out")
+
+
+# The files the tokenizer and VAE stages leave in a model directory
+FINISHED = ("t5/spiece.model", "vae.pth", "vae_config.json")
+
+
+def read_finished(src: Path, recipe: Recipe, where: str, advice: str,
+                  with_vae: bool = True) -> tuple[Tokenizer, BSQVAE | None]:
+    """The tokenizer (and VAE) that finished stages left in the model directory `src`, read and checked
+    against the recipe; RunError "{where}: ...; {advice}" if they are missing, broken or do not fit."""
+    missing = [name for name in (FINISHED if with_vae else FINISHED[:1]) if not (src / name).is_file()]
+    if missing:
+        raise RunError(f"{where}: {src} has no {', '.join(missing)}; {advice}")
+    try:
+        tok = Tokenizer(src / "t5" / "spiece.model")
+        vae = load_vae(src / "vae.pth", src / "vae_config.json") if with_vae else None  # fp32, eval, no gradients
+    except (ValueError, OSError) as e:  # CheckpointError: a truncated or foreign file
+        raise RunError(f"{where}: {' '.join(str(e).split())}; {advice}") from None
+    ours = (recipe.vae.codebook_dim, recipe.vae.patch_size)
+    if vae is not None and (vae.cfg.codebook_dim, vae.cfg.patch_size) != ours:
+        raise RunError(f"{where}: its VAE has {vae.cfg.codebook_dim} bits per token and {vae.cfg.patch_size}-pixel "
+                       f"patches, the recipe {recipe.vae.codebook_dim} and {recipe.vae.patch_size}; "
+                       "--set vae.codebook_dim and vae.patch_size to match, or drop --reuse-vae")
+    return tok, vae
+
+
+# --------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------
 def run(recipe: Recipe, out: Path, dtype: torch.dtype = torch.bfloat16, reuse: Path | None = None,
-        checkpoint_every: int = 0, resume: bool = False) -> dict[str, float]:
+        checkpoint_every: int = 0, resume: bool = False, overwrite: bool = False) -> dict[str, float]:
     """All three stages into the model directory `out`, or (with `reuse`, a model directory) only the
     transformer and T5 on top of that directory's tokenizer and VAE; returns the seconds each took.
 
     With `checkpoint_every` N, out/resume.pt is written every N steps (see Checkpoint); `resume`
     continues from it (skipping the finished stages, whose files are in `out`) and ends with the
-    weights an uninterrupted run with the same arguments and thread count would have.
+    weights an uninterrupted run with the same arguments and thread count would have. An `out` that
+    holds an earlier run is refused unless `resume` or `overwrite` (start afresh, replacing its files).
+    Everything is read and checked (ValueError, RunError) before anything in `out` is written.
     """
+    check_recipe(recipe)
+    check_out(out, reuse, resume, overwrite)
     log = Log(out / "train_log.jsonl")
     ckpt = Checkpoint(out, recipe, checkpoint_every, reuse, log)
-    begin = ckpt.resume() if resume else ckpt.start()      # "tokenizer", "vae" or "infinity"
-    out.mkdir(parents=True, exist_ok=True)
-    if begin == "infinity":                                  # resumed: the tokenizer and VAE are in `out`
-        tok, vae = Tokenizer(out / "t5" / "spiece.model"), load_vae(out / "vae.pth", out / "vae_config.json")
+    begin = ckpt.read() if resume else "tokenizer"          # "tokenizer", "vae" or "infinity"
+    tok = vae = None
+    if begin != "tokenizer":                                  # resumed: the finished stages' files are in `out`
+        tok, vae = read_finished(out, recipe, "--resume", AFRESH, with_vae=begin == "infinity")
     elif reuse is not None:
-        tok, vae = reuse_tokenizer_and_vae(reuse, out, recipe)
-    else:
-        if begin == "tokenizer":
+        tok, vae = read_finished(reuse, recipe, f"--reuse-vae {reuse}",
+                                 "point it at a model directory the toy training wrote, or drop it")
+    if not resume:
+        ckpt.start()
+    out.mkdir(parents=True, exist_ok=True)
+    if reuse is not None and begin == "tokenizer":            # copied byte for byte
+        (out / "t5").mkdir(exist_ok=True)
+        for name in FINISHED:
+            shutil.copyfile(reuse / name, out / name)
+    if vae is None:
+        if tok is None:
             tok = train_tokenizer(recipe, out / "t5")
             ckpt.clock.lap("tokenizer")
-        else:
-            tok = Tokenizer(out / "t5" / "spiece.model")
         vae = train_vae(recipe, log, ckpt)
         save_vae(vae, out, dtype)
         vae.load_state_dict(storage(vae.state_dict(), dtype))  # the transformer learns the VAE as stored
@@ -626,37 +850,11 @@ def run(recipe: Recipe, out: Path, dtype: torch.dtype = torch.bfloat16, reuse: P
     return seconds
 
 
-def reuse_tokenizer_and_vae(src: Path, out: Path, recipe: Recipe) -> tuple[Tokenizer, BSQVAE]:
-    """Copy an existing model directory's tokenizer and VAE files into `out` and load them."""
-    vae = load_vae(src / "vae.pth", src / "vae_config.json")  # fp32, eval, no gradients
-    if vae.cfg.codebook_dim != recipe.vae.codebook_dim:
-        raise ValueError(f"--reuse-vae {src}: its VAE has {vae.cfg.codebook_dim} bits per token, "
-                         f"the recipe {recipe.vae.codebook_dim}; drop --reuse-vae or match vae.codebook_dim")
-    (out / "t5").mkdir(parents=True, exist_ok=True)
-    for name in ("vae.pth", "vae_config.json", "t5/spiece.model"):
-        shutil.copyfile(src / name, out / name)
-    return Tokenizer(out / "t5" / "spiece.model"), vae
-
-
-def override(recipe: Recipe, assignment: str) -> Recipe:
-    """recipe with one field changed: "layout=random", "gpt_stage.steps=800", "t5.num_layers=4".
-    The value is parsed as JSON when it can be (numbers, lists), else taken as a string."""
-    key, sep, text = assignment.partition("=")
-    if not sep:
-        raise ValueError(f"--set {assignment!r}: expected FIELD=VALUE, e.g. t5.num_layers=4")
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        value = text
-    head, _, rest = key.partition(".")
-    if head not in {f.name for f in fields(recipe)}:
-        raise ValueError(f"--set {assignment!r}: the recipe has no field {head!r}; "
-                         f"fields: {', '.join(f.name for f in fields(recipe))}")
-    if rest:
-        value = override(getattr(recipe, head), f"{rest}={text}")
-    elif isinstance(getattr(recipe, head), tuple) and isinstance(value, list):
-        value = tuple(value)
-    return replace(recipe, **{head: value})
+# The flags' values beyond their type: flag -> (accepts, advice), as pipeline.py's ARGUMENTS
+FLAGS = {"threads": (lambda v: v >= 1, "use 1 or more"),
+         "steps": (lambda v: v is None or v >= 1, "use 1 or more"),
+         "eval": (lambda v: v >= 0, "use 0 (no scoring) or more prompts"),
+         "checkpoint_every": (lambda v: v >= 0, "use N >= 1 steps, or 0 for no checkpoints")}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -664,7 +862,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("recipe", nargs="?", default="toy", choices=sorted(RECIPES),
                    help="'toy' makes the shipped toy (minivar/toy/weights); 'tiny' is a seconds-long smoke run "
                         "(default: toy)")
-    p.add_argument("--out", type=Path, required=True, help="model directory to write")
+    p.add_argument("--out", type=Path, required=True,
+                   help="model directory to write: a new one, or with --resume or --overwrite one holding a run")
     p.add_argument("--threads", type=int, default=2,
                    help="torch CPU threads (default: %(default)s; results are bit-exact for a given thread count)")
     p.add_argument("--reuse-vae", type=Path, default=None, metavar="DIR",
@@ -679,19 +878,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/resume.pt: the same command plus --resume ends with the weights of an "
                         "uninterrupted run (same --threads)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an OUT that holds an earlier run, replacing its files (without --resume "
+                        "or --overwrite, such an OUT is refused)")
     args = p.parse_args(argv)
+    for name, (accepts, advice) in FLAGS.items():
+        if not accepts(getattr(args, name)):
+            p.error(str(bad(f"--{name.replace('_', '-')}", getattr(args, name), advice)))
     recipe = RECIPES[args.recipe]
     try:
         for assignment in args.overrides:
             recipe = override(recipe, assignment)
-    except (ValueError, TypeError) as e:
+        if args.steps is not None:
+            recipe = replace(recipe, gpt_stage=replace(recipe.gpt_stage, steps=args.steps))
+        check_recipe(recipe)
+    except ValueError as e:
         p.error(str(e))
-    if args.steps is not None:
-        recipe = replace(recipe, gpt_stage=replace(recipe.gpt_stage, steps=args.steps))
     torch.set_num_threads(args.threads)
     try:
-        seconds = run(recipe, args.out, reuse=args.reuse_vae, checkpoint_every=args.checkpoint_every, resume=args.resume)
-    except ResumeError as e:
+        seconds = run(recipe, args.out, reuse=args.reuse_vae, checkpoint_every=args.checkpoint_every,
+                      resume=args.resume, overwrite=args.overwrite)
+    except RunError as e:
         p.exit(2, f"{p.prog}: error: {e}\n")
     print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
     if args.eval:
