@@ -168,12 +168,17 @@ def check_generator(func, gen: torch.Generator, args, kwargs) -> None:
 @contextmanager
 def pretend_device():
     """Inside: the device rules are enforced on every op, and `.to(PRETEND)` moves to the pretend device."""
-    torch.Generator = Generator
+    outer, torch.Generator = torch.Generator, Generator  # the context may be nested
+    # Module.to(dtype) would assign `param.data` in place, which changes a wrapper's dtype but not its
+    # `elem`; with this flag it makes new parameters instead.
+    overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
     try:
         with PythonLevel(), DeviceCheck() as check:
             yield check
     finally:
-        torch.Generator = REAL_GENERATOR
+        torch.Generator = outer
+        torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
 
 
 def on_cpu(x):

@@ -1,15 +1,17 @@
-"""On a CUDA machine: bf16 generation on the tiny fixture against the CPU float32 reference.
+"""On a CUDA machine: generation on the tiny fixture in numerics "bf16" (what `minivar.load` picks on CUDA)
+against the CPU float32 reference.
 
 Marked `cuda` and skipped without CUDA; `python -m minivar.bench.device_check` runs them (`pytest -m cuda`).
 CPU CI checks the same code for device placement on a pretend accelerator (test_device.py).
 
-Tolerance. bf16 keeps 8 significant bits (a relative rounding step of 2^-8 = 0.4 %). The compared
-numbers are the bit logits after guidance and temperature, teacher-forced with the reference's bits
-so that both runs see the same inputs at every scale; the error is the relative Frobenius norm of
-the difference at each scale. Computing in bf16 on the CPU (the pretend device of test_device.py
-gives the models bf16 compute) puts it at 0.3-0.55 % per scale on this fixture. LOGIT_TOL is 4x
-that; a real fault (another kernel's mask semantics, rows of the batch mixed up, a wrong scale of
-the attention) moves logits by tens of percent.
+Tolerance. bf16 keeps 8 significant bits (a relative rounding step of 2^-8 = 0.4 %), and "bf16" runs
+T5, the products, attention and the VAE in it. The compared numbers are the bit logits after guidance
+and temperature, teacher-forced with the reference's bits so that both runs see the same inputs at
+every scale; the error is the relative Frobenius norm of the difference at each scale. The same
+numerics computed on the CPU (test_device.py's pretend device, or numerics="bf16" on a CPU) put it at
+0.9-1.3 % per scale on this fixture. LOGIT_TOL is 4x that; conditioning on another prompt moves the
+logits by 43-107 %, and a real fault (rows of a batch mixed up, a mask or scale of attention wrong) by
+tens of percent.
 """
 import pytest
 import torch
@@ -19,13 +21,14 @@ from helpers import PROMPT, SETTINGS, load_tiny, rel_err, tiny_pipeline
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-LOGIT_TOL = 0.02
-RUNS = {"256": dict(res=256), "512 prune=True": dict(res=512, prune=True), "512 stagevar": dict(res=512, prune="stagevar")}
+LOGIT_TOL = 0.05
+RUNS = {"256": dict(res=256), "512 prune=True": dict(res=512, prune=True),
+        "512 stagevar": dict(res=512, prune="stagevar")}
 
 
 @pytest.fixture(scope="module")
 def bf16():
-    return load_tiny(device="cuda", dtype=torch.bfloat16)
+    return load_tiny(device="cuda", numerics="bf16")
 
 
 def traced(pipe, prompts=PROMPT, **kw):
@@ -38,7 +41,7 @@ def logit_errors(a, b, row: int = 0) -> list[float]:
 
 
 def test_models_are_on_cuda_in_bf16(bf16):
-    assert bf16.device.type == "cuda" and bf16.transformer.storage_dtype == torch.bfloat16
+    assert bf16.device.type == "cuda" and bf16.numerics == "bf16" and bf16.transformer.compute_dtype == torch.bfloat16
     assert all(p.is_cuda for m in (bf16.transformer, bf16.vae, bf16.text_encoder) for p in m.parameters())
 
 

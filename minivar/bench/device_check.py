@@ -4,15 +4,15 @@
     python -m minivar.bench.device_check --dry-run --out DIR  # the same code on the CPU, tiny models, seconds
 
 1. Tests: `pytest -m cuda` in a child process (tests/test_cuda.py: generation inside SDPA's flash and
-   memory-efficient kernels only, the seeded CUDA generator, bf16 logits against the CPU float32
+   memory-efficient kernels only, the seeded CUDA generator, "bf16" logits against the CPU float32
    reference, a batch against single runs), read back per test from its JUnit XML.
-2. Timings: Infinity-2B's shape with random weights (bf16, depth 32) and the real-size d32 VAE decoder
-   (random, float32, as `minivar.load` keeps it), at 1024 unpruned, prune=True and prune="stagevar",
-   and at 2048 with prune=True; fixed random T5-width features stand in for T5 (`run.RandomText`), so
-   the text phase and T5's memory are not the real ones. Per arm: warm-up runs, then timed runs of
-   `Pipeline.generate` with their phase split (`Output.timings`, which waits for the device at every
-   phase boundary) and the peak of `torch.cuda.max_memory_allocated` over the timed runs, beside
-   FastVAR's published figures for Infinity-2B.
+2. Timings: Infinity-2B's shape with random weights (bf16, depth 32) and the real-size d32 VAE decoder,
+   in the numerics `minivar.load` picks for the device ("bf16" on CUDA, numerics.py), at 1024 unpruned,
+   prune=True and prune="stagevar", and at 2048 with prune=True; fixed random T5-width features stand
+   in for T5 (`run.RandomText`), so the text phase and T5's memory are not the real ones. Per arm: a
+   warm-up run, then timed runs of `Pipeline.generate` with their phase split (`Output.timings`, which
+   waits for the device at every phase boundary) and the peak of `torch.cuda.max_memory_allocated`
+   over the timed runs, beside FastVAR's published figures for Infinity-2B.
 
 The machine may be bare (no flash-attn, no network): every part and every arm catches its own
 exception, and the report (DIR/device_check.json and DIR/device_check.md) is written whatever fails.
@@ -35,11 +35,12 @@ from pathlib import Path
 
 import torch
 
+from .. import numerics
 from ..model.config import PRESETS, budget_for_res
 from ..model.vae import VAE_PRESETS, VAEConfig
 from ..pipeline import GiB
 from .run import ARM_WORDS, PHASES, PROMPT, Subject, machine_info, random_subject, release_memory, stats, to_device
-from .synthetic import REPO
+from .synthetic import PACKAGE_PARENT as REPO  # in a checkout, the repository with its tests folder
 
 ARMS = [(1024, False), (1024, True), (1024, "stagevar"), (2048, True)]
 DRY_RES = {1024: 512, 2048: 768}     # --dry-run: the arms' budgets (as Infinity's sides) on the tiny models
@@ -100,9 +101,10 @@ def junit_results(path: Path) -> list[dict]:
 # --------------------------------------------------------------------------------------------------
 # The timed subject and its arms
 # --------------------------------------------------------------------------------------------------
-def subject(dry_run: bool) -> tuple[Subject, str]:
-    """Infinity-2B's shape at full depth (or, for --dry-run, a tiny one), and its description."""
-    full = PRESETS["infinity-2b"]
+def subject(device: torch.device, dry_run: bool) -> tuple[Subject, str]:
+    """Infinity-2B's shape at full depth (or, for --dry-run, a tiny one) in the numerics `minivar.load`
+    picks for `device` ("auto": bf16 on CUDA), and its description."""
+    full, (mode, why) = PRESETS["infinity-2b"], numerics.resolve("auto", device)
     if dry_run:
         cfg = replace(full, depth=2, embed_dim=128, num_heads=2, text_channels=128)
         vae = VAEConfig(codebook_dim=32, base_ch=24, num_res_blocks=1, ch_mult=(1, 2, 4), patch_size=4)
@@ -110,10 +112,10 @@ def subject(dry_run: bool) -> tuple[Subject, str]:
     else:
         cfg, vae = full, VAE_PRESETS["d32"]
         text = ("Infinity-2B shape: random bf16 weights, depth 32, width 2048; the real-size d32 VAE decoder "
-                "(random, float32); random T5-width text features instead of T5 (32 tokens)")
+                "(random); random T5-width text features instead of T5 (32 tokens)")
     subj = random_subject("infinity-2b-shape", "infinity-2b", cfg, cfg.depth, vae, text_tokens=32,
-                          weight_dtype=torch.bfloat16)
-    return subj, text
+                          weight_dtype=torch.bfloat16, numerics=mode)
+    return subj, f"{text}; numerics {mode!r} ({why})"
 
 
 def new_arm(res: int, prune, dry_run: bool) -> dict:
@@ -196,7 +198,7 @@ def run_check(out: Path, dry_run: bool, repeats: int) -> dict:
 
 
 def build(device: torch.device, dry_run: bool) -> dict:
-    subj, text = subject(dry_run)
+    subj, text = subject(device, dry_run)
     to_device(subj, device)
     return {"subject": subj, "text": text}
 
