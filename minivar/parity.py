@@ -1,17 +1,17 @@
-"""Parity mode: the numerics that make minivar's CPU numbers equal upstream's bit for bit.
+"""The reference numerics (`numerics="reference"`, numerics.py): minivar's CPU numbers equal upstream's bit for bit.
 
 `apply(model)` puts a plain `Infinity` (model/transformer.py) in this mode, in place, by swapping the
-class of some of its modules for the subclasses below; `loading/checkpoint.py` applies it to every
-model it loads, and the toy training to the model it trains. None of this is part of the VAR
-algorithm: the plain model is correct without it. It exists because minivar promises upstream's
-sampled bits, and an image's bits are decided by comparisons of float logits, so every rounding
-difference can flip a bit and change the picture from that scale on. What breaks without each piece:
+class of some of its modules for the subclasses below; `numerics.apply` calls it when a pipeline is
+loaded with the reference numerics, and the toy training applies it to the model it trains. None of
+this is part of the VAR algorithm: the plain model, which the other numerics run, is correct without
+it. It exists because minivar promises upstream's sampled bits, and an image's bits are decided by
+comparisons of float logits, so every rounding difference can flip a bit and change the picture from
+that scale on. What breaks without each piece:
 
-* `Linear`, `LayerNorm`, `SelfAttention` (bf16 storage, fp32 math on CPU): weights may be stored in
-  bfloat16, but CPUs multiply bf16 matrices about 400x slower than fp32 (0.3 vs 130 GFLOP/s on a
-  2048x2048x8192 product on the project machine), so on CPU every product and norm upcasts its
-  weights and computes in fp32 (`compute_dtype`). On CUDA the storage dtype is the compute dtype.
-  `SelfAttention` only routes its split-bias qkv product through the same `linear`.
+* `Linear` (fp32 math on CPU): weights may be stored in bfloat16; upstream's CPU numbers were computed
+  in float32, so on CPU every product upcasts its weights and computes in fp32 (`compute_dtype`),
+  whatever the model's own compute dtype says. On CUDA the storage dtype is the compute dtype.
+  The split-bias products (self-attention's qkv, the text keys and values) go through it too.
 * Batch invariance (`image_batch`, `linear`): BLAS picks its kernels, and with them the rounding of
   every output, by the shape of the product, row count included. With several images in a batch,
   every product therefore runs image by image, on exactly the rows (and row count) a single-image

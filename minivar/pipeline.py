@@ -67,7 +67,8 @@ class Pipeline:
         if self.numerics != "reference":
             n = int(mask.sum(-1).max())
             ids, mask = ids[:, :n], mask[:, :n]
-        hidden = self.text_encoder(ids.to(self.device), mask.to(self.device)).float()  # (B, n, Ct)
+        with attention_kernels(self.device, self.transformer.compute_dtype):
+            hidden = self.text_encoder(ids.to(self.device), mask.to(self.device)).float()  # (B, n, Ct)
         lens = mask.sum(-1).tolist()
         return [h[:n] for h, n in zip(hidden, lens)], lens
 

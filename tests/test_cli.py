@@ -58,6 +58,13 @@ def test_bf16_storage_on_cpu(tmp_path, tiny_dir, capsys):
     assert code == 0 and "on cpu (bf16)" in err and Image.open(tmp_path / "cat.png").size == (256, 256)
 
 
+@pytest.mark.parametrize("numerics", ["fp32", "bf16"])
+def test_the_cli_says_which_numerics_ran(numerics, tmp_path, tiny_dir, capsys):
+    code, _, err = run(["a cat", "--model", str(tiny_dir), "--res", "256", "--numerics", numerics,
+                        "--out", str(tmp_path / "cat.png")], capsys)
+    assert code == 0 and f"numerics {numerics} (asked for)" in err
+
+
 def test_default_out_is_named_after_the_prompt_and_seed(tmp_path):
     assert reserve_out("A Cat, on a mat!", 1, tmp_path) == tmp_path / "a-cat-on-a-mat-seed1.png"
     assert reserve_out("一只猫", 7, tmp_path) == tmp_path / "minivar-seed7.png"
@@ -114,6 +121,7 @@ def test_convert_command_writes_safetensors_next_to_the_checkpoints(tmp_path, ti
     (["a cat", "--frobnicate"], "unrecognized arguments: --frobnicate"),
     (["a cat", "--res", "300"], "argument --res: invalid choice: 300"),
     (["a cat", "--seed", "one"], "argument --seed: invalid int value: 'one'"),
+    (["a cat", "--numerics", "fast"], "argument --numerics: invalid choice: 'fast'"),
     ([], "the following arguments are required: prompt"),
     (["batch", "{tmp}/missing.jsonl", "--out", "{tmp}/o", "--model", "{tiny}"], "No such file or directory"),
     (["batch", "{tmp}/file.txt", "--out", "{tmp}/file.txt/o", "--model", "{tiny}"], "file.txt"),

@@ -5,8 +5,11 @@ from helpers import PROMPT, SETTINGS, fixture, fixture_bits, fixture_rgb, max_le
 
 # Teacher-forced logits are compared with a relative tolerance: our matmuls sum in another order
 # than upstream's, and BLAS rounds differently per CPU. Measured worst scale: under 1e-5 on AMD EPYC,
-# 1.01e-5 on Intel Xeon (AVX-512). Sampled bits, which decide the image, must match exactly.
-LOGITS_RTOL = 2e-5
+# 1.01e-5 on Intel Xeon (AVX-512), 7.0e-5 on Intel Xeon with AMX when MKL is held to AVX2 (one SDPA call
+# then rounds 1 ulp differently with MKL's threading mode). The fast numerics differ by 2.7e-3 (fp32) and
+# 1.3e-2 (bf16), so the bound still tells the reference numerics from any other. Sampled bits, which
+# decide the image, must match exactly.
+LOGITS_RTOL = 1e-4
 
 
 def generate(res, **kw):
