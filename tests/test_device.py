@@ -11,7 +11,7 @@ import torch
 from minivar import pipeline
 from minivar.model import vae as vae_module
 from minivar.model.pruning import projection_matrix
-from helpers import PROMPT, SETTINGS, load_tiny, rel_err
+from helpers import PROMPT, SETTINGS, TINY, load_tiny, rel_err
 from pretend_device import PRETEND, DeviceMix, Float64OnDevice, OnDevice, on_cpu, pretend_device
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -77,6 +77,15 @@ def test_generate_on_a_device_keeps_every_op_there_and_matches_the_cpu(case, mon
     for a, b in zip(out.images, ref.images):
         levels = np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int))
         assert levels.mean() < 4 if mode == "bf16" else levels.max() <= 2
+
+
+def test_encode_image_on_a_device():
+    """Image -> bits (teacher forcing from a picture): resizing, the encoder and the quantiser."""
+    image = TINY / "vae_roundtrip_input.png"
+    with pretend_device() as check:
+        bits = on_cpu(device_pipe("fp32").encode_image(image, res=256))
+    assert all(torch.equal(a, b) for a, b in zip(bits, cpu_pipe("fp32").encode_image(image, res=256)))
+    assert not check.cpu_float64
 
 
 def test_banded_decode_keeps_its_statistics_on_the_device_in_float32(monkeypatch):
