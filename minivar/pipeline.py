@@ -149,18 +149,19 @@ class Pipeline:
 
     def run(self, prompts: list[str], p: Plan, s: Settings, negative_prompt: str | None, trace: Trace | None,
             progress, decode: bool = True) -> Output:
-        """Text -> scale loop -> decode. Each model hands back its mapped pages once it is done (`release_mapped`)."""
-        stamps = [time.perf_counter()]
+        """Text -> scale loop -> decode. Each model hands back its mapped pages once it is done (`release_mapped`).
+        The phase times wait for the device at each boundary (`clock`)."""
+        stamps = [clock(self.device)]
         kv, segments = self.text_rows(prompts, negative_prompt, p.cfg_on)
         release_mapped(self.text_encoder)
         cond = self.transformer.condition(kv, segments)
-        stamps.append(time.perf_counter())
+        stamps.append(clock(self.device))
         summed = run_scale_loop(self.transformer, cond, len(prompts), p, s, trace, progress=progress)
         release_mapped(self.transformer)  # its 4 GiB (2B, bf16) of pages are not needed by the decoder
-        stamps.append(time.perf_counter())
+        stamps.append(clock(self.device))
         images = self.decode(summed) if decode else []
         release_mapped(self.vae)
-        stamps.append(time.perf_counter())
+        stamps.append(clock(self.device))
         times = dict(zip(("text", "transformer", "vae"), np.diff(stamps).tolist()))
         return Output(images, summed.squeeze(2).float().contiguous(), trace, p.scales, p.prune, times,
                       [step.stage for step in p.steps], self.numerics)
@@ -193,6 +194,20 @@ class Pipeline:
         pixels = resize_crop(pixels, vae_scales[-1][1] * p, vae_scales[-1][2] * p).to(self.device)
         _, _, bits, _ = self.vae.encode_to_bits(pixels, vae_scales)
         return [vae_bits_to_tokens(b, patchify) for b in bits]
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device`: a GPU op returns before it runs (a CPU op once it is done)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def clock(device: torch.device) -> float:
+    """time.perf_counter() once `device` has finished its queued work, so that a phase's time is its own."""
+    synchronize(device)
+    return time.perf_counter()
 
 
 def vae_bits_to_tokens(bits_B1hwd: torch.Tensor, patchify: bool) -> torch.Tensor:

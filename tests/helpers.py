@@ -16,10 +16,15 @@ PROMPT = "a red apple on a wooden table"  # the prompt every tiny-a run used
 SETTINGS = dict(cfg=3.0, tau=0.5, top_k=900, top_p=0.97, seed=1)
 
 
+def load_tiny(**kwargs) -> minivar.Pipeline:
+    """A fresh tiny-a pipeline; `kwargs` go to `minivar.load` (device, dtype)."""
+    return minivar.load(transformer=TINY / "infinity.pth", vae=TINY / "vae.pth", text_encoder=TINY / "t5",
+                        config=TINY / "infinity_config.json", vae_config=TINY / "vae_config.json", **kwargs)
+
+
 @lru_cache(maxsize=None)
 def tiny_pipeline() -> minivar.Pipeline:
-    return minivar.load(transformer=TINY / "infinity.pth", vae=TINY / "vae.pth", text_encoder=TINY / "t5",
-                        config=TINY / "infinity_config.json", vae_config=TINY / "vae_config.json")
+    return load_tiny()
 
 
 @lru_cache(maxsize=None)

@@ -79,6 +79,7 @@ from .flops import summary as flop_summary
 from ..pipeline import GiB, kv_cache_bytes, restore_cache_bytes
 from ..numerics import BF16_UNITS, NUMERICS, apply as apply_numerics, cpu_flags, resolve as resolve_numerics
 from ..pipeline import Pipeline
+from ..pipeline import synchronize as sync
 from ..model.pruning import model_stages, resolve_prune
 from ..model.pruning import PruneSchedule
 from ..model.sampling import Settings, plan
@@ -237,11 +238,6 @@ def pin_decode_mode(vae: BSQVAE, tiled: bool | None) -> None:
 # --------------------------------------------------------------------------------------------------
 # Measuring: a scale clock, a layer clock, a peak-memory sampler, matmul and convolution peaks
 # --------------------------------------------------------------------------------------------------
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class ScaleClock:
     """generate's `progress` hook: stamps the start of every scale that runs, and the loop's end."""
 

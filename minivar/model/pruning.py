@@ -176,9 +176,12 @@ def projection_matrix(width: int, rank: int, seed: int) -> torch.Tensor:
     Orthonormal columns make the sketch an exact rotation when rank >= width, so the projected score
     then ranks tokens as `pivotal_scores` does (up to rounding); below that it is the usual
     Johnson-Lindenstrauss estimate, with less variance than a raw Gaussian matrix.
+
+    It is drawn and orthonormalised on the CPU (in float64, which MPS lacks): every device gets the
+    same matrix, and only its float32 copy moves to the device (`projection_scores`).
     """
     gen = torch.Generator().manual_seed(seed)
-    gauss = torch.randn(width, min(rank, width), generator=gen, dtype=torch.float64)
+    gauss = torch.randn(width, min(rank, width), generator=gen, dtype=torch.float64, device="cpu")
     return torch.linalg.qr(gauss).Q.float()                             # (width, r)
 
 
@@ -271,7 +274,7 @@ class LayerRun:
             return None, x
         p, (h, w) = self.pruner, self.pruner.scales[self.si]
         if p.s.selector == "random":
-            scores = torch.rand(x.shape[:2], generator=p.rng).to(x.device)
+            scores = torch.rand(x.shape[:2], generator=p.rng, device="cpu").to(x.device)  # the same on any device
         elif p.s.selector == "projection":
             if p.proj is None:  # one matrix for every layer and scale of the generation
                 p.proj = projection_matrix(x.shape[-1], p.s.rank, p.seed)
