@@ -577,10 +577,7 @@ class MemoryEstimate:
     kv_cache: int
     activations: int
     vae_decode: int
-
-    @property
-    def total(self) -> int:
-        return self.kv_cache + self.activations + self.vae_decode
+    joined_kv: int = 0  # of the activations: the last scale's joined keys and values, in the largest layer
 
     def describe(self) -> str:
         parts = dict(kv_cache=self.kv_cache, activations=self.activations, vae_decode=self.vae_decode)
@@ -601,13 +598,6 @@ def restore_cache_bytes(p: Plan, cfg: InfinityConfig, images: int, itemsize: int
         return 0
     rows = images * (2 if p.steps[p.prune.cache_scale].guided else 1)
     return 3 * rows * sum(p.restored) * cfg.embed_dim * itemsize
-
-
-def joined_kv_values(p: Plan, cfg: InfinityConfig, images: int) -> int:
-    """Values of the largest joined keys and values (`KVCache.extend` at the last scale, which is not
-    stored: every cached key plus its own), over the layers: a layer window prunes only some layers."""
-    rows = images * (2 if p.ran[-1].guided else 1)
-    return 2 * rows * max(sum(s.kept[li] for s in p.ran) for li in range(cfg.depth)) * cfg.embed_dim
 
 
 def vae_decode_bytes(vae_cfg, scales, images: int, patchify: bool, tiled: bool | None = None) -> int:
@@ -631,17 +621,20 @@ def estimate(p: Plan, cfg: InfinityConfig, vae_cfg, images: int, kv_itemsize: in
     scales use a view), the activations of the largest scale that runs, and the VAE decoder.
 
     Activations: the residual stream and sub-layer temporaries, the FFN hidden layer, the last scale's
-    joined keys and values, logits, and the restoration cache. Past the CFG stop the scale runs on one
-    half of the rows.
+    joined keys and values (`KVCache.extend` at the last scale, which is not stored: every cached key
+    plus its own, in the layer that joins most: a layer window prunes only some layers), logits, and the
+    restoration cache. Past the CFG stop the scale runs on one half of the rows.
     """
     rows = images * (2 if p.cfg_on else 1)
     big = max(p.ran, key=lambda s: s.hw[0] * s.hw[1])
     L, run_rows = big.hw[0] * big.hw[1], images * (2 if big.guided else 1)
     stream = run_rows * L * (8 * cfg.embed_dim + 2 * cfg.ffn_hidden)
     logits = 4 * images * L * 2 * cfg.d_vae
-    activations = (stream + joined_kv_values(p, cfg, images) + logits) * F32 + restore_cache_bytes(p, cfg, images)
+    joined_rows = images * (2 if p.ran[-1].guided else 1)
+    joined = 2 * joined_rows * max(sum(s.kept[li] for s in p.ran) for li in range(cfg.depth)) * cfg.embed_dim * F32
+    activations = (stream + logits) * F32 + joined + restore_cache_bytes(p, cfg, images)
     return MemoryEstimate(kv_cache_bytes(p, cfg, rows, kv_itemsize), activations,
-                          vae_decode_bytes(vae_cfg, p.scales, images, cfg.spatial_patchify))
+                          vae_decode_bytes(vae_cfg, p.scales, images, cfg.spatial_patchify), joined)
 
 
 def available_bytes(device: torch.device) -> int:
@@ -658,8 +651,9 @@ def available_bytes(device: torch.device) -> int:
 
 def check_memory(est: MemoryEstimate, device: torch.device, what: str) -> None:
     free = available_bytes(device)
-    if est.total > free:
-        raise MemoryError(f"{what} needs about {est.total / GiB:.1f} GiB ({est.describe()} GiB) but "
+    total = est.kv_cache + est.activations + est.vae_decode
+    if total > free:
+        raise MemoryError(f"{what} needs about {total / GiB:.1f} GiB ({est.describe()} GiB) but "
                           f"{free / GiB:.1f} GiB is available; use prune=True, a lower res, fewer prompts "
                           "or a larger device")
 

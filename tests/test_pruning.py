@@ -253,7 +253,7 @@ def test_memory_estimate_holds_the_largest_joined_keys_and_values(monkeypatch):
     cfg = pipe.transformer.cfg
     the_plan = plan(cfg, out.scales, 1.0, Settings(**SETTINGS), schedule)
     assert len(joined) == cfg.depth and joined[0] < max(joined)
-    assert pipeline.joined_kv_values(the_plan, cfg, images=1) == max(joined)
+    assert pipeline.estimate(the_plan, cfg, pipe.vae.cfg, images=1).joined_kv == 4 * max(joined)  # float32 bytes
 
 
 @pytest.mark.parametrize("stop", [None, 8, 9], ids=["no-stop", "stop-at-the-cache-scale", "stop-after-it"])
