@@ -66,6 +66,10 @@ def reference_mode() -> None:
 
     Call it before torch runs its first kernel (ATen fixes its choice then, once per process); on a
     CPU without AVX2 it does nothing. Raises RuntimeError if torch already settled on AVX-512.
+    This is all a process can set: oneDNN and MKL round per CPU (and MKL per threading mode), so on a
+    CPU other than the one a fixture was recorded on, sampled bits match but logits agree only to
+    about 1e-5 (AMD EPYC, Intel Xeon AVX-512) or 7e-5 (Intel Xeon with AMX, MKL held to AVX2); see
+    the README, "Numerics and reproducibility". Load with `numerics="reference"` as well.
     """
     os.environ["ATEN_CPU_CAPABILITY"] = REFERENCE_CAPABILITY
     chosen = torch.backends.cpu.get_cpu_capability()

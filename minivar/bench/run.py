@@ -911,7 +911,8 @@ def markdown(report: dict) -> str:
             cells = [r["speedup_total"], r["speedup_transformer"], r["flop_ratio_transformer"], r["memory_ratio"],
                      f.get("speedup_total"), f.get("speedup_transformer"), f.get("flop_ratio_transformer"),
                      f.get("memory_ratio")]
-            lines.append(f"| {r['baseline']} -> {r['variant'].split(' ', 2)[-1]} | "
+            variant = r['variant'] if r['what'].startswith('numerics') else r['variant'].split(' ', 2)[-1]
+            lines.append(f"| {r['baseline']} -> {variant} | "
                          + " | ".join("" if x is None else f"{x:.2f}" for x in cells) + " |")
     return "\n".join(lines) + "\n"
 
