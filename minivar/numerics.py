@@ -73,10 +73,11 @@ def bf16_is_fast(device: torch.device | str) -> tuple[bool, str]:
 
 def resolve(numerics: str | None, device: torch.device | str) -> tuple[str, str]:
     """"auto" (or None: $MINIVAR_NUMERICS, else "auto") -> ("bf16" | "fp32" | "reference", the reason)."""
+    name = "numerics"
     if numerics is None:
-        numerics = os.environ.get("MINIVAR_NUMERICS") or "auto"
-    if numerics not in NUMERICS:
-        raise ValueError(f"numerics={numerics!r} is invalid: use one of {', '.join(map(repr, NUMERICS))}")
+        name, numerics = "the environment variable MINIVAR_NUMERICS", os.environ.get("MINIVAR_NUMERICS") or "auto"
+    if not isinstance(numerics, str) or numerics not in NUMERICS:
+        raise ValueError(f"{name}={numerics!r} is invalid: use one of {', '.join(map(repr, NUMERICS))}")
     if numerics != "auto":
         return numerics, "asked for"
     fast, why = bf16_is_fast(device)

@@ -72,11 +72,17 @@ def test_explicit_modes_and_the_environment_default(cpu, monkeypatch):
     assert numerics.resolve("auto", "meta")[0] == "fp32"
 
 
-@pytest.mark.parametrize("bad", ["fast", "BF16", "", 16, torch.bfloat16])
+@pytest.mark.parametrize("bad", ["fast", "BF16", "", 16, torch.bfloat16, ["bf16"]])
 def test_a_bad_numerics_value_is_one_line_before_anything_loads(bad, tmp_path):
     with pytest.raises(ValueError, match="numerics=.*auto.*bf16.*fp32.*reference") as e:
         minivar.load(tmp_path / "nothing-here", numerics=bad)
     assert "\n" not in str(e.value)
+
+
+def test_a_bad_environment_default_names_the_variable(monkeypatch):
+    monkeypatch.setenv("MINIVAR_NUMERICS", "fast")
+    with pytest.raises(ValueError, match="MINIVAR_NUMERICS='fast' is invalid"):
+        numerics.resolve(None, "cpu")
 
 
 def test_the_context_keeps_bf16_attention_off_the_fused_cpu_kernel_when_aten_is_held_below_avx512(cpu):
