@@ -1,0 +1,41 @@
+"""Candidate pruning schedules for the toy, scored like the preset: mini-GenEval n 1000 (cfg 3, tau 0.5,
+the eval's prompts and seeds) and the transformer FLOP ratio of `toy.geneval.evaluate`.
+
+    python tools/toy_prune_candidates.py [--n 1000] [--json out.json]
+
+The toy's schedule at its budget is 1 2 4 6 8 12 16 (scale indices 0..6), depth 6. Unlike the preset
+(`prune=True`, which skips 12x12 and 16x16 on the toy), no candidate skips a scale: FastVAR prunes HART
+that way (docs/toy/experiments.md, "Pruning the toy").
+"""
+import argparse
+import json
+
+import minivar
+from minivar import PruneSchedule
+from minivar.toy.geneval import evaluate
+
+CANDIDATES = {
+    "unpruned": False,
+    "preset (prune=True)": True,
+    "A cache 8x8, 12x12 -50 %, 16x16 -75 %, layers 1-5": PruneSchedule(drop={5: 0.5, 6: 0.75}, layers=(1, 5), cache_scale=4),
+    "B cache 8x8, 12x12 -50 %, 16x16 -50 %, layers 1-5": PruneSchedule(drop={5: 0.5, 6: 0.5}, layers=(1, 5), cache_scale=4),
+    "C cache 8x8, 12x12 -60 %, 16x16 -80 %, layers 0-5": PruneSchedule(drop={5: 0.6, 6: 0.8}, layers=(0, 5), cache_scale=4),
+    "D cache 12x12, 16x16 -75 %, layers 1-5": PruneSchedule(drop={6: 0.75}, layers=(1, 5), cache_scale=5),
+    "E cache 12x12, 16x16 -85 %, layers 0-5": PruneSchedule(drop={6: 0.85}, layers=(0, 5), cache_scale=5),
+    "F cache 8x8, 16x16 -75 %, layers 1-5": PruneSchedule(drop={6: 0.75}, layers=(1, 5), cache_scale=4),
+}
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    pipe, out = minivar.load("toy"), {}
+    for name, prune in CANDIDATES.items():
+        r = evaluate(pipe, n=args.n, prune=prune)
+        ratio = r["cost_unpruned"]["transformer_gflops"] / r["cost"]["transformer_gflops"]
+        out[name] = {"numerics": pipe.numerics, "flop_ratio": ratio, **r["categories"]}
+        print(f"{name:55s} overall {r['categories']['overall']:.3f}  {ratio:.2f}x fewer FLOPs  {r['categories']}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
