@@ -101,7 +101,7 @@ def context(mode: str, device: torch.device | str, images: int = 1) -> ExitStack
     return stack
 
 
-def apply(mode: str, transformer, vae=None, text_encoder=None) -> None:
+def prepare(mode: str, transformer, vae=None, text_encoder=None) -> None:
     """Put a pipeline's models, in place, in numerics `mode` ("bf16", "fp32" or "reference", as `resolve`
     returns it). `minivar.load` loads the VAE and T5 in the mode's dtype already; the benchmark's
     random models arrive in float32."""

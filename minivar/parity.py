@@ -1,14 +1,14 @@
 """The reference numerics (`numerics="reference"`, numerics.py): minivar's CPU numbers equal upstream's bit for bit.
 
 `apply(model)` puts a plain `Infinity` (model/transformer.py) in this mode, in place, by swapping the
-class of some of its modules for the subclasses below; `numerics.apply` calls it when a pipeline is
+class of some of its modules for the subclasses below; `numerics.prepare` calls it when a pipeline is
 loaded with the reference numerics, and the toy training applies it to the model it trains. None of
 this is part of the VAR algorithm: the plain model, which the other numerics run, is correct without
 it. It exists because minivar promises upstream's sampled bits, and an image's bits are decided by
 comparisons of float logits, so every rounding difference can flip a bit and change the picture from
 that scale on. What breaks without each piece:
 
-* `Linear` (fp32 math on CPU): weights may be stored in bfloat16; upstream's CPU numbers were computed
+* `ParityLinear` (fp32 math on CPU): weights may be stored in bfloat16; upstream's CPU numbers were computed
   in float32, so on CPU every product upcasts its weights and computes in fp32 (`compute_dtype`),
   whatever the model's own compute dtype says. On CUDA the storage dtype is the compute dtype.
   The split-bias products (self-attention's qkv, the text keys and values) go through it too.
@@ -129,7 +129,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out
 
 
-class Linear(transformer.Linear):
+class ParityLinear(transformer.Linear):
     """The model's Linear computed by `linear`: bf16-stored weights give fp32 math on CPU, image by image
     (its own `compute_dtype` is not read)."""
 
@@ -210,5 +210,5 @@ def flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> to
     return out.transpose(1, 2)  # (B, Lq, H, hd) -> (B, H, Lq, hd)
 
 
-PARITY_CLASSES: dict[type, type] = {transformer.Linear: Linear, transformer.CrossAttention: ParityCrossAttention,
+PARITY_CLASSES: dict[type, type] = {transformer.Linear: ParityLinear, transformer.CrossAttention: ParityCrossAttention,
                                     transformer.Infinity: ParityInfinity}

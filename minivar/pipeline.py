@@ -28,7 +28,7 @@ from .model.sampling import Plan, Settings, Trace, plan, run_scale_loop
 from .model.t5 import T5Encoder, Tokenizer
 from .model.transformer import Infinity
 from .model.vae import BSQVAE, VAEConfig, banded_decode_bytes, pixels_to_image, use_bands
-from .numerics import apply as apply_numerics, context as numerics_context, resolve as resolve_numerics
+from .numerics import prepare as prepare_numerics, context as numerics_context, resolve as resolve_numerics
 
 @dataclass
 class Output:
@@ -289,7 +289,7 @@ def load(name: str | Path | None = None, *, transformer: str | Path | None = Non
     config_name = "the Infinity config" + (f" {files.config}" if isinstance(files.config, (str, Path)) else "")
     model = load_infinity(files.transformer, cfg, device=device, dtype=dtype, config_name=config_name)
     t5 = load_t5(files.text_encoder, device=device, dtype=side_dtype)
-    apply_numerics(mode, model, vae_model, t5)
+    prepare_numerics(mode, model, vae_model, t5)
     return Pipeline(model, vae_model, t5, Tokenizer.from_dir(files.text_encoder), files.name, device, mode, why)
 
 

@@ -129,14 +129,14 @@ def test_infinity_package_never_imports_hart():
 def test_keys_and_shapes_match_the_real_hart_checkpoints(listing, part):
     """Upstream's hart-0.7b modules, listed on the meta device (configs partly assumed, see the listing's
     `assumed`): every key the discrete path uses is a minivar key of the same shape, and nothing else is."""
-    from minivar.hart.config import PRESETS
+    from minivar.hart.config import HART_PRESETS
     from minivar.hart.loading import used_name
     from minivar.hart.transformer import Hart
     from minivar.hart.vq import HartVQ
 
     manifest = json.loads((FIXTURES / listing).read_text())
     want = {used_name(part, k): tuple(v[0]) for k, v in manifest["keys"].items() if used_name(part, k) is not None}
-    cfg, vq_cfg = PRESETS["hart-0.7b"]
+    cfg, vq_cfg = HART_PRESETS["hart-0.7b"]
     assert HartConfig.from_upstream(manifest["config"], vq_cfg) == cfg if part == "llm" else \
         VQConfig.from_upstream(manifest["config"]) == vq_cfg
     with torch.device("meta"):

@@ -53,7 +53,7 @@ FASTVAR = {"source": "FastVAR (arXiv 2503.23367), Infinity-2B at 1024x1024",
 # --------------------------------------------------------------------------------------------------
 # The machine, and the CUDA tests in a child process
 # --------------------------------------------------------------------------------------------------
-def machine(device: torch.device) -> dict:
+def machine_facts(device: torch.device) -> dict:
     info = {**machine_info(), "python": sys.version.split()[0], "device": str(device),
             "flash_attn": importlib.util.find_spec("flash_attn") is not None}
     if device.type == "cuda":
@@ -150,7 +150,7 @@ def run_arms(subj: Subject, dry_run: bool, repeats: int, deadline: float) -> lis
         else:
             arm.update(caught(lambda: time_arm(subj, arm["budget"], prune, warmup, repeats)))
         arms.append(arm)
-        print(arm_line(arm, dry_run), flush=True)
+        print(arm_row(arm, dry_run), flush=True)
         if subj.device.type == "cuda":
             torch.cuda.empty_cache()
     return arms
@@ -165,7 +165,7 @@ def caught(fn) -> dict:
                 "traceback": traceback.format_exc()[-3000:]}
 
 
-def compare(arms: list[dict]) -> None:
+def compare_with_fastvar(arms: list[dict]) -> None:
     """Speed-up (total and transformer) and memory ratio of each arm against the unpruned arm at its resolution."""
     base = {a["budget"]: a for a in arms if a["prune"] is False and not a["error"]}
     for a in arms:
@@ -182,7 +182,7 @@ def compare(arms: list[dict]) -> None:
 def run_check(out: Path, dry_run: bool, repeats: int) -> dict:
     start = time.perf_counter()
     device = torch.device("cpu" if dry_run else "cuda")
-    report = {"dry_run": dry_run, "machine": caught(lambda: machine(device)), "anchors": FASTVAR}
+    report = {"dry_run": dry_run, "machine": caught(lambda: machine_facts(device)), "anchors": FASTVAR}
     print("running the CUDA tests (pytest -m cuda) ...", flush=True)
     report["tests"] = caught(lambda: run_tests(out, dry_run))
     print("building the timed subject ...", flush=True)
@@ -192,7 +192,7 @@ def run_check(out: Path, dry_run: bool, repeats: int) -> dict:
         report["arms"] = [{**new_arm(r, p, dry_run), **built} for r, p in ARMS]
     else:
         report["arms"] = run_arms(built["subject"], dry_run, repeats, start + BUDGET_S)
-    compare(report["arms"])
+    compare_with_fastvar(report["arms"])
     report["seconds"] = time.perf_counter() - start
     return report
 
@@ -203,11 +203,11 @@ def build(device: torch.device, dry_run: bool) -> dict:
     return {"subject": subj, "text": text}
 
 
-def gib(n: int | None) -> str:
+def as_gib(n: int | None) -> str:
     return f"{n / GiB:.2f}" if n else "-"
 
 
-def arm_line(a: dict, dry_run: bool = False) -> str:
+def arm_row(a: dict, dry_run: bool = False) -> str:
     label = f"{a['label']} (as budget {a['budget']})" if dry_run else a["label"]
     if a["error"]:
         return "| " + " | ".join([label, a["error"].replace("|", "/"), *[""] * 6]) + " |"
@@ -215,11 +215,11 @@ def arm_line(a: dict, dry_run: bool = False) -> str:
     speed = f"{up['total']:.2f}x / {up['transformer']:.2f}x" if up else "-"
     anchor = {"1024 prune=off": f"1.0x, {FASTVAR['memory_gb']['off']} GB",
               "1024 prune=on": f"{FASTVAR['speedup']}x, {FASTVAR['memory_gb']['on']} GB"}.get(a["label"], "-")
-    cells = [label, *(f"{t[k]['median']:.3f}" for k in (*PHASES, "total")), speed, gib(a["peak_bytes"]), anchor]
+    cells = [label, *(f"{t[k]['median']:.3f}" for k in (*PHASES, "total")), speed, as_gib(a["peak_bytes"]), anchor]
     return "| " + " | ".join(cells) + " |"
 
 
-def markdown(report: dict) -> str:
+def report_markdown(report: dict) -> str:
     m, arms = report["machine"], report["arms"]
     where = m.get("gpu") or f"CPU ({m.get('cpu', '?')})"
     runs = len(next((a["runs"] for a in arms if "runs" in a), []))
@@ -230,7 +230,7 @@ def markdown(report: dict) -> str:
              f"## Timings: median of {runs} run(s), seconds", "",
              "| arm | text | transformer | VAE | total | speed-up vs off (total / transformer) | peak GiB | "
              "FastVAR paper |", "|---|---|---|---|---|---|---|---|",
-             *(arm_line(a, report["dry_run"]) for a in arms), "",
+             *(arm_row(a, report["dry_run"]) for a in arms), "",
              f"FastVAR anchors: {FASTVAR['source']}: {FASTVAR['speedup']}x faster with pruning, memory "
              f"{FASTVAR['memory_gb']['off']} -> {FASTVAR['memory_gb']['on']} GB. Our peak is "
              "`torch.cuda.max_memory_allocated` without T5 (random text features stand in): compare the ratio "
@@ -247,10 +247,10 @@ def cuda_test_lines(tests: dict) -> list[str]:
             *(f"| {r['test']} | {r['outcome']} | {r['message'].replace('|', '/')[:200]} |" for r in tests["results"])]
 
 
-def write(report: dict, out: Path) -> None:
+def write_report(report: dict, out: Path) -> None:
     (out / "device_check.json").write_text(json.dumps(report, indent=1, default=str))
-    (out / "device_check.md").write_text(markdown(report))
-    print(markdown(report))
+    (out / "device_check.md").write_text(report_markdown(report))
+    print(report_markdown(report))
     print(f"wrote {out / 'device_check.json'} and device_check.md")
 
 
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
         report = run_check(args.out, args.dry_run, args.repeats)
     finally:
         torch.set_num_threads(threads)
-    write(report, args.out)
+    write_report(report, args.out)
     return report
 
 

@@ -77,7 +77,7 @@ from ..model.config import PRESETS, InfinityConfig, budget_for_res, scale_schedu
 from .flops import block_count, plan_count, vae_decode_count
 from .flops import summary as flop_summary
 from ..pipeline import GiB, kv_cache_bytes, restore_cache_bytes
-from ..numerics import BF16_UNITS, NUMERICS, apply as apply_numerics, cpu_flags, resolve as resolve_numerics
+from ..numerics import BF16_UNITS, NUMERICS, prepare as prepare_numerics, cpu_flags, resolve as resolve_numerics
 from ..pipeline import Pipeline
 from ..pipeline import synchronize as sync
 from ..model.pruning import model_stages, resolve_prune
@@ -177,7 +177,7 @@ def random_subject(name: str, family: str, full: InfinityConfig, depth: int, vae
     feats = torch.randn(text_tokens, full.text_channels, generator=torch.Generator().manual_seed(seed))
     pipe = Pipeline(model, decoder, RandomText(feats), FixedLengthTokenizer(text_tokens), name=family,
                     numerics=numerics)
-    apply_numerics(numerics, model, decoder if decodes else None, pipe.text_encoder)
+    prepare_numerics(numerics, model, decoder if decodes else None, pipe.text_encoder)
     return Subject(name, pipe, full, text_tokens, decodes)
 
 

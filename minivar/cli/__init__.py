@@ -139,7 +139,7 @@ def generation_kwargs(args) -> dict:
     return kwargs
 
 
-def check_device(device: str) -> None:
+def check_device_flag(device: str) -> None:
     import torch
 
     from ..pipeline import device_available
@@ -241,7 +241,7 @@ def cmd_generate(args) -> int:
     for flag, path in (("--out", args.out), ("--trace", args.trace)):
         if path:
             check_output(Path(path), flag)
-    check_device(args.device)
+    check_device_flag(args.device)
     stop_on_sigterm()  # a stopped run then removes its temporary file and its placeholder
     out_path = Path(args.out) if args.out else reserve_out(args.prompt, args.seed)
     try:
@@ -291,7 +291,7 @@ def cmd_batch(args) -> int:
 
     kwargs = generation_kwargs(args)
     seeds = batch.parse_seeds(args.seeds)
-    check_device(args.device)
+    check_device_flag(args.device)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     check_writable(out_dir, f"--out {out_dir}")

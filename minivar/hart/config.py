@@ -87,7 +87,7 @@ def refuse(d: dict, what: str, **supported) -> None:
 # are inferred (24 x 1536 with 24 heads of 64 gives the 0.73 B parameters HART reports, without AdaLN in
 # the blocks, which FastVAR's patch of the `disable_aln` branch confirms); use_context_norm is assumed off.
 # tests/fixtures/hart_0.7b_*_keys.json list upstream's modules built with these values.
-PRESETS = {
+HART_PRESETS = {
     # 693 M transformer parameters here (730 M with step 2's diffusion MLP); tokenizer decoder side 65 M
     "hart-0.7b": (HartConfig(), VQConfig()),
 }

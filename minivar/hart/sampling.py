@@ -25,7 +25,7 @@ import torch
 
 from ..model.pruning import Pruner, PruneSchedule
 from ..model.transformer import KVCache
-from .transformer import Attn, Hart, image_positions, rope_1d, rope_2d
+from .transformer import HartAttn, Hart, image_positions, rope_1d, rope_2d
 from .vq import HartVQ
 
 
@@ -60,7 +60,7 @@ def fastvar_hart(depth: int, patch_nums: tuple[int, ...]) -> PruneSchedule:
     return PruneSchedule(drop=drop, layers=(0, depth - 1), cache_scale=cache) if drop else PruneSchedule.none()
 
 
-def make_caches(model: Hart, rows: int, prune: PruneSchedule, device: torch.device) -> list[KVCache]:
+def make_hart_caches(model: Hart, rows: int, prune: PruneSchedule, device: torch.device) -> list[KVCache]:
     """One cache per layer, sized for the text prefix and every scale but the last (never attended to)."""
     cfg = model.cfg
     kept = [[prune.kept(si, li, pn * pn) for si, pn in enumerate(cfg.patch_nums[:-1]) if si > 0]
@@ -83,7 +83,7 @@ def generate(model: Hart, vq: HartVQ, context: torch.Tensor, context_position_id
     gen = torch.Generator(context.device).manual_seed(seed) if seed is not None else None
     text = model.embed_text(torch.cat([context, torch.zeros_like(context)]))   # (2B, N, C): cond, then uncond
     offsets = torch.cat([context_position_ids[:, -1], torch.zeros_like(context_position_ids[:, -1])])  # (2B,)
-    pruner, caches = Pruner(prune, [(pn, pn) for pn in pns]), make_caches(model, 2 * B, prune, context.device)
+    pruner, caches = Pruner(prune, [(pn, pn) for pn in pns]), make_hart_caches(model, 2 * B, prune, context.device)
     f_hat = text.new_zeros(B, model.cfg.d_vae, pns[-1], pns[-1])
     x = model.embed_scale(text, 0)
     for si, pn in enumerate(pns):
@@ -93,7 +93,7 @@ def generate(model: Hart, vq: HartVQ, context: torch.Tensor, context_position_id
         else:
             rope = rope_2d(image_positions(pn, pns[-1], offsets), model.cfg.head_dim, model.cfg.rope_theta)
         for li, block in enumerate(model.blocks):
-            x = block(x, Attn(caches[li], rope, store=si < n - 1), pruner.runner(si, li))
+            x = block(x, HartAttn(caches[li], rope, store=si < n - 1), pruner.runner(si, li))
         t = cfg * min(si, n - 2) / (n - 1)  # the last scale keeps the previous ratio (upstream)
         logits = model.logits(x[:, -1:] if si == 0 else x, text)
         logits = (1 + t) * logits[:B] - t * logits[B:]                          # (B, l, V)

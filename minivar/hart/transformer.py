@@ -1,13 +1,13 @@
 """HART's AR transformer: VAR's next-scale transformer with Llama-style blocks and a text prefix.
 
 Reading order: the two RoPE tables (`rope_1d` for the text, `rope_2d` for image tokens), `rotate`,
-`Attention`, `SwiGLU`, `Block`, `Head`, `Hart`. Shared with Infinity (../model/transformer.py):
+`HartAttention`, `SwiGLU`, `HartBlock`, `Head`, `Hart`. Shared with Infinity (../model/transformer.py):
 the preallocated `KVCache`, `RMSNorm` and `Linear`; pruning (../model/pruning.py) enters through the
 same `LayerRun.pick` / `fill` calls as in Infinity's blocks.
 
 Every block runs two sub-layers on the residual stream x (R, L, C), with no AdaLN (hart-0.7b is built
 with `disable_aln`):
-    x = x + Attention(RMSNorm(x))        fused qkv with q and v biases; keys attend to the KV cache
+    x = x + HartAttention(RMSNorm(x))        fused qkv with q and v biases; keys attend to the KV cache
     x = x + SwiGLU(RMSNorm(x))           gate, up and down projections without biases
 The text enters only as the first "scale": `context_token` projected text states are run through the
 blocks once, and their keys and values stay in the cache for every later scale. The head's AdaLN is
@@ -73,14 +73,14 @@ def rotate(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
 # Sub-layers
 # --------------------------------------------------------------------------------------------------
 @dataclass
-class Attn:
+class HartAttn:
     """What attention needs at one scale in one layer."""
     cache: KVCache
     rope: torch.Tensor       # (2, R, 1, L, hd) for the scale's tokens
     store: bool = True       # False at the last scale: nothing attends to its keys later
 
 
-class Attention(nn.Module):
+class HartAttention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads, self.head_dim = heads, dim // heads
@@ -91,7 +91,7 @@ class Attention(nn.Module):
         self.register_buffer("zero_k_bias", torch.zeros(dim))  # keys have no bias; kept for the checkpoint
         self.proj = Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, attn: Attn, keep: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn: HartAttn, keep: torch.Tensor | None = None) -> torch.Tensor:
         """x (R, L, C) -> (R, L, C). `keep` (R, L) holds the grid index of each row when x is a pruned subset."""
         R, L, C = x.shape
         qkv = self.qkv_proj(x, torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)))
@@ -117,14 +117,14 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class Block(nn.Module):
+class HartBlock(nn.Module):
     def __init__(self, cfg: HartConfig):
         super().__init__()
         self.ln_wo_grad = RMSNorm(cfg.embed_dim, cfg.norm_eps)  # one norm, used before both sub-layers
-        self.attn = Attention(cfg.embed_dim, cfg.num_heads)
+        self.attn = HartAttention(cfg.embed_dim, cfg.num_heads)
         self.ffn = SwiGLU(cfg.embed_dim, cfg.ffn_hidden)
 
-    def forward(self, x: torch.Tensor, attn: Attn, prune: LayerRun = DENSE) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn: HartAttn, prune: LayerRun = DENSE) -> torch.Tensor:
         """x (R, L, C) -> (R, L, C); `prune` picks the tokens each sub-layer computes and fills the rest."""
         keep, t = prune.pick(x, "sa")
         x = x + prune.fill(self.attn(self.ln_wo_grad(t), attn, keep), keep, "sa")
@@ -159,7 +159,7 @@ class Hart(nn.Module):
         self.context_embed = Linear(cfg.context_dim, C)
         self.lvl_embed = nn.Embedding(len(cfg.patch_nums), C)
         self.word_embed = Linear(cfg.d_vae, C)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(HartBlock(cfg) for _ in range(cfg.depth))
         self.head_nm = Head(C, cfg.norm_eps)
         self.head = Linear(C, cfg.vocab_size)
 

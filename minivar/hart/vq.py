@@ -53,13 +53,13 @@ class Quantizer(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
-# Decoder
+# VQDecoder
 # --------------------------------------------------------------------------------------------------
 def group_norm(C: int) -> nn.GroupNorm:
     return nn.GroupNorm(32, C, eps=1e-6)
 
 
-class ResnetBlock(nn.Module):
+class VQResnetBlock(nn.Module):
     def __init__(self, cin: int, cout: int):
         super().__init__()
         self.norm1, self.conv1 = group_norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
@@ -88,7 +88,7 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(h.view(B, C, H, W))
 
 
-class Upsample(nn.Module):
+class VQUpsample(nn.Module):
     def __init__(self, C: int):
         super().__init__()
         self.conv = nn.Conv2d(C, C, 3, padding=1)
@@ -97,21 +97,21 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
-class Decoder(nn.Module):
+class VQDecoder(nn.Module):
     def __init__(self, cfg: VQConfig):
         super().__init__()
         mult, n = cfg.ch_mult, cfg.num_res_blocks
         C = cfg.ch * mult[-1]
         self.conv_in = nn.Conv2d(cfg.z_channels, C, 3, padding=1)
         self.mid = nn.Module()
-        self.mid.block_1, self.mid.attn_1, self.mid.block_2 = ResnetBlock(C, C), AttnBlock(C), ResnetBlock(C, C)
+        self.mid.block_1, self.mid.attn_1, self.mid.block_2 = VQResnetBlock(C, C), AttnBlock(C), VQResnetBlock(C, C)
         self.up = nn.ModuleList()
         for level in reversed(range(len(mult))):  # built lowest resolution first, stored in resolution order
             up, cout = nn.Module(), cfg.ch * mult[level]
-            up.block = nn.ModuleList(ResnetBlock(C if i == 0 else cout, cout) for i in range(n + 1))
+            up.block = nn.ModuleList(VQResnetBlock(C if i == 0 else cout, cout) for i in range(n + 1))
             up.attn = nn.ModuleList(AttnBlock(cout) for _ in range(n + 1) if level == len(mult) - 1)
             if level != 0:
-                up.upsample = Upsample(cout)
+                up.upsample = VQUpsample(cout)
             self.up.insert(0, up)
             C = cout
         self.norm_out, self.conv_out = group_norm(C), nn.Conv2d(C, 3, 3, padding=1)
@@ -134,7 +134,7 @@ class HartVQ(nn.Module):
         self.cfg = cfg
         self.quantize = Quantizer(cfg)
         self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, cfg.quant_conv_ks, padding=cfg.quant_conv_ks // 2)
-        self.decoder = Decoder(cfg)
+        self.decoder = VQDecoder(cfg)
 
     def decode(self, f_hat: torch.Tensor) -> torch.Tensor:
         """The latent (B, Cvae, P, P) -> an image (B, 3, H, W) in [0, 1]."""
