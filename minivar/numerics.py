@@ -84,14 +84,15 @@ def resolve(numerics: str | None, device: torch.device | str) -> tuple[str, str]
     return ("bf16" if fast else "fp32"), why
 
 
-def context(mode: str, device: torch.device | str, images: int = 1) -> ExitStack:
-    """What a generation (or a text encoding) of `images` images runs under, a context manager:
-    * "reference": products image by image (`parity.image_batch`), so no result depends on the batch;
+def context(mode: str, device: torch.device | str, images: int | None = None) -> ExitStack:
+    """What a generation of `images` images (None: a text encoding) runs under, a context manager:
+    * "reference", for a generation: products image by image (`parity.image_batch`), so no result
+      depends on the batch;
     * half-precision numerics on a CPU whose ATen kernels are held below AVX-512 (ATEN_CPU_CAPABILITY):
       attention on SDPA's math kernel, because the fused CPU kernel's bf16 path stops there on AMX CPUs
       ("pack_vnni2 is only supported when avx512 is supported"); its products still go to oneDNN."""
     stack = ExitStack()
-    if mode == "reference":
+    if mode == "reference" and images is not None:
         from .parity import image_batch
 
         stack.enter_context(image_batch(images))

@@ -28,7 +28,7 @@ from .model.sampling import Plan, Settings, Trace, plan, run_scale_loop
 from .model.t5 import T5Encoder, Tokenizer
 from .model.transformer import Infinity
 from .model.vae import BSQVAE, VAEConfig, banded_decode_bytes, pixels_to_image, use_bands
-from .numerics import prepare as prepare_numerics, context as numerics_context, resolve as resolve_numerics
+from .numerics import COMPUTE_DTYPE, prepare as prepare_numerics, context as numerics_context, resolve as resolve_numerics
 
 @dataclass
 class Output:
@@ -66,7 +66,7 @@ class Pipeline:
         if self.numerics != "reference":
             n = int(mask.sum(-1).max())
             ids, mask = ids[:, :n], mask[:, :n]
-        with numerics_context(self.numerics, self.device):
+        with numerics_context(self.numerics, self.device):  # attention kernels only: no `images`
             hidden = self.text_encoder(ids.to(self.device), mask.to(self.device)).float()  # (B, n, Ct)
         lens = mask.sum(-1).tolist()
         return [h[:n] for h, n in zip(hidden, lens)], lens
@@ -272,15 +272,13 @@ def load(name: str | Path | None = None, *, transformer: str | Path | None = Non
     """
     from .loading.hub import resolve_files
 
-    check_arguments(name=name, transformer=transformer, vae=vae, text_encoder=text_encoder, config=config,
-                    vae_config=vae_config, revision=revision)  # before any file is read or downloaded
-    check_device(device)
-    dtype = check_dtype(dtype)
-    mode, why = resolve_numerics(numerics, device)
+    dtype, mode, why = check_load(device, dtype, numerics, name=name, transformer=transformer, vae=vae,
+                                  text_encoder=text_encoder, config=config, vae_config=vae_config, revision=revision)
     files = resolve_files(name, transformer=transformer, vae=vae, text_encoder=text_encoder,
                           config=config, vae_config=vae_config, revision=revision)
-    # Reference numerics on CPU: bf16 is storage only, the VAE and T5 float32 (their published dtype).
-    side_dtype = torch.bfloat16 if mode == "bf16" else torch.float32 if torch.device(device).type == "cpu" else dtype
+    # The VAE and T5 in the numerics' dtype; the reference keeps them float32 on CPU (their published dtype).
+    cpu = torch.device(device).type == "cpu"
+    side_dtype = COMPUTE_DTYPE[mode] if mode != "reference" else torch.float32 if cpu else dtype
     vae_model = load_vae(files.vae, files.vae_config, device=device, dtype=side_dtype)
     cfg = files.config
     if not isinstance(cfg, InfinityConfig):
@@ -293,11 +291,23 @@ def load(name: str | Path | None = None, *, transformer: str | Path | None = Non
     return Pipeline(model, vae_model, t5, Tokenizer.from_dir(files.text_encoder), files.name, device, mode, why)
 
 
+def check_load(device, dtype, numerics, **paths) -> tuple[torch.dtype | None, str, str]:
+    """What `load` checks before any file is read or downloaded (`paths`: its file arguments, or sample's
+    `model`) -> the torch dtype, the numerics mode and why it was chosen."""
+    check_arguments(**paths)
+    check_device(device)
+    return (check_dtype(dtype), *resolve_numerics(numerics, device))
+
+
 def fit_bits_to_vae(cfg: InfinityConfig, vae_cfg: VAEConfig) -> InfinityConfig:
     """The transformer's bits per token follow from the VAE (x4 with 2x2 patchify)."""
     from dataclasses import replace
 
     return replace(cfg, d_vae=vae_cfg.codebook_dim * (4 if cfg.spatial_patchify else 1))
+
+
+SAMPLE_KEYWORDS = [k for k in inspect.signature(Pipeline.generate).parameters
+                   if k not in ("self", "prompt", "output_type")]  # what `sample` passes on to generate
 
 
 def sample(prompt: str, res: int | None = None, prune=True, model: str = "infinity-2b", device: str = "cpu",
@@ -306,10 +316,9 @@ def sample(prompt: str, res: int | None = None, prune=True, model: str = "infini
     then generates with a progress bar over the scales. `model="toy"` runs offline. The image's
     `info["numerics"]` says which numerics ran (see `load`)."""
     check_prompt_text("prompt", prompt)  # one prompt, one image (Pipeline.generate takes a list)
-    takes = [k for k in inspect.signature(Pipeline.generate).parameters if k not in ("self", "prompt", "output_type")]
-    if unknown := [k for k in kwargs if k not in takes]:  # all of this before loading a model
-        raise TypeError(f"sample() got an unexpected keyword argument {unknown[0]!r}; it takes {', '.join(takes)}, "
-                        "model, device, dtype and numerics")
+    if unknown := [k for k in kwargs if k not in SAMPLE_KEYWORDS]:  # all of this before loading a model
+        raise TypeError(f"sample() got an unexpected keyword argument {unknown[0]!r}; it takes "
+                        f"{', '.join(SAMPLE_KEYWORDS)}, model, device, dtype and numerics")
     check_arguments(res=res, prune=prune, progress=progress, **kwargs)
     pipe = cached_pipeline(model, device, dtype, numerics)  # checks the model, device, dtype and numerics first
     image = pipe.generate(prompt, res=res, prune=prune, progress=progress, **kwargs).images[0]
@@ -324,8 +333,7 @@ def cached_pipeline(model: str, device: str, dtype: torch.dtype | None, numerics
     with _PIPELINES_LOCK:
         pipe = _PIPELINES.get(key)
         if pipe is None:
-            check_arguments(model=model)  # and what `load` checks before reading a file, before the cache empties
-            check_device(device), check_dtype(dtype), resolve_numerics(numerics, device)
+            check_load(device, dtype, numerics, model=model)  # before the cache empties
             _PIPELINES.clear()  # keep at most one model in memory
             pipe = _PIPELINES[key] = load(model, device=device, dtype=dtype, numerics=numerics)
         return pipe
