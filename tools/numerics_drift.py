@@ -1,17 +1,45 @@
-"""Per-scale teacher-forced logit drift of the fast numerics against the reference on the 2B shape
-(depth 4, random bf16 weights, 1024, prune=True): python tools/numerics_drift.py OUT.json"""
-import json, sys, torch
-from minivar.bench.run import shape_subject, PROMPT
-torch.set_num_threads(2)
-def rel(a, b):
-    a, b = a.double(), b.double(); return float((a - b).norm() / b.norm())
-ref = shape_subject("infinity-2b-shape", 4, False, weight_dtype=torch.bfloat16, numerics="reference").pipe
-out_ref = ref.generate(PROMPT, res=1024, prune=True, trace=True, output_type="latent", seed=1)
-del ref
-res = {}
-for mode in ("fp32", "bf16"):
-    pipe = shape_subject("infinity-2b-shape", 4, False, weight_dtype=torch.bfloat16, numerics=mode).pipe
-    out = pipe.generate(PROMPT, res=1024, prune=True, trace=True, output_type="latent", seed=1, force_bits=out_ref.trace.bits)
-    res[mode] = [rel(a, b) for a, b in zip(out.trace.logits, out_ref.trace.logits)]
-    print(mode, " ".join(f"{e:.1e}" for e in res[mode]), flush=True)
-json.dump({"scales": out_ref.trace.scales, **res}, open(sys.argv[1] if len(sys.argv) > 1 else "numerics_drift.json", "w"))
+"""Per-scale teacher-forced logit drift of the fast numerics ("fp32", "bf16") against the reference: the
+reference run's bits are forced on the fast run, so both see the same inputs at every scale.
+
+    python tools/numerics_drift.py --subject 2b-shape [--json out.json]   # Infinity-2B widths, depth 4, 1024
+    python tools/numerics_drift.py --subject tiny                         # tests/fixtures/tiny-a at 1024
+"""
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+import minivar
+from minivar.bench.run import PROMPT, shape_subject
+
+TINY = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "tiny-a"
+
+
+def pipeline(subject: str, numerics: str) -> minivar.Pipeline:
+    if subject == "tiny":
+        return minivar.load(transformer=TINY / "infinity.pth", vae=TINY / "vae.pth", text_encoder=TINY / "t5",
+                            config=TINY / "infinity_config.json", vae_config=TINY / "vae_config.json", numerics=numerics)
+    return shape_subject("infinity-2b-shape", 4, False, weight_dtype=torch.bfloat16, numerics=numerics).pipe
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--subject", choices=("tiny", "2b-shape"), default="2b-shape")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    run = dict(res=1024, prune=True, trace=True, output_type="latent", seed=1)
+    ref = pipeline(args.subject, "reference").generate(PROMPT, **run)
+    out = {"scales": ref.trace.scales}
+    for mode in ("fp32", "bf16"):
+        fast = pipeline(args.subject, mode).generate(PROMPT, force_bits=ref.trace.bits, **run)
+        out[mode] = [rel(a, b) for a, b in zip(fast.trace.logits, ref.trace.logits)]
+        print(f"{mode}: max {max(out[mode]):.1e}; per scale " + " ".join(f"{e:.1e}" for e in out[mode]), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out))
