@@ -304,11 +304,15 @@ def render(scene: Scene, res: int = 128) -> Image.Image:
     return img.resize((res, res), Image.Resampling.BOX)
 
 
-def batch(rng: random.Random, n: int, res: int = 128, layout: str = "random") -> tuple[list[str], np.ndarray]:
-    """n random captioned scenes: (captions, uint8 images (n, res, res, 3))."""
+def batch(rng: random.Random, n: int, res: int = 128, layout: str = "random",
+          mix: tuple[float, ...] = ()) -> tuple[list[str], np.ndarray]:
+    """n random captioned scenes: (captions, uint8 images (n, res, res, 3)).
+
+    `mix` weighs the CATEGORIES (one weight each); empty means equal odds, drawn exactly as before
+    mixes existed, so older recipes make the same scenes."""
     captions, images = [], []
     for _ in range(n):
-        spec = random_spec(rng)
+        spec = random_spec(rng, rng.choices(CATEGORIES, weights=mix)[0] if mix else None)
         captions.append(spec.caption)
         images.append(np.asarray(render(make_scene(spec, rng, layout), res)))
     return captions, np.stack(images)

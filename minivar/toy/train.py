@@ -69,7 +69,7 @@ from ..model.config import BUDGETS, InfinityConfig, scale_schedule
 from ..model.t5 import T5Config, T5Encoder
 from ..model.t5 import Tokenizer
 from ..model.transformer import Attn, Conditioning, Infinity
-from ..loading.checkpoint import load_vae
+from ..loading.checkpoint import load_infinity, load_t5, load_vae
 from .. import parity
 from ..pipeline import bad
 from ..model.vae import BSQVAE, VAEConfig, image_to_pixels
@@ -112,6 +112,12 @@ class Recipe:
     # Scenes the transformer learns from: "canonical" places objects in slots that follow from the
     # caption (scenes.make_scene); the VAE always sees "random" layouts, the wider distribution.
     layout: str = "canonical"
+    # Odds of each scenes.CATEGORIES in the transformer's scenes (empty: equal, as before mixes existed);
+    # the tokenizer and the VAE always see equal odds.
+    mix: tuple[float, ...] = ()
+    # A model directory whose transformer and T5 this run starts from instead of a fresh init ("": none);
+    # its tokenizer and VAE are the run's (--init DIR implies --reuse-vae DIR).
+    init: str = ""
 
     @property
     def scales(self) -> list[tuple[int, int]]:
@@ -159,9 +165,10 @@ class Log:
                 f.write(json.dumps(row) + "\n")
 
 
-def pixels_batch(rng: random.Random, n: int, res: int, layout: str = "random") -> tuple[list[str], torch.Tensor]:
+def pixels_batch(rng: random.Random, n: int, res: int, layout: str = "random",
+                 mix: tuple[float, ...] = ()) -> tuple[list[str], torch.Tensor]:
     """Captions and images (n, 3, res, res) in [-1, 1]."""
-    captions, images = scenes.batch(rng, n, res, layout)
+    captions, images = scenes.batch(rng, n, res, layout, mix)
     return captions, image_to_pixels(torch.from_numpy(images))
 
 
@@ -521,7 +528,7 @@ def teacher_batch(recipe: Recipe, vae: BSQVAE, t5: T5Encoder, model: Infinity, t
                   rng: random.Random, gen: torch.Generator):
     """n captioned scenes as (conditioning, next-scale inputs, target bits) for the given scales, with
     self-correction flips and caption dropout."""
-    captions, x = pixels_batch(rng, n, recipe.res, recipe.layout)
+    captions, x = pixels_batch(rng, n, recipe.res, recipe.layout, recipe.mix)
     with torch.no_grad():
         flip = torch.rand(n, generator=gen) * recipe.self_correct
         bits, next_inputs = self_correcting_bits(vae.encode(x), recipe.scales, flip, gen)
@@ -531,21 +538,25 @@ def teacher_batch(recipe: Recipe, vae: BSQVAE, t5: T5Encoder, model: Infinity, t
     return model.condition(kv, segments), next_inputs[: k - 1], bits[:k]
 
 
-def train_infinity(recipe: Recipe, vae: BSQVAE, tok: Tokenizer, log: Log,
-                   ckpt: Checkpoint | None = None) -> tuple[Infinity, T5Encoder]:
+def train_infinity(recipe: Recipe, vae: BSQVAE, tok: Tokenizer, log: Log, ckpt: Checkpoint | None = None,
+                   start_from: dict[str, dict] | None = None) -> tuple[Infinity, T5Encoder]:
     """Each step: `gpt_stage.batch` scenes over the whole schedule, plus `coarse_batch` more over its
     first `coarse_scales` scales only. Those few tokens decide the layout (where objects go, how
     many there are), the hardest thing for the small model to learn, and cost little: at 64 px, the
     first 5 scales are 121 of 521 tokens. The loss is the mean over scales of each scale's mean
     bitwise cross-entropy (so the few tokens that fix the layout are not drowned by the many of the
     last scale), a scale's mean taken over every image that reached it. With `ckpt`, continued from a
-    resumed checkpoint and checkpointed as it goes."""
+    resumed checkpoint and checkpointed as it goes. `start_from` ({"infinity": sd, "t5": sd}, read_init)
+    replaces the fresh init; the step schedule, optimiser and random streams start afresh all the same."""
     torch.manual_seed(recipe.seed + 2)
     rng, stage, scales = random.Random(recipe.seed + 3), recipe.gpt_stage, recipe.scales
     gen = torch.Generator().manual_seed(recipe.seed + 4)
     t5 = init_t5(T5Encoder(replace(recipe.t5, vocab_size=tok.vocab_size))).train()
     # Trained with the numerics it samples with (loading applies parity mode to every model it loads).
     model = parity.apply(init_infinity(Infinity(replace(recipe.infinity, d_vae=recipe.vae.codebook_dim)))).train()
+    if start_from:
+        model.load_state_dict(start_from["infinity"])
+        t5.load_state_dict(start_from["t5"])
     rope = torch.cat([model.rope.table(1.0, h, w, "cpu") for h, w in scales], dim=1)  # (2, L, hd/2)
     mask = block_causal_mask(scales)
     coarse = scales[: recipe.coarse_scales]
@@ -728,6 +739,9 @@ RECIPE_RULES = {
     "coarse_batch": (lambda v, r: v >= 0, "use 0 (none) or more"),
     "coarse_scales": (lambda v, r: 1 <= v <= len(r.scales), "use a scale count in 1..{n}"),
     "layout": (lambda v, r: v in scenes.LAYOUTS, f"use one of {list(scenes.LAYOUTS)}"),
+    "mix": (lambda v, r: not v or (len(v) == len(scenes.CATEGORIES) and all(math.isfinite(x) and x >= 0 for x in v)
+                                   and sum(v) > 0),
+            f"use [] (equal odds) or one weight >= 0 per category of {list(scenes.CATEGORIES)}, not all 0"),
     **{f"{stage}.{k}": rule for stage in ("vae_stage", "gpt_stage") for k, rule in STAGE_RULES.items()},
     "infinity.depth": (lambda v, r: v % r.infinity.block_chunks == 0, "use a multiple of infinity.block_chunks"),
     "infinity.text_channels": (lambda v, r: v == r.t5.d_model, "use {t5}, t5.d_model (the width of T5's features)"),
@@ -798,6 +812,26 @@ def read_finished(src: Path, recipe: Recipe, where: str, advice: str,
     return tok, vae
 
 
+def read_init(src: Path, recipe: Recipe) -> dict[str, dict]:
+    """The transformer and T5 weights of the model directory `src` (--init), checked against the
+    recipe's shapes: {"infinity": state dict, "t5": state dict}; RunError, one line, if they do not fit."""
+    where, advice = f"--init {src}", "point it at a model directory this recipe trained, or drop --init"
+    missing = [name for name in ("infinity.pth", "t5/config.json") if not (src / name).is_file()]
+    if missing:
+        raise RunError(f"{where}: {src} has no {', '.join(missing)}; {advice}")
+    cfg = replace(recipe.infinity, d_vae=recipe.vae.codebook_dim)
+    try:
+        infinity = load_infinity(src / "infinity.pth", cfg).state_dict()
+        t5 = load_t5(src / "t5").state_dict()
+        shapes = T5Encoder(replace(recipe.t5, vocab_size=t5["shared.weight"].shape[0])).state_dict()
+        wrong = [k for k, v in shapes.items() if k not in t5 or t5[k].shape != v.shape]
+        if wrong:
+            raise ValueError(f"its T5 differs from the recipe's t5 at {wrong[0]}")
+    except (ValueError, OSError) as e:  # CheckpointError: a missing, truncated or differently shaped model
+        raise RunError(f"{where}: {' '.join(str(e).split())[:300]}; {advice}") from None
+    return {"infinity": infinity, "t5": t5}
+
+
 # --------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------
@@ -823,6 +857,10 @@ def run(recipe: Recipe, out: Path, dtype: torch.dtype = torch.bfloat16, reuse: P
     elif reuse is not None:
         tok, vae = read_finished(reuse, recipe, f"--reuse-vae {reuse}",
                                  "point it at a model directory the toy training wrote, or drop it")
+    start_from = read_init(Path(recipe.init), recipe) if recipe.init else None
+    if start_from and tok is not None and start_from["t5"]["shared.weight"].shape[0] != tok.vocab_size:
+        raise RunError(f"--init {recipe.init}: its T5 reads {start_from['t5']['shared.weight'].shape[0]} token ids, "
+                       f"the run's tokenizer {tok.vocab_size}; use the tokenizer it was trained with (--reuse-vae)")
     if not resume:
         ckpt.start()
     out.mkdir(parents=True, exist_ok=True)
@@ -838,7 +876,7 @@ def run(recipe: Recipe, out: Path, dtype: torch.dtype = torch.bfloat16, reuse: P
         save_vae(vae, out, dtype)
         vae.load_state_dict(storage(vae.state_dict(), dtype))  # the transformer learns the VAE as stored
     ckpt.clock.lap("vae")
-    model, t5 = train_infinity(recipe, vae, tok, log, ckpt)
+    model, t5 = train_infinity(recipe, vae, tok, log, ckpt, start_from)
     # The transformer is stored in float32 (the VAE as `dtype`): minivar's KV cache follows the weights'
     # storage dtype, and the toy's scores are measured with the float32 cache it computes with.
     save_infinity(model, recipe, out, torch.float32)
@@ -868,6 +906,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="torch CPU threads (default: %(default)s; results are bit-exact for a given thread count)")
     p.add_argument("--reuse-vae", type=Path, default=None, metavar="DIR",
                    help="keep DIR's tokenizer and VAE, train only the transformer and T5")
+    p.add_argument("--init", type=Path, default=None, metavar="DIR",
+                   help="start the transformer and T5 from DIR's weights (a model directory of this recipe) instead "
+                        "of a fresh init; implies --reuse-vae DIR unless that is given")
     p.add_argument("--steps", type=int, default=None, help="transformer + T5 steps (default: the recipe's)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="overrides",
                    help="change one recipe field, e.g. t5.num_layers=4 or layout=random (repeatable)")
@@ -891,12 +932,14 @@ def main(argv: list[str] | None = None) -> None:
             recipe = override(recipe, assignment)
         if args.steps is not None:
             recipe = replace(recipe, gpt_stage=replace(recipe.gpt_stage, steps=args.steps))
+        if args.init is not None:
+            recipe = replace(recipe, init=str(args.init))
         check_recipe(recipe)
     except ValueError as e:
         p.error(str(e))
     torch.set_num_threads(args.threads)
     try:
-        seconds = run(recipe, args.out, reuse=args.reuse_vae, checkpoint_every=args.checkpoint_every,
+        seconds = run(recipe, args.out, reuse=args.reuse_vae or args.init, checkpoint_every=args.checkpoint_every,
                       resume=args.resume, overwrite=args.overwrite)
     except RunError as e:
         p.exit(2, f"{p.prog}: error: {e}\n")
