@@ -11,7 +11,7 @@ from helpers import PROMPT, SETTINGS, TINY, rel_err, tiny_pipeline
 import minivar
 from minivar import pipeline
 from minivar.model.config import BUDGETS, PRESETS, TEMPLATES, InfinityConfig, scale_schedule
-from minivar.model.pruning import HIGH_RES_DROP, fastvar_literal, proportional, reference_tokens, resolve_prune
+from minivar.model.pruning import HIGH_RES_DROP, fastvar_literal, no_skip, proportional, reference_tokens, resolve_prune
 from minivar.model.pruning import Pruner, PruneSchedule, pivotal_scores, restore, select
 from minivar.model.sampling import Settings, plan
 
@@ -119,16 +119,14 @@ def test_fastvar_literal_refuses_non_square_schedules_with_one_line(h_div_w):
 
 
 def test_preset_treats_every_aspect_of_a_low_budget_model_alike():
-    """The toy (trained at 0.06M) prunes every aspect at the same places of its 7 scales: a cache,
-    pruned scales, the last scales skipped, never the zero-shot 75 % drop of a higher resolution."""
+    """The toy (trained at 0.06M, a 16x16 native grid) prunes every aspect at the same places of its 7
+    scales: 12x12 and 16x16's peers pruned in every layer from the 8x8 peer's cache, nothing skipped."""
     toy = InfinityConfig(depth=4, embed_dim=128, num_heads=2, pn="0.06M")
     for template in TEMPLATES:
         scales = scale_schedule("0.06M", template)
         s = resolve_prune(True, toy, scales)
-        assert s.drop and s.cache_scale is not None, template
-        assert len(scales) - 1 in s.skip, template
-        assert HIGH_RES_DROP not in s.drop.values(), template
-        assert s.cache_scale < min(s.drop) < min(s.skip), template
+        assert (sorted(s.drop), s.cache_scale, s.skip, s.layers) == ([5, 6], 4, frozenset(), (0, 3)), template
+        assert s.drop[6] > s.drop[5], template  # the last scale is pruned hardest
 
 
 def test_random_selector_keeps_the_sampling_stream():
@@ -195,7 +193,7 @@ def test_prune_true_follows_the_model_config_not_its_folder_name(tmp_path):
     kw = {**SETTINGS, "prune": True, "output_type": "latent"}
     named = minivar.load("toy").generate(PROMPT, **kw)
     renamed = minivar.load(tmp_path / "my-toy").generate(PROMPT, **kw)
-    assert renamed.prune == named.prune and renamed.prune.prunes and renamed.prune.skip
+    assert renamed.prune == named.prune and renamed.prune.prunes and renamed.prune.drop
     assert torch.equal(renamed.summed_codes, named.summed_codes)
 
 
@@ -271,3 +269,22 @@ def test_restoration_cache_bytes_follow_the_plan(monkeypatch, stop):
 
 def test_budgets_table():
     assert {b: len(scale_schedule(b)) for b in BUDGETS} == {"0.06M": 7, "0.25M": 10, "0.60M": 12, "1M": 13}
+
+
+def test_no_skip_placed_on_harts_schedule_is_fastvars_hart_recipe():
+    """The small-grid preset is FastVAR's HART recipe placed by token share: on HART's own 1024 schedule
+    (64x64 reference) it picks the same scales, drops, cache and layers as the released recipe."""
+    from minivar.hart.config import SCHEDULE_1024
+    from minivar.hart.sampling import fastvar_hart
+
+    scales = [(pn, pn) for pn in SCHEDULE_1024]
+    for depth in (4, 24, 30):
+        assert no_skip(scales, depth, 64 * 64, drops=(0.5, 0.75)) == fastvar_hart(depth, SCHEDULE_1024)
+
+
+def test_only_small_native_grids_get_the_no_skip_preset():
+    for name in ("infinity-2b", "infinity-8b"):  # 64x64 native grid: FastVAR's Infinity recipe at every budget
+        cfg = PRESETS[name]
+        for budget in BUDGETS:
+            scales = scale_schedule(budget)
+            assert resolve_prune(True, cfg, scales) == proportional(scales, cfg.depth, 64 * 64), (name, budget)

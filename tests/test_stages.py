@@ -13,7 +13,7 @@ from minivar.bench.analysis import low_band_changes
 from minivar.model.config import BUDGETS, HIGH_RES, PRESETS, TEMPLATES, scale_schedule
 from minivar.bench.flops import totals, transformer_count
 from minivar.loading.hub import SHIPPED
-from minivar.model.pruning import model_stages, proportional, reference_tokens, resolve_prune, stages
+from minivar.model.pruning import SMALL_GRID, model_stages, proportional, reference_tokens, resolve_prune, stages
 from minivar.model.pruning import Pruner, PruneSchedule, pivotal_scores, projection_matrix, projection_scores, select
 from minivar.model.sampling import Settings, plan
 from minivar.model.vae import VAE_PRESETS
@@ -48,6 +48,9 @@ def test_stage_split_on_every_template_budget_and_model():
         preset = resolve_prune(True, cfg, scales)
         for si in [*preset.drop, *preset.skip]:  # FastVAR's pruned and skipped scales are all refinement
             assert labels[si] == "refinement", (where, si)
+        if reference_tokens(cfg, 1.0) < SMALL_GRID:  # HART's recipe: the cache is the scale before the pruned ones
+            assert not preset.skip and (not preset.drop or preset.cache_scale == min(preset.drop) - 1), where
+            continue
         if preset.cache_scale is not None:  # the restoration cache is the last scale before refinement
             assert labels[preset.cache_scale] != "refinement" and labels[preset.cache_scale + 1] == "refinement"
         if budget == cfg.pn:  # the trained budget: refinement starts at FastVAR's first pruned or skipped scale
@@ -172,7 +175,7 @@ def test_stagevar_is_batch_invariant():
 def test_stagevar_on_the_toy_at_256_is_deterministic_per_seed():
     pipe = toy()
     a, b, c = (pipe.generate("two red circles", prune="stagevar", seed=s, trace=True) for s in (5, 5, 6))
-    assert a.trace.cfg_rows == [2, 2, 2, 2, 1] and a.trace.index == [0, 1, 2, 3, 4]
+    assert a.trace.cfg_rows == [2, 2, 2, 2, 1, 1, 1] and a.trace.index == [0, 1, 2, 3, 4, 5, 6]
     assert torch.equal(a.summed_codes, b.summed_codes) and a.image.tobytes() == b.image.tobytes()
     assert not torch.equal(a.summed_codes, c.summed_codes)
     pruned = pipe.generate("two red circles", prune=True, seed=5, trace=True)

@@ -1,22 +1,28 @@
 """Candidate pruning schedules for the toy, scored like the preset: mini-GenEval n 1000 (cfg 3, tau 0.5,
 the eval's prompts and seeds) and the transformer FLOP ratio of `toy.geneval.evaluate`.
 
-    python tools/toy_prune_candidates.py [--n 1000] [--json out.json]
+    python tools/toy_prune_candidates.py [MODEL] [--n 1000] [--only NAME ...] [--json out.json]
 
-The toy's schedule at its budget is 1 2 4 6 8 12 16 (scale indices 0..6), depth 6. Unlike the preset
-(`prune=True`, which skips 12x12 and 16x16 on the toy), no candidate skips a scale: FastVAR prunes HART
-that way (docs/toy/experiments.md, "Pruning the toy").
+The toy's schedule at its budget is 1 2 4 6 8 12 16 (scale indices 0..6), depth 6. The candidates
+A-F skip no scale, as FastVAR prunes HART; "skipping" is the toy's preset before v4 (FastVAR's Infinity
+recipe by token share: 6x6 caches, 8x8 -40 %, 12x12 and 16x16 skipped), and prune=True is the preset
+of today (docs/toy/experiments.md, "Pruning the toy").
 """
 import argparse
 import json
 
 import minivar
 from minivar import PruneSchedule
+from minivar.model.pruning import proportional
 from minivar.toy.geneval import evaluate
 
 CANDIDATES = {
     "unpruned": False,
     "preset (prune=True)": True,
+    "stagevar": "stagevar",
+    "skipping (the preset before v4)": proportional([(1, 1), (2, 2), (4, 4), (6, 6), (8, 8), (12, 12), (16, 16)], 6, 256),
+    "G cache 8x8, 12x12 -60 %, 16x16 -75 %, layers 0-5": PruneSchedule(drop={5: 0.6, 6: 0.75}, layers=(0, 5), cache_scale=4),
+    "H cache 8x8, 12x12 -50 %, 16x16 -80 %, layers 0-5": PruneSchedule(drop={5: 0.5, 6: 0.8}, layers=(0, 5), cache_scale=4),
     "A cache 8x8, 12x12 -50 %, 16x16 -75 %, layers 1-5": PruneSchedule(drop={5: 0.5, 6: 0.75}, layers=(1, 5), cache_scale=4),
     "B cache 8x8, 12x12 -50 %, 16x16 -50 %, layers 1-5": PruneSchedule(drop={5: 0.5, 6: 0.5}, layers=(1, 5), cache_scale=4),
     "C cache 8x8, 12x12 -60 %, 16x16 -80 %, layers 0-5": PruneSchedule(drop={5: 0.6, 6: 0.8}, layers=(0, 5), cache_scale=4),
@@ -27,11 +33,15 @@ CANDIDATES = {
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("model", nargs="?", default="toy")
     ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--only", nargs="*", default=None, help="candidate names' first words, e.g. unpruned preset C")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    pipe, out = minivar.load("toy"), {}
+    pipe, out = minivar.load(args.model), {}
     for name, prune in CANDIDATES.items():
+        if args.only is not None and name.split()[0] not in args.only:
+            continue
         r = evaluate(pipe, n=args.n, prune=prune)
         ratio = r["cost_unpruned"]["transformer_gflops"] / r["cost"]["transformer_gflops"]
         out[name] = {"numerics": pipe.numerics, "flop_ratio": ratio, **r["categories"]}

@@ -332,6 +332,16 @@ DENSE = LayerRun()
 # (1344, 2048) keeps every scale, since skipping would throw away exactly what the extra scales add:
 # scales with r >= 0.47 are computed on 25 % of their tokens instead.
 #
+# Small grids take FastVAR's other recipe. FastVAR itself does not prune every backbone alike: on HART
+# (14 scales, 64x64 at 1024) it skips nothing and, in every layer, computes 50 % of 48x48 (r 0.56) and
+# 25 % of 64x64 (r 1.0), restoring the rest from 36x36, the scale before them. A model whose native
+# final grid is smaller than SMALL_GRID (the toy: 16x16) gets that recipe placed by the same share r
+# (`no_skip`): on a small grid an object is a few tokens wide, and the scales of r >= 0.47 hold its
+# edges, so skipping them loses objects (the toy v3 lost 0.15 of its mini-GenEval score with the
+# skipping recipe, docs/toy/experiments.md). On the toy that is: cache 8x8, drop TOY_DROPS[0] of 12x12
+# and TOY_DROPS[1] of 16x16 in all 6 layers. Infinity's native grid is 64x64, so Infinity-2B and 8B
+# keep the recipe above, at every budget.
+#
 # `stages` splits any schedule into StageVAR's three stages by the same share r (`model_stages`: on the
 # square twin, like the presets), and
 # `prune="stagevar"` is prune=True plus StageVAR's two refinement-stage accelerations (see `stagevar`).
@@ -341,6 +351,8 @@ HIGH_RES_DROP = 0.75
 SEMANTIC_BELOW, REFINEMENT_FROM = 0.08, CACHE_BELOW
 STAGEVAR_RANK = 8
 FASTVAR_LAYERS, FASTVAR_DEPTH = (3, 27), 32
+SMALL_GRID = 32 * 32          # native final grids with fewer tokens get `no_skip`
+TOY_DROPS = (0.5, 0.75)       # no_skip's drops: every pruned scale but the last, and the last
 
 
 def stages(scales: list[tuple[int, int]], reference_tokens: int, semantic_below: float = SEMANTIC_BELOW,
@@ -377,7 +389,7 @@ def stagevar(scales: list[tuple[int, int]], depth: int, reference_tokens: int, r
     """prune=True's drops, skips, cache and layer window, plus StageVAR's refinement-stage accelerations:
     tokens chosen in a rank-`rank` random projection (`selector="projection"`) and guidance dropped
     from the first refinement scale on (`cfg_stop`; None when the schedule has no refinement scale)."""
-    base = proportional(scales, depth, reference_tokens)
+    base = preset(scales, depth, reference_tokens)
     labels = stages(scales, reference_tokens, refinement_from=refinement_from)
     stop = next((si for si, st in enumerate(labels) if st == "refinement"), None)
     return replace(base, selector="projection", rank=rank, cfg_stop=stop)
@@ -422,6 +434,25 @@ def proportional(scales: list[tuple[int, int]], depth: int, reference_tokens: in
     return PruneSchedule(drop=drop, skip=frozenset(skip), layers=layers, cache_scale=cached[-1])
 
 
+def no_skip(scales: list[tuple[int, int]], depth: int, reference_tokens: int,
+            drops: tuple[float, float] = TOY_DROPS) -> PruneSchedule:
+    """FastVAR's HART recipe placed by token share: every scale of share r >= 0.47 (those `proportional`
+    would skip) is pruned in every layer instead, the last one by drops[1] and the others by drops[0],
+    and restored from the scale before the first of them. Nothing is skipped."""
+    pruned = [si for si, (h, w) in enumerate(scales) if h * w / reference_tokens >= DROP50_BELOW and si > 0]
+    if not pruned:
+        return PruneSchedule.none()
+    drop = {si: drops[1] if si == len(scales) - 1 else drops[0] for si in pruned}
+    return PruneSchedule(drop=drop, layers=(0, depth - 1), cache_scale=pruned[0] - 1)
+
+
+def preset(scales: list[tuple[int, int]], depth: int, reference_tokens: int) -> PruneSchedule:
+    """prune=True's schedule: `no_skip` for models whose native final grid is under SMALL_GRID tokens,
+    `proportional` (FastVAR's Infinity recipe) for the others."""
+    rule = no_skip if reference_tokens < SMALL_GRID else proportional
+    return rule(scales, depth, reference_tokens)
+
+
 def reference_tokens(cfg: InfinityConfig, template: float) -> int:
     """Tokens of the model's native final grid for this aspect template: the template's own last grid
     at the budget the model was trained at (`cfg.pn`): 64x64 for Infinity at 1:1 (1M), 16x16 for the
@@ -456,7 +487,7 @@ def resolve_prune(prune, cfg: InfinityConfig, scales: list[tuple[int, int]]) -> 
         schedule.validate(len(scales), cfg.depth)
         return schedule
     if prune is True or prune == "preset":
-        return proportional(square_twin(scales), cfg.depth, reference_tokens(cfg, 1.0))
+        return preset(square_twin(scales), cfg.depth, reference_tokens(cfg, 1.0))
     if prune == "stagevar":
         return stagevar(square_twin(scales), cfg.depth, reference_tokens(cfg, 1.0))
     if prune == "fastvar":  # FastVAR's absolute window, cut to the layers the model has

@@ -66,7 +66,7 @@ from tqdm.auto import tqdm
 from . import scenes
 from ..model.vae import quantize_multiscale
 from ..model.config import BUDGETS, InfinityConfig, scale_schedule
-from ..model.t5 import T5Config, T5Encoder
+from ..model.t5 import T5Config, T5Encoder, relative_position_bucket
 from ..model.t5 import Tokenizer
 from ..model.transformer import Attn, Conditioning, Infinity
 from ..loading.checkpoint import load_infinity, load_t5, load_vae
@@ -118,6 +118,11 @@ class Recipe:
     # A model directory whose transformer and T5 this run starts from instead of a fresh init ("": none);
     # its tokenizer and VAE are the run's (--init DIR implies --reuse-vae DIR).
     init: str = ""
+    # Bias that T5 heads 0 and 1 add to every key after / before the query (0: off). Head 0 then reads
+    # what follows each word and head 1 what precedes it, so a colour word "knows" whether another
+    # object phrase comes after it: word order, which a bag of words loses (docs/toy/experiments.md,
+    # comparison 17). Set at the start of the transformer stage, also over --init's T5.
+    t5_directional: float = 0.0
 
     @property
     def scales(self) -> list[tuple[int, int]]:
@@ -443,6 +448,24 @@ def init_t5(t5: T5Encoder, position_std: float = 3.0) -> T5Encoder:
     return t5
 
 
+def directional_heads(t5: T5Encoder, bias: float) -> T5Encoder:
+    """Make T5 head 0 attend to the keys after each query and head 1 to those before it: their relative
+    position biases become +bias on that side, -bias on the other and 0 on the query itself (which is
+    all the first and last tokens have to look at on their empty side)."""
+    table = t5.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight  # (buckets, heads)
+    cfg = t5.cfg
+    after = relative_position_bucket(torch.arange(1, cfg.relative_attention_max_distance + 1),
+                                     cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance).unique()
+    before = relative_position_bucket(-torch.arange(1, cfg.relative_attention_max_distance + 1),
+                                      cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance).unique()
+    with torch.no_grad():
+        for head, (near, far) in enumerate([(after, before), (before, after)]):
+            table[:, head] = 0.0
+            table[near, head] = bias
+            table[far, head] = -bias
+    return t5
+
+
 def init_infinity(model: Infinity) -> Infinity:
     """Small normal weights and zero biases everywhere; the bit head starts at zero (every bit at 50%)."""
     for m in model.modules():
@@ -557,6 +580,8 @@ def train_infinity(recipe: Recipe, vae: BSQVAE, tok: Tokenizer, log: Log, ckpt: 
     if start_from:
         model.load_state_dict(start_from["infinity"])
         t5.load_state_dict(start_from["t5"])
+    if recipe.t5_directional:
+        directional_heads(t5, recipe.t5_directional)
     rope = torch.cat([model.rope.table(1.0, h, w, "cpu") for h, w in scales], dim=1)  # (2, L, hd/2)
     mask = block_causal_mask(scales)
     coarse = scales[: recipe.coarse_scales]
@@ -737,6 +762,8 @@ RECIPE_RULES = {
     "caption_drop": (is_share, "use a share in [0, 1]"),
     "self_correct": (is_share, "use a share in [0, 1]"),
     "coarse_batch": (lambda v, r: v >= 0, "use 0 (none) or more"),
+    "t5_directional": (lambda v, r: math.isfinite(v) and v >= 0 and (not v or r.t5.num_heads >= 2),
+                       "use 0 (off) or a finite bias > 0, with t5.num_heads >= 2"),
     "coarse_scales": (lambda v, r: 1 <= v <= len(r.scales), "use a scale count in 1..{n}"),
     "layout": (lambda v, r: v in scenes.LAYOUTS, f"use one of {list(scenes.LAYOUTS)}"),
     "mix": (lambda v, r: not v or (len(v) == len(scenes.CATEGORIES) and all(math.isfinite(x) and x >= 0 for x in v)

@@ -1,0 +1,93 @@
+"""How much does a toy model bind each colour to its own object? A teacher-forced probe, no sampling.
+
+For two-object scenes ("a red circle and a blue square", canonical layout: the first object on the
+left), the probe measures each scale's bitwise cross-entropy of the true image under three captions:
+the true one, the one with the two colours swapped, and the one with the two shapes swapped. A model
+that reads "red" as belonging to "circle" and to the first slot finds the swapped captions less
+likely, so its *binding gap* (swapped minus true, nats per bit, per scale) is positive; a model that
+reads the caption as a bag of words has a gap of zero. Unlike mini-GenEval the probe has no sampling
+noise: two checkpoints can be compared on a few hundred scenes in seconds.
+
+    python tools/toy_binding_probe.py [MODEL_DIR ...] [--n 256] [--json out.json]
+"""
+import argparse
+import json
+import random
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import minivar
+from minivar.model.config import scale_schedule
+from minivar.model.transformer import Attn
+from minivar.model.vae import image_to_pixels
+from minivar.toy import train as T
+from minivar.toy.scenes import PALETTE, SHAPES, Group, Spec, make_scene, render
+
+
+def two_object_specs(n: int, seed: int = 4321) -> list[Spec]:
+    """n two-object specs with two different colours and two different shapes (so either swap changes
+    the caption's meaning), joined by "and" or a relation."""
+    rng = random.Random(seed)
+    specs = []
+    for i in range(n):
+        (c1, c2), (s1, s2) = rng.sample(list(PALETTE), 2), rng.sample(SHAPES, 2)
+        relation = [None, "left of", "right of", "above", "below"][i % 5]
+        specs.append(Spec((Group(s1, 1, c1), Group(s2, 1, c2)), relation, None, "position" if relation else "colour"))
+    return specs
+
+
+def swapped(spec: Spec, what: str) -> str:
+    a, b = spec.groups
+    if what == "colours":
+        a, b = Group(a.shape, 1, b.colour), Group(b.shape, 1, a.colour)
+    else:
+        a, b = Group(b.shape, 1, a.colour), Group(a.shape, 1, b.colour)
+    return Spec((a, b), spec.relation, spec.background, spec.category).caption
+
+
+@torch.no_grad()
+def scale_ce(pipe, captions: list[str], images: torch.Tensor) -> torch.Tensor:
+    """(scales,) mean bitwise cross-entropy of `images` under `captions`, teacher-forced."""
+    model, scales = pipe.transformer, scale_schedule(pipe.transformer.cfg.pn)
+    bits, inputs = T.self_correcting_bits(pipe.vae.encode(images), scales, torch.zeros(len(captions)), torch.Generator())
+    kv, segments = T.encode_text(pipe.text_encoder, model, pipe.tokenizer, captions, torch.zeros(len(captions), dtype=torch.bool))
+    c = model.condition(kv, segments)
+    rope = torch.cat([model.rope.table(1.0, h, w, "cpu") for h, w in scales], dim=1)
+    return torch.stack(T.scale_losses(model, c, inputs, bits, scales, rope, T.block_causal_mask(scales)))
+
+
+def probe(name: str, n: int, batch: int = 32) -> dict:
+    pipe = minivar.load(name, numerics="fp32")
+    rng, specs = random.Random(0), two_object_specs(n)
+    sums = {k: 0.0 for k in ("true", "colours", "shapes")}
+    for i in range(0, n, batch):
+        chunk = specs[i : i + batch]
+        pixels = np.stack([np.asarray(render(make_scene(s, rng, "canonical"), 64)) for s in chunk])
+        images = image_to_pixels(torch.from_numpy(pixels))
+        for key, captions in (("true", [s.caption for s in chunk]), ("colours", [swapped(s, "colours") for s in chunk]),
+                              ("shapes", [swapped(s, "shapes") for s in chunk])):
+            sums[key] = sums[key] + scale_ce(pipe, captions, images) * len(chunk)
+    ce = {k: (v / n) for k, v in sums.items()}
+    return {"model": str(name), "n": n, "scales": [list(s) for s in scale_schedule(pipe.transformer.cfg.pn)],
+            "ce_true": ce["true"].tolist(),
+            "colour_gap": (ce["colours"] - ce["true"]).tolist(), "shape_gap": (ce["shapes"] - ce["true"]).tolist()}
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("models", nargs="*", default=["toy"])
+    ap.add_argument("--n", type=int, default=256)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    results = []
+    for name in args.models:
+        r = probe(name, args.n)
+        results.append(r)
+        fmt = lambda xs: " ".join(f"{x:+.4f}" for x in xs)  # noqa: E731
+        print(f"{name}\n  true CE    {' '.join(f'{x:.4f}' for x in r['ce_true'])}\n  colour gap {fmt(r['colour_gap'])}"
+              f"\n  shape gap  {fmt(r['shape_gap'])}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
