@@ -123,6 +123,11 @@ class Recipe:
     # object phrase comes after it: word order, which a bag of words loses (docs/toy/experiments.md,
     # comparison 17). Set at the start of the transformer stage, also over --init's T5.
     t5_directional: float = 0.0
+    # Weight of an auxiliary loss on T5 (0: off): a linear probe, trained alongside and not saved, reads
+    # from each token's T5 feature which noun phrase of the caption it belongs to (first, second, or
+    # neither). The real Infinity's T5 comes pretrained; the toy's learns only through the image loss and
+    # reads captions as bags of words (comparison 18), which this gives it instead.
+    t5_roles: float = 0.0
 
     @property
     def scales(self) -> list[tuple[int, int]]:
@@ -216,6 +221,7 @@ def flat(d: dict, prefix: str = "") -> dict:
 ENTRIES = {"recipe": dict, "reuse": (str, type(None)), "stage": str, "step": int, "modules": dict,
            "optimizer": dict, "rng": dict, "log": str, "seconds": dict}
 MODULES = {"vae": ["vae"], "infinity": ["infinity", "t5"]}
+OPTIONAL = ("roles",)  # the t5_roles probe, present when the recipe trains it
 AFRESH = "start afresh with --overwrite instead of --resume"
 
 
@@ -294,7 +300,7 @@ class Checkpoint:
             return f"is of stage {stage!r}, not one of {list(MODULES)}"
         if stage == "vae" and state["reuse"] is not None:
             return "is of the VAE stage, which a run with --reuse-vae does not train"
-        if modules != MODULES[stage]:
+        if [m for m in modules if m not in OPTIONAL] != MODULES[stage]:
             return f"holds the modules {modules}, the {stage} stage has {MODULES[stage]}"
         missing = [k for k in ["torch", "python"] + (["generator"] if stage == "infinity" else []) if k not in rng]
         if missing:
@@ -487,9 +493,11 @@ def block_causal_mask(scales: list[tuple[int, int]]) -> torch.Tensor:
 CAPTION_TOKENS = 64  # a caption is read up to this many tokens (with EOS); cfg_uncond needs as many rows
 
 
-def encode_text(t5: T5Encoder, model: Infinity, tok: Tokenizer, captions: list[str], drop: torch.Tensor) -> tuple[torch.Tensor, list]:
+def encode_text(t5: T5Encoder, model: Infinity, tok: Tokenizer, captions: list[str], drop: torch.Tensor,
+                keep_hidden: bool = False):
     """Packed text rows (N, Ct) and each image's segment; dropped captions become cfg_uncond rows,
-    as many as the caption has tokens (what the pipeline feeds the unconditional branch)."""
+    as many as the caption has tokens (what the pipeline feeds the unconditional branch). With
+    `keep_hidden`, also T5's features of every caption, dropped or not: (B, width, Ct)."""
     ids, mask = tok(captions, max_length=CAPTION_TOKENS)
     n = mask.sum(-1).tolist()
     width = max(n)
@@ -498,7 +506,40 @@ def encode_text(t5: T5Encoder, model: Infinity, tok: Tokenizer, captions: list[s
     bounds = [0]
     for k in n:
         bounds.append(bounds[-1] + k)
-    return torch.cat(rows), list(zip(bounds[:-1], bounds[1:]))
+    packed = torch.cat(rows), list(zip(bounds[:-1], bounds[1:]))
+    return (*packed, hidden) if keep_hidden else packed
+
+
+CONNECTORS = {"and": 1, "above": 1, "below": 1, "left": 2, "right": 2}  # a connector word and its length in words
+NO_ROLE = -100  # cross_entropy's ignore_index
+
+
+def word_roles(caption: str) -> list[int]:
+    """Which noun phrase each word of a caption belongs to: 0 the first, 1 the second, 2 neither (the
+    connector between them and the background phrase)."""
+    words, roles, group = caption.split(), [], 0
+    i = 0
+    while i < len(words):
+        if words[i] in CONNECTORS:
+            span = CONNECTORS[words[i]]
+            roles, group, i = roles + [2] * span, 1, i + span
+        elif words[i] == "on":  # "on a white background" ends every caption that names one
+            return roles + [2] * (len(words) - i)
+        else:
+            roles, i = roles + [group], i + 1
+    return roles
+
+
+def token_roles(tok: Tokenizer, captions: list[str], width: int) -> torch.Tensor:
+    """(B, width) role of every token (word_roles; EOS 2, padding NO_ROLE). A caption whose word-by-word
+    pieces differ from its own is left out (NO_ROLE throughout)."""
+    out = torch.full((len(captions), width), NO_ROLE)
+    for b, caption in enumerate(captions):
+        pieces = [tok.encode(w) for w in caption.split()]
+        labels = [r for p, r in zip(pieces, word_roles(caption)) for _ in p] + [2]
+        if sum(pieces, []) == tok.encode(caption) and len(labels) <= width:
+            out[b, : len(labels)] = torch.tensor(labels)
+    return out
 
 
 def teacher_inputs(model: Infinity, c: Conditioning, next_inputs: list[torch.Tensor]) -> torch.Tensor:
@@ -548,17 +589,21 @@ def scale_losses(model: Infinity, c: Conditioning, next_inputs, bits, scales, ro
 
 
 def teacher_batch(recipe: Recipe, vae: BSQVAE, t5: T5Encoder, model: Infinity, tok: Tokenizer, n: int, scales,
-                  rng: random.Random, gen: torch.Generator):
+                  rng: random.Random, gen: torch.Generator, roles: nn.Module | None = None):
     """n captioned scenes as (conditioning, next-scale inputs, target bits) for the given scales, with
-    self-correction flips and caption dropout."""
+    self-correction flips and caption dropout; with the `roles` probe, also its loss (else None)."""
     captions, x = pixels_batch(rng, n, recipe.res, recipe.layout, recipe.mix)
     with torch.no_grad():
         flip = torch.rand(n, generator=gen) * recipe.self_correct
         bits, next_inputs = self_correcting_bits(vae.encode(x), recipe.scales, flip, gen)
     drop = torch.rand(n, generator=gen) < recipe.caption_drop
-    kv, segments = encode_text(t5, model, tok, captions, drop)
+    kv, segments, hidden = encode_text(t5, model, tok, captions, drop, keep_hidden=True)
+    role_loss = None
+    if roles is not None:
+        role_loss = F.cross_entropy(roles(hidden).flatten(0, 1), token_roles(tok, captions, hidden.shape[1]).flatten(),
+                                    ignore_index=NO_ROLE)
     k = len(scales)
-    return model.condition(kv, segments), next_inputs[: k - 1], bits[:k]
+    return (model.condition(kv, segments), next_inputs[: k - 1], bits[:k]), role_loss
 
 
 def train_infinity(recipe: Recipe, vae: BSQVAE, tok: Tokenizer, log: Log, ckpt: Checkpoint | None = None,
@@ -586,22 +631,26 @@ def train_infinity(recipe: Recipe, vae: BSQVAE, tok: Tokenizer, log: Log, ckpt: 
     mask = block_causal_mask(scales)
     coarse = scales[: recipe.coarse_scales]
     Lc = sum(h * w for h, w in coarse)
-    params = list(model.parameters()) + list(t5.parameters())
+    roles = nn.Linear(recipe.t5.d_model, 3) if recipe.t5_roles else None  # the probe of `t5_roles`, not saved
+    extra = {"roles": roles} if roles is not None else {}
+    params = [p for m in (model, t5, *extra.values()) for p in m.parameters()]
     opt = optimizer(params, stage)
-    loop = {"modules": {"infinity": model, "t5": t5}, "opt": opt, "rng": rng, "gen": gen}
+    loop = {"modules": {"infinity": model, "t5": t5, **extra}, "opt": opt, "rng": rng, "gen": gen}
     start = ckpt.restore("infinity", **loop) if ckpt else 0
     bar = tqdm(range(start, stage.steps), desc="infinity", unit="step", initial=start, total=stage.steps)
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, stage)
-        per_scale = full = scale_losses(model, *teacher_batch(recipe, vae, t5, model, tok, stage.batch, scales, rng, gen),
-                                        scales, rope, mask)
+        batch, role_loss = teacher_batch(recipe, vae, t5, model, tok, stage.batch, scales, rng, gen, roles)
+        per_scale = full = scale_losses(model, *batch, scales, rope, mask)
         if recipe.coarse_batch:
-            part = scale_losses(model, *teacher_batch(recipe, vae, t5, model, tok, recipe.coarse_batch, coarse, rng, gen),
-                                coarse, rope[:, :Lc], mask[:Lc, :Lc])
+            batch, _ = teacher_batch(recipe, vae, t5, model, tok, recipe.coarse_batch, coarse, rng, gen)
+            part = scale_losses(model, *batch, coarse, rope[:, :Lc], mask[:Lc, :Lc])
             n, m = stage.batch, recipe.coarse_batch
             per_scale = [(n * a + m * b) / (n + m) for a, b in zip(full, part)] + full[len(part):]
         loss = torch.stack(per_scale).mean()
+        if role_loss is not None:
+            loss = loss + recipe.t5_roles * role_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(params, 1.0)
@@ -609,7 +658,8 @@ def train_infinity(recipe: Recipe, vae: BSQVAE, tok: Tokenizer, log: Log, ckpt: 
         logged = [p.item() for p in per_scale]
         bar.set_postfix(loss=f"{loss.item():.4f}", last=f"{logged[-1]:.4f}")
         if step % 25 == 0 or step == stage.steps - 1:
-            log(stage="infinity", step=step, lr=lr_at(step, stage), loss=loss.item(), per_scale=logged)
+            log(stage="infinity", step=step, lr=lr_at(step, stage), loss=loss.item(), per_scale=logged,
+                **({"role_loss": role_loss.item()} if role_loss is not None else {}))
         if ckpt:
             ckpt.step_done("infinity", step, **loop)
     return model.eval().requires_grad_(False), t5.eval().requires_grad_(False)
@@ -762,6 +812,7 @@ RECIPE_RULES = {
     "caption_drop": (is_share, "use a share in [0, 1]"),
     "self_correct": (is_share, "use a share in [0, 1]"),
     "coarse_batch": (lambda v, r: v >= 0, "use 0 (none) or more"),
+    "t5_roles": (lambda v, r: math.isfinite(v) and v >= 0, "use 0 (off) or a finite weight > 0"),
     "t5_directional": (lambda v, r: math.isfinite(v) and v >= 0 and (not v or r.t5.num_heads >= 2),
                        "use 0 (off) or a finite bias > 0, with t5.num_heads >= 2"),
     "coarse_scales": (lambda v, r: 1 <= v <= len(r.scales), "use a scale count in 1..{n}"),
