@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from .scenes import CATEGORIES, PALETTE, SIZES, Spec, eval_specs, make_scene, relation_offsets, render
+from .scenes import CATEGORIES, PALETTE, SIZES, Spec, eval_specs, make_scene, placed, relation_offsets, render
 
 COLOUR_NAMES = list(PALETTE)
 COLOUR_RGB = np.array([PALETTE[c] for c in COLOUR_NAMES], dtype=np.float32)  # (P, 3)
@@ -217,6 +217,8 @@ def check(spec: Spec, image: Image.Image | np.ndarray) -> Verdict:
         reasons.append(f"{len(objects)} objects instead of {spec.n_objects}")
     if spec.relation and not _relation_holds(matches[0], matches[1], spec.relation):
         reasons.append(f"not '{spec.relation}'")
+    if spec.placement and not all(placed(o.cx, o.cy, spec.placement) for o in matches[0]):
+        reasons.append(f"not at the {spec.placement}")
     return Verdict(not reasons, reasons, objects)
 
 

@@ -41,6 +41,9 @@ GRID = 16
 SIZE_CELLS: dict[str, int] = {"small": 4, "medium": 5, "big": 6}
 SIZES: dict[str, float] = {name: cells / GRID for name, cells in SIZE_CELLS.items()}  # fractions of the side
 RELATIONS = ("left of", "right of", "above", "below")
+# Where a lone object may be said to sit ("a red circle at the left"): training captions only, which teach
+# the transformer's coarse scales where left and right are (docs/toy/experiments.md, comparison 19)
+PLACEMENTS = ("left", "right", "top", "bottom")
 COUNT_WORDS = {1: "a", 2: "two", 3: "three"}
 CATEGORIES = ("single_object", "colour", "counting", "position", "two_objects")
 MARGIN = 1 / GRID  # free border around the image, as a fraction of its side
@@ -74,12 +77,15 @@ class Spec:
     relation: str | None = None     # how groups[0] sits relative to groups[1]; None means "and"
     background: str | None = None
     category: str = "single_object"
+    placement: str | None = None    # one of PLACEMENTS, for a spec of one object
 
     @property
     def caption(self) -> str:
         text = self.groups[0].phrase
         if len(self.groups) == 2:
             text += f" {self.relation or 'and'} {self.groups[1].phrase}"
+        if self.placement:
+            text += f" at the {self.placement}"
         if self.background:
             text += f" on {article(self.background)} {self.background} background"
         return text
@@ -117,6 +123,13 @@ def random_spec(rng: random.Random, category: str | None = None, p_open: float =
     return _with_background(Spec(groups, relation, None, category), rng, p_open)
 
 
+def placed_spec(rng: random.Random, p_open: float = 0.3) -> Spec:
+    """One object said to sit at one side of the picture: "a big red circle at the left"."""
+    group = Group(rng.choice(SHAPES), 1, _pick(rng, list(PALETTE), p_open / 2), _pick(rng, SIZES, p_none=1 - p_open))
+    spec = _with_background(Spec((group,), None, None, "single_object"), rng, p_open)
+    return Spec(spec.groups, None, spec.background, spec.category, rng.choice(PLACEMENTS))
+
+
 def _position_groups(rng: random.Random, colours, shapes, p_open: float) -> tuple[Group, Group]:
     """Two groups that a reader can tell apart: different shapes, or the same shape in two colours."""
     counts = rng.choice([(1, 1)] * 3 + [(2, 1), (1, 2)]) if p_open else (1, 1)
@@ -133,7 +146,8 @@ def _with_background(spec: Spec, rng: random.Random, p_open: float) -> Spec:
     if rng.random() < max(p_open, 0.5):
         return spec
     used = {g.colour for g in spec.groups}
-    return Spec(spec.groups, spec.relation, rng.choice([c for c in PALETTE if c not in used]), spec.category)
+    return Spec(spec.groups, spec.relation, rng.choice([c for c in PALETTE if c not in used]), spec.category,
+                spec.placement)
 
 
 def eval_specs(n: int = 200, seed: int = 1234) -> list[Spec]:
@@ -199,14 +213,17 @@ def make_scene(spec: Spec, rng: random.Random, layout: str = "random", max_tries
                 size = g.size or ("medium" if layout == "canonical" else rng.choice(list(SIZES)))
                 objects.append(Obj(g.shape, colour, SIZES[size], 0.0, 0.0, gi))
         if layout == "canonical":
-            _place_canonical(objects, spec.relation)
+            _place_canonical(objects, spec.relation, spec.placement)
             return Scene(spec, background, objects)
-        if _place(objects, spec.relation, rng):
+        if _place(objects, spec.relation, rng, placement=spec.placement):
             return Scene(spec, background, objects)
     raise RuntimeError(f"could not lay out {spec.caption!r}")
 
 
-def _place_canonical(objects: list[Obj], relation: str | None) -> None:
+PLACED_SLOTS = {"left": ("lo", "mid"), "right": ("hi", "mid"), "top": ("mid", "lo"), "bottom": ("mid", "hi")}
+
+
+def _place_canonical(objects: list[Obj], relation: str | None, placement: str | None = None) -> None:
     """Fixed slots on each axis: "lo" ends one cell before the middle line, "hi" starts one cell after
     it, "mid" is centred. One group: 1 object in the middle, 2 side by side, 3 as two over one (a row
     of three medium objects needs 15 cells plus two gaps, more than the 14 inside the margins). Two
@@ -216,7 +233,9 @@ def _place_canonical(objects: list[Obj], relation: str | None) -> None:
         return {"lo": GRID // 2 - 1 - cells, "hi": GRID // 2 + 1, "mid": (GRID - cells) // 2}[slot]
 
     groups = [[o for o in objects if o.group == gi] for gi in sorted({o.group for o in objects})]
-    if len(groups) == 1:
+    if placement:
+        slots = [PLACED_SLOTS[placement]]
+    elif len(groups) == 1:
         slots = {1: [("mid", "mid")], 2: [("lo", "mid"), ("hi", "mid")],
                  3: [("lo", "lo"), ("hi", "lo"), ("mid", "hi")]}[len(objects)]
     else:
@@ -231,7 +250,8 @@ def _place_canonical(objects: list[Obj], relation: str | None) -> None:
         o.cx, o.cy = (start(sx, cells) + cells / 2) / GRID, (start(sy, cells) + cells / 2) / GRID
 
 
-def _place(objects: list[Obj], relation: str | None, rng: random.Random, tries: int = 100) -> bool:
+def _place(objects: list[Obj], relation: str | None, rng: random.Random, tries: int = 100,
+           placement: str | None = None) -> bool:
     """Drop objects one by one at random free grid positions; retry the whole layout if one does not fit."""
     margin = round(MARGIN * GRID)
     for _ in range(tries):
@@ -241,7 +261,7 @@ def _place(objects: list[Obj], relation: str | None, rng: random.Random, tries: 
             for _ in range(50):  # the box's first row and column, in cells, then its centre
                 left, top = (rng.randint(margin, GRID - margin - cells) for _ in range(2))
                 o.cx, o.cy = (left + cells / 2) / GRID, (top + cells / 2) / GRID
-                if all(_apart(o, p) and _related(o, p, relation) for p in objects[:i]):
+                if all(_apart(o, p) and _related(o, p, relation) for p in objects[:i]) and placed(o.cx, o.cy, placement):
                     break
             else:
                 ok = False
@@ -263,6 +283,13 @@ def _related(a: Obj, b: Obj, relation: str | None) -> bool:
     first, second = (a, b) if a.group == 0 else (b, a)
     main, cross = relation_offsets(first.cx, first.cy, second.cx, second.cy, relation)
     return main > 0.12 and main > abs(cross)
+
+
+def placed(cx: float, cy: float, placement: str | None) -> bool:
+    """Whether a centre (fractions of the side) lies clearly on the named side of the picture (any, for None)."""
+    if placement is None:
+        return True
+    return {"left": 0.5 - cx, "right": cx - 0.5, "top": 0.5 - cy, "bottom": cy - 0.5}[placement] > 0.12
 
 
 def relation_offsets(ax: float, ay: float, bx: float, by: float, relation: str) -> tuple[float, float]:
@@ -305,14 +332,18 @@ def render(scene: Scene, res: int = 128) -> Image.Image:
 
 
 def batch(rng: random.Random, n: int, res: int = 128, layout: str = "random",
-          mix: tuple[float, ...] = ()) -> tuple[list[str], np.ndarray]:
+          mix: tuple[float, ...] = (), placed_share: float = 0.0) -> tuple[list[str], np.ndarray]:
     """n random captioned scenes: (captions, uint8 images (n, res, res, 3)).
 
-    `mix` weighs the CATEGORIES (one weight each); empty means equal odds, drawn exactly as before
-    mixes existed, so older recipes make the same scenes."""
+    `mix` weighs the CATEGORIES (one weight each); empty means equal odds. A share `placed_share` of the
+    scenes are `placed_spec`s instead. With the defaults the scenes are drawn exactly as before either
+    existed, so older recipes make the same scenes."""
     captions, images = [], []
     for _ in range(n):
-        spec = random_spec(rng, rng.choices(CATEGORIES, weights=mix)[0] if mix else None)
+        if placed_share and rng.random() < placed_share:
+            spec = placed_spec(rng)
+        else:
+            spec = random_spec(rng, rng.choices(CATEGORIES, weights=mix)[0] if mix else None)
         captions.append(spec.caption)
         images.append(np.asarray(render(make_scene(spec, rng, layout), res)))
     return captions, np.stack(images)

@@ -128,6 +128,10 @@ class Recipe:
     # neither). The real Infinity's T5 comes pretrained; the toy's learns only through the image loss and
     # reads captions as bags of words (comparison 18), which this gives it instead.
     t5_roles: float = 0.0
+    # Share of the transformer's scenes that show one object "at the left" (right, top, bottom) of the
+    # picture: the only scenes where a word alone says which half an object takes, so the coarse scales
+    # must learn where left and right are, which binding needs (comparison 19). 0: none.
+    placed: float = 0.0
 
     @property
     def scales(self) -> list[tuple[int, int]]:
@@ -176,9 +180,9 @@ class Log:
 
 
 def pixels_batch(rng: random.Random, n: int, res: int, layout: str = "random",
-                 mix: tuple[float, ...] = ()) -> tuple[list[str], torch.Tensor]:
+                 mix: tuple[float, ...] = (), placed: float = 0.0) -> tuple[list[str], torch.Tensor]:
     """Captions and images (n, 3, res, res) in [-1, 1]."""
-    captions, images = scenes.batch(rng, n, res, layout, mix)
+    captions, images = scenes.batch(rng, n, res, layout, mix, placed)
     return captions, image_to_pixels(torch.from_numpy(images))
 
 
@@ -523,6 +527,8 @@ def word_roles(caption: str) -> list[int]:
         if words[i] in CONNECTORS:
             span = CONNECTORS[words[i]]
             roles, group, i = roles + [2] * span, 1, i + span
+        elif words[i] == "at":  # "at the left": where a lone object sits
+            roles, i = roles + [2] * 3, i + 3
         elif words[i] == "on":  # "on a white background" ends every caption that names one
             return roles + [2] * (len(words) - i)
         else:
@@ -592,7 +598,7 @@ def teacher_batch(recipe: Recipe, vae: BSQVAE, t5: T5Encoder, model: Infinity, t
                   rng: random.Random, gen: torch.Generator, roles: nn.Module | None = None):
     """n captioned scenes as (conditioning, next-scale inputs, target bits) for the given scales, with
     self-correction flips and caption dropout; with the `roles` probe, also its loss (else None)."""
-    captions, x = pixels_batch(rng, n, recipe.res, recipe.layout, recipe.mix)
+    captions, x = pixels_batch(rng, n, recipe.res, recipe.layout, recipe.mix, recipe.placed)
     with torch.no_grad():
         flip = torch.rand(n, generator=gen) * recipe.self_correct
         bits, next_inputs = self_correcting_bits(vae.encode(x), recipe.scales, flip, gen)
@@ -812,6 +818,7 @@ RECIPE_RULES = {
     "caption_drop": (is_share, "use a share in [0, 1]"),
     "self_correct": (is_share, "use a share in [0, 1]"),
     "coarse_batch": (lambda v, r: v >= 0, "use 0 (none) or more"),
+    "placed": (is_share, "use a share in [0, 1]"),
     "t5_roles": (lambda v, r: math.isfinite(v) and v >= 0, "use 0 (off) or a finite weight > 0"),
     "t5_directional": (lambda v, r: math.isfinite(v) and v >= 0 and (not v or r.t5.num_heads >= 2),
                        "use 0 (off) or a finite bias > 0, with t5.num_heads >= 2"),
