@@ -304,3 +304,43 @@ def test_bad_out_and_reuse_vae_are_one_line_before_anything_is_written(tmp_path,
         assert exit.value.code == 2 and words in line, line
     assert not (tmp_path / "out").exists() and (tmp_path / "file").read_text() == "not a directory"
     assert sorted(p.name for p in model.rglob("*")) == ["spiece.model", "t5", "vae.pth", "vae_config.json"]
+
+
+def test_word_roles_follow_the_caption_grammar():
+    assert train.word_roles("two big red circles left of a blue square on a white background") == \
+        [0, 0, 0, 0, 2, 2, 1, 1, 1, 2, 2, 2, 2]
+    assert train.word_roles("a circle above two squares") == [0, 0, 2, 1, 1]
+    assert train.word_roles("an orange square at the right on a black background") == [0, 0, 0] + [2] * 7
+    assert train.word_roles("three green diamonds") == [0, 0, 0]
+
+
+def test_token_roles_label_every_piece_and_eos(tmp_path):
+    tok = train.train_tokenizer(TINY, tmp_path)
+    caption = "a red circle and a blue square"
+    labels = train.token_roles(tok, [caption, "zq"], 40)
+    pieces = [len(tok.encode(w)) for w in caption.split()]
+    expected = [r for n, r in zip(pieces, train.word_roles(caption)) for _ in range(n)] + [2]
+    assert labels[0, : len(expected)].tolist() == expected and (labels[0, len(expected):] == train.NO_ROLE).all()
+
+
+def test_directional_heads_look_after_and_before_each_word():
+    from minivar.model.t5 import T5Encoder, relative_position_bucket
+
+    t5 = train.directional_heads(T5Encoder(replace(TINY.t5, vocab_size=200)), 6.0)
+    table = t5.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight  # (buckets, heads)
+    rel = torch.arange(40)[None, :] - torch.arange(40)[:, None]        # key - query
+    b = table[relative_position_bucket(rel, TINY.t5.relative_attention_num_buckets,
+                                       TINY.t5.relative_attention_max_distance)]  # (query, key, heads)
+    assert ((b[..., 0] > 0) == (rel > 0)).all() and ((b[..., 0] < 0) == (rel < 0)).all()  # head 0: later words
+    assert ((b[..., 1] > 0) == (rel < 0)).all() and ((b[..., 1] < 0) == (rel > 0)).all()  # head 1: earlier words
+
+
+def test_mix_and_placed_scenes_keep_the_default_draws():
+    from minivar.toy import scenes
+
+    a, b = random.Random(3), random.Random(3)
+    assert scenes.batch(a, 6, 32, "canonical")[0] == [scenes.random_spec(b).caption for _ in range(6)]
+    only_two = scenes.batch(random.Random(3), 12, 32, "canonical", mix=(0, 0, 0, 0, 1))[0]
+    assert all(" and " in c for c in only_two)
+    placed = scenes.batch(random.Random(3), 40, 32, "canonical", placed_share=1.0)[0]
+    assert all(" at the " in c for c in placed)

@@ -226,3 +226,33 @@ def test_a_rerun_into_a_run_is_refused_unless_resume_or_overwrite(tmp_path, monk
     with pytest.raises(pytest.fail.Exception, match="training started"):
         train.run(RECIPE, tmp_path, overwrite=True)  # starts afresh: the old log is gone
     assert not (tmp_path / "train_log.jsonl").exists()
+
+
+def test_a_warm_started_run_with_every_binding_option_resumes_bit_for_bit(uninterrupted, tmp_path, monkeypatch):
+    """--init, a category mix, placed scenes, directional T5 heads and the T5 role probe (whose weights and
+    optimiser state the checkpoint carries) together: stopped and resumed, it ends where an uninterrupted
+    run does, and it started from the --init model rather than from a fresh init."""
+    recipe = replace(RECIPE, init=str(uninterrupted), mix=(1.0, 2.0, 0.0, 2.0, 2.0), placed=0.3,
+                     t5_directional=4.0, t5_roles=0.5)
+    whole, out = tmp_path / "whole", tmp_path / "stopped"
+    train.run(recipe, whole, reuse=uninterrupted)
+    with monkeypatch.context() as m:
+        kill_before_checkpoint(m, "infinity", 3)
+        with pytest.raises(Killed):
+            train.run(recipe, out, reuse=uninterrupted, checkpoint_every=2)
+    assert "roles" in torch.load(out / "resume.pt", weights_only=True)["modules"]
+    train.run(recipe, out, reuse=uninterrupted, checkpoint_every=2, resume=True)
+    assert_same_weights(out, whole)
+    first = [r for r in rows(whole) if r["stage"] == "infinity"][0]
+    fresh = [r for r in rows(uninterrupted) if r["stage"] == "infinity"][0]
+    mean = lambda row: sum(row["per_scale"]) / len(row["per_scale"])  # noqa: E731  the image loss, without the probe's
+    assert mean(first) < mean(fresh) and "role_loss" in first  # warm: below a fresh model's first loss
+
+
+def test_init_that_does_not_fit_the_recipe_is_one_line_before_anything_is_written(uninterrupted, tmp_path):
+    wider = replace(RECIPE, init=str(uninterrupted), infinity=replace(RECIPE.infinity, embed_dim=96))
+    with pytest.raises(train.RunError, match=r"^--init .*drop --init$") as e:
+        train.run(wider, tmp_path / "out", reuse=uninterrupted)
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
+    with pytest.raises(train.RunError, match="has no infinity.pth"):
+        train.run(replace(RECIPE, init=str(tmp_path)), tmp_path / "out", reuse=uninterrupted)
