@@ -10,7 +10,8 @@ noise: two checkpoints can be compared on a few hundred scenes in seconds.
 
 It also probes the text side: how well a linear read-out (least squares, fitted on two thirds of the
 colour words of 1500 two-object captions, "and" and the four relations in turn, scored on the rest) tells a colour word of the first noun
-phrase from one of the second, from T5's features. 0.5 is a bag of words; 1.0 is word order fully encoded.
+phrase from one of the second, from T5's features. 0.5 is a bag of words; 1.0 is word order fully encoded. And the image side: how similar the 2x2 scale's
+left and right (top and bottom) tokens are after the last block (`side_similarity`).
 
     python tools/toy_binding_probe.py [MODEL_DIR ...] [--n 256] [--json out.json]
 """
@@ -81,14 +82,34 @@ def order_probe(pipe, captions: int = 1500, seed: int = 5) -> float:
     return float(((x[fit:] @ w > 0) == (y[fit:] > 0)).mean())
 
 
+@torch.no_grad()
+def side_similarity(pipe, captions: list[str], images: torch.Tensor) -> tuple[float, float]:
+    """Mean cosine similarity, after the last block, of the 2x2 scale's left and right tokens, and of its top
+    and bottom ones (teacher-forced). Their inputs are identical (the upsampled 1x1 latent), so only
+    RoPE can make them differ: near 1, that scale cannot place anything on one side only."""
+    model, scales = pipe.transformer, scale_schedule(pipe.transformer.cfg.pn)
+    bits, inputs = T.self_correcting_bits(pipe.vae.encode(images), scales, torch.zeros(len(captions)), torch.Generator())
+    kv, segments = T.encode_text(pipe.text_encoder, model, pipe.tokenizer, captions, torch.zeros(len(captions), dtype=torch.bool))
+    c = model.condition(kv, segments)
+    rope = torch.cat([model.rope.table(1.0, h, w, "cpu") for h, w in scales], dim=1)
+    x = T.teacher_inputs(model, c, inputs)
+    for block in model.blocks:
+        x = block(x, c.gss, c.text, Attn(None, rope, mask=T.block_causal_mask(scales)))
+    t = x[:, 1:5]  # the 2x2 tokens, row-major: top-left, top-right, bottom-left, bottom-right
+    cos = lambda a, b: F.cosine_similarity(a, b, dim=-1).mean().item()  # noqa: E731
+    return (cos(t[:, 0], t[:, 1]) + cos(t[:, 2], t[:, 3])) / 2, (cos(t[:, 0], t[:, 2]) + cos(t[:, 1], t[:, 3])) / 2
+
+
 def probe(name: str, n: int, batch: int = 32) -> dict:
     pipe = minivar.load(name, numerics="fp32")
     rng, specs = random.Random(0), two_object_specs(n)
     sums = {k: 0.0 for k in ("true", "colours", "shapes")}
+    sides = []
     for i in range(0, n, batch):
         chunk = specs[i : i + batch]
         pixels = np.stack([np.asarray(render(make_scene(s, rng, "canonical"), 64)) for s in chunk])
         images = image_to_pixels(torch.from_numpy(pixels))
+        sides.append(side_similarity(pipe, [s.caption for s in chunk], images))
         for key, captions in (("true", [s.caption for s in chunk]), ("colours", [swapped(s, "colours") for s in chunk]),
                               ("shapes", [swapped(s, "shapes") for s in chunk])):
             sums[key] = sums[key] + scale_ce(pipe, captions, images) * len(chunk)
@@ -96,7 +117,8 @@ def probe(name: str, n: int, batch: int = 32) -> dict:
     return {"model": str(name), "n": n, "scales": [list(s) for s in scale_schedule(pipe.transformer.cfg.pn)],
             "ce_true": ce["true"].tolist(),
             "colour_gap": (ce["colours"] - ce["true"]).tolist(), "shape_gap": (ce["shapes"] - ce["true"]).tolist(),
-            "order_probe": order_probe(pipe)}
+            "order_probe": order_probe(pipe), "left_right_cos": float(np.mean([a for a, _ in sides])),
+            "top_bottom_cos": float(np.mean([b for _, b in sides]))}
 
 
 if __name__ == "__main__":
@@ -111,7 +133,8 @@ if __name__ == "__main__":
         results.append(r)
         fmt = lambda xs: " ".join(f"{x:+.4f}" for x in xs)  # noqa: E731
         print(f"{name}\n  true CE    {' '.join(f'{x:.4f}' for x in r['ce_true'])}\n  colour gap {fmt(r['colour_gap'])}"
-              f"\n  shape gap  {fmt(r['shape_gap'])}\n  T5 word-order probe {r['order_probe']:.3f}", flush=True)
+              f"\n  shape gap  {fmt(r['shape_gap'])}\n  T5 word-order probe {r['order_probe']:.3f}"
+              f"\n  2x2 tokens, cosine left/right {r['left_right_cos']:.3f}, top/bottom {r['top_bottom_cos']:.3f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
