@@ -23,6 +23,8 @@ CANDIDATES = {
     "skipping (the preset before v4)": proportional([(1, 1), (2, 2), (4, 4), (6, 6), (8, 8), (12, 12), (16, 16)], 6, 256),
     "G cache 8x8, 12x12 -60 %, 16x16 -75 %, layers 0-5": PruneSchedule(drop={5: 0.6, 6: 0.75}, layers=(0, 5), cache_scale=4),
     "H cache 8x8, 12x12 -50 %, 16x16 -80 %, layers 0-5": PruneSchedule(drop={5: 0.5, 6: 0.8}, layers=(0, 5), cache_scale=4),
+    "I cache 8x8, 12x12 -25 %, 16x16 -85 %, layers 0-5": PruneSchedule(drop={5: 0.25, 6: 0.85}, layers=(0, 5), cache_scale=4),
+    "J cache 12x12, 16x16 -90 %, layers 0-5": PruneSchedule(drop={6: 0.9}, layers=(0, 5), cache_scale=5),
     "A cache 8x8, 12x12 -50 %, 16x16 -75 %, layers 1-5": PruneSchedule(drop={5: 0.5, 6: 0.75}, layers=(1, 5), cache_scale=4),
     "B cache 8x8, 12x12 -50 %, 16x16 -50 %, layers 1-5": PruneSchedule(drop={5: 0.5, 6: 0.5}, layers=(1, 5), cache_scale=4),
     "C cache 8x8, 12x12 -60 %, 16x16 -80 %, layers 0-5": PruneSchedule(drop={5: 0.6, 6: 0.8}, layers=(0, 5), cache_scale=4),
