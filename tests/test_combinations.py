@@ -125,8 +125,8 @@ def test_the_table_exercises_pruning_and_skipping():
     """Guard against a table of no-ops: the preset and the random schedule really prune and skip here."""
     assert all(scales_for(7, a) == scale_schedule("0.06M", a) for a in ASPECTS)
     schedules = {(p, a, b): run(p, None, a, b)[0] for p in PRUNES for a in ASPECTS for b in BUDGETS if applies(p, a)}
-    # a 16x16 native grid takes the no-skip preset: 12x12 and 16x16 pruned from 8x8's cache, nothing skipped;
-    # on the first 5 scales (up to 8x8, share 0.25) no scale reaches its share of 0.47
+    # a 16x16 native grid takes the no-skip preset: 16x16 pruned from 12x12's cache, nothing skipped;
+    # on the first 5 scales (up to 8x8, share 0.25) no scale reaches its share of 1.0
     assert all(schedules["preset", a, 7].prunes and not schedules["preset", a, 7].skip for a in ASPECTS)
     assert not any(schedules["preset", a, 5].prunes for a in ASPECTS)
     assert schedules["stagevar", 1.0, 7].cfg_stop == 4 and schedules["stagevar", 1.0, 7].selector == "projection"

@@ -119,14 +119,13 @@ def test_fastvar_literal_refuses_non_square_schedules_with_one_line(h_div_w):
 
 
 def test_preset_treats_every_aspect_of_a_low_budget_model_alike():
-    """The toy (trained at 0.06M, a 16x16 native grid) prunes every aspect at the same places of its 7
-    scales: 12x12 and 16x16's peers pruned in every layer from the 8x8 peer's cache, nothing skipped."""
+    """The toy (trained at 0.06M, a 16x16 native grid) prunes every aspect at the same place of its 7
+    scales: the last scale, in every layer, from the cache of the scale before it; nothing skipped."""
     toy = InfinityConfig(depth=4, embed_dim=128, num_heads=2, pn="0.06M")
     for template in TEMPLATES:
         scales = scale_schedule("0.06M", template)
         s = resolve_prune(True, toy, scales)
-        assert (sorted(s.drop), s.cache_scale, s.skip, s.layers) == ([5, 6], 4, frozenset(), (0, 3)), template
-        assert s.drop[6] > s.drop[5], template  # the last scale is pruned hardest
+        assert (sorted(s.drop), s.cache_scale, s.skip, s.layers) == ([6], 5, frozenset(), (0, 3)), template
 
 
 def test_random_selector_keeps_the_sampling_stream():
@@ -272,14 +271,14 @@ def test_budgets_table():
 
 
 def test_no_skip_placed_on_harts_schedule_is_fastvars_hart_recipe():
-    """The small-grid preset is FastVAR's HART recipe placed by token share: on HART's own 1024 schedule
-    (64x64 reference) it picks the same scales, drops, cache and layers as the released recipe."""
+    """no_skip is a recipe of FastVAR's HART kind: at HART's share (0.47) and drops, on HART's own 1024
+    schedule (64x64 reference), it picks the same scales, drops, cache and layers as the released recipe."""
     from minivar.hart.config import SCHEDULE_1024
     from minivar.hart.sampling import fastvar_hart
 
     scales = [(pn, pn) for pn in SCHEDULE_1024]
     for depth in (4, 24, 30):
-        assert no_skip(scales, depth, 64 * 64, drops=(0.5, 0.75)) == fastvar_hart(depth, SCHEDULE_1024)
+        assert no_skip(scales, depth, 64 * 64, from_share=0.47, drops=(0.5, 0.75)) == fastvar_hart(depth, SCHEDULE_1024)
 
 
 def test_only_small_native_grids_get_the_no_skip_preset():

@@ -48,7 +48,7 @@ def test_stage_split_on_every_template_budget_and_model():
         preset = resolve_prune(True, cfg, scales)
         for si in [*preset.drop, *preset.skip]:  # FastVAR's pruned and skipped scales are all refinement
             assert labels[si] == "refinement", (where, si)
-        if reference_tokens(cfg, 1.0) < SMALL_GRID:  # HART's recipe: the cache is the scale before the pruned ones
+        if reference_tokens(cfg, 1.0) < SMALL_GRID:  # no_skip: the cache is the scale before the pruned ones
             assert not preset.skip and (not preset.drop or preset.cache_scale == min(preset.drop) - 1), where
             continue
         if preset.cache_scale is not None:  # the restoration cache is the last scale before refinement

@@ -12,7 +12,7 @@ import torch
 
 import minivar
 from minivar.model.config import InfinityConfig
-from minivar.model.pruning import TOY_DROPS
+from minivar.model.pruning import SMALL_GRID_DROP
 from minivar.loading.hub import SHIPPED
 from minivar.model.vae import VAEConfig
 
@@ -46,10 +46,9 @@ def test_native_schedule_and_pruning_preset(pipe):
     out = pipe.generate("a red circle", seed=SEED, prune=True, trace=True)
     assert out.scales == [(1, 1), (2, 2), (4, 4), (6, 6), (8, 8), (12, 12), (16, 16)]
     assert out.image.size == (64, 64)
-    # The toy's grid is small (16x16 < SMALL_GRID), so it takes FastVAR's HART recipe placed by token share:
-    # 12x12 (r 0.56) and 16x16 (r 1.0) are pruned in every layer, restored from 8x8; nothing is skipped
-    assert (out.prune.cache_scale, sorted(out.prune.drop), out.prune.skip) == (4, [5, 6], frozenset())
-    assert out.prune.drop == {5: TOY_DROPS[0], 6: TOY_DROPS[1]}
+    # The toy's grid is small (16x16 < SMALL_GRID), so it takes the no-skip preset: its last scale (share 1.0)
+    # computes a tenth of its tokens in every layer, the rest restored from 12x12; nothing is skipped
+    assert (out.prune.cache_scale, out.prune.drop, out.prune.skip) == (5, {6: SMALL_GRID_DROP}, frozenset())
     assert out.prune.layers == (0, pipe.transformer.cfg.depth - 1)
     assert out.trace.index == [0, 1, 2, 3, 4, 5, 6]
 

@@ -332,15 +332,18 @@ DENSE = LayerRun()
 # (1344, 2048) keeps every scale, since skipping would throw away exactly what the extra scales add:
 # scales with r >= 0.47 are computed on 25 % of their tokens instead.
 #
-# Small grids take FastVAR's other recipe. FastVAR itself does not prune every backbone alike: on HART
-# (14 scales, 64x64 at 1024) it skips nothing and, in every layer, computes 50 % of 48x48 (r 0.56) and
-# 25 % of 64x64 (r 1.0), restoring the rest from 36x36, the scale before them. A model whose native
-# final grid is smaller than SMALL_GRID (the toy: 16x16) gets that recipe placed by the same share r
-# (`no_skip`): on a small grid an object is a few tokens wide, and the scales of r >= 0.47 hold its
-# edges, so skipping them loses objects (the toy v3 lost 0.15 of its mini-GenEval score with the
-# skipping recipe, docs/toy/experiments.md). On the toy that is: cache 8x8, drop TOY_DROPS[0] of 12x12
-# and TOY_DROPS[1] of 16x16 in all 6 layers. Infinity's native grid is 64x64, so Infinity-2B and 8B
-# keep the recipe above, at every budget.
+# Small grids take FastVAR's other kind of recipe. FastVAR itself does not prune every backbone alike:
+# on HART (14 scales, 64x64 at 1024) it skips nothing and, in every layer, computes 50 % of 48x48
+# (r 0.56) and 25 % of 64x64 (r 1.0), restoring the rest from 36x36, the scale before them
+# (`no_skip(..., from_share=0.47, drops=(0.5, 0.75))` is exactly that). A model whose native final grid
+# is smaller than SMALL_GRID (the toy: 16x16) gets a recipe of that kind (`no_skip`) chosen, as FastVAR
+# chose HART's, by measurement on the model: on a small grid an object is a few tokens wide and the
+# large scales hold its edges, so skipping them loses objects (0.15 of the toy v3's mini-GenEval score),
+# and so does pruning 12x12 at any ratio (0.02 to 0.03). The preset prunes only the scales of share
+# r >= SMALL_GRID_FROM, the native final grid and any larger one, by SMALL_GRID_DROP in every layer,
+# restored from the scale before them: on the toy, 16x16 computes 10 % of its tokens from 12x12's
+# cache, 2.03x fewer transformer FLOPs (docs/toy/experiments.md, "The toy's own pruning preset").
+# Infinity's native grid is 64x64, so Infinity-2B and 8B keep the recipe above, at every budget.
 #
 # `stages` splits any schedule into StageVAR's three stages by the same share r (`model_stages`: on the
 # square twin, like the presets), and
@@ -352,7 +355,7 @@ SEMANTIC_BELOW, REFINEMENT_FROM = 0.08, CACHE_BELOW
 STAGEVAR_RANK = 8
 FASTVAR_LAYERS, FASTVAR_DEPTH = (3, 27), 32
 SMALL_GRID = 32 * 32          # native final grids with fewer tokens get `no_skip`
-TOY_DROPS = (0.5, 0.75)       # no_skip's drops: every pruned scale but the last, and the last
+SMALL_GRID_FROM, SMALL_GRID_DROP = 1.0, 0.9  # ... pruning the scales of share >= 1.0, 90 % of their tokens
 
 
 def stages(scales: list[tuple[int, int]], reference_tokens: int, semantic_below: float = SEMANTIC_BELOW,
@@ -434,12 +437,12 @@ def proportional(scales: list[tuple[int, int]], depth: int, reference_tokens: in
     return PruneSchedule(drop=drop, skip=frozenset(skip), layers=layers, cache_scale=cached[-1])
 
 
-def no_skip(scales: list[tuple[int, int]], depth: int, reference_tokens: int,
-            drops: tuple[float, float] = TOY_DROPS) -> PruneSchedule:
-    """FastVAR's HART recipe placed by token share: every scale of share r >= 0.47 (those `proportional`
-    would skip) is pruned in every layer instead, the last one by drops[1] and the others by drops[0],
-    and restored from the scale before the first of them. Nothing is skipped."""
-    pruned = [si for si, (h, w) in enumerate(scales) if h * w / reference_tokens >= DROP50_BELOW and si > 0]
+def no_skip(scales: list[tuple[int, int]], depth: int, reference_tokens: int, from_share: float = SMALL_GRID_FROM,
+            drops: tuple[float, float] = (SMALL_GRID_DROP, SMALL_GRID_DROP)) -> PruneSchedule:
+    """A recipe of FastVAR's HART kind: every scale of token share r >= `from_share` is pruned in every
+    layer, the last one by drops[1] and the others by drops[0], and restored from the scale before the
+    first of them. Nothing is skipped. With from_share 0.47 and drops (0.5, 0.75) it is HART's own."""
+    pruned = [si for si, (h, w) in enumerate(scales) if h * w / reference_tokens >= from_share and si > 0]
     if not pruned:
         return PruneSchedule.none()
     drop = {si: drops[1] if si == len(scales) - 1 else drops[0] for si in pruned}
