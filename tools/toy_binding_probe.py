@@ -52,15 +52,20 @@ def swapped(spec: Spec, what: str) -> str:
     return Spec((a, b), spec.relation, spec.background, spec.category).caption
 
 
-@torch.no_grad()
-def scale_ce(pipe, captions: list[str], images: torch.Tensor) -> torch.Tensor:
-    """(scales,) mean bitwise cross-entropy of `images` under `captions`, teacher-forced."""
+def teacher_forcing(pipe, captions: list[str], images: torch.Tensor) -> tuple:
+    """What a teacher-forced pass of `images` under `captions` needs, without self-correction flips or
+    caption dropout: (conditioning, next-scale inputs, bits, scales, rope, block-causal mask)."""
     model, scales = pipe.transformer, scale_schedule(pipe.transformer.cfg.pn)
     bits, inputs = T.self_correcting_bits(pipe.vae.encode(images), scales, torch.zeros(len(captions)), torch.Generator())
     kv, segments = T.encode_text(pipe.text_encoder, model, pipe.tokenizer, captions, torch.zeros(len(captions), dtype=torch.bool))
-    c = model.condition(kv, segments)
     rope = torch.cat([model.rope.table(1.0, h, w, "cpu") for h, w in scales], dim=1)
-    return torch.stack(T.scale_losses(model, c, inputs, bits, scales, rope, T.block_causal_mask(scales)))
+    return model.condition(kv, segments), inputs, bits, scales, rope, T.block_causal_mask(scales)
+
+
+@torch.no_grad()
+def scale_ce(pipe, captions: list[str], images: torch.Tensor) -> torch.Tensor:
+    """(scales,) mean bitwise cross-entropy of `images` under `captions`, teacher-forced."""
+    return torch.stack(T.scale_losses(pipe.transformer, *teacher_forcing(pipe, captions, images)))
 
 
 @torch.no_grad()
@@ -87,14 +92,11 @@ def side_similarity(pipe, captions: list[str], images: torch.Tensor) -> tuple[fl
     """Mean cosine similarity, after the last block, of the 2x2 scale's left and right tokens, and of its top
     and bottom ones (teacher-forced). Their inputs are identical (the upsampled 1x1 latent), so only
     RoPE can make them differ: near 1, that scale cannot place anything on one side only."""
-    model, scales = pipe.transformer, scale_schedule(pipe.transformer.cfg.pn)
-    bits, inputs = T.self_correcting_bits(pipe.vae.encode(images), scales, torch.zeros(len(captions)), torch.Generator())
-    kv, segments = T.encode_text(pipe.text_encoder, model, pipe.tokenizer, captions, torch.zeros(len(captions), dtype=torch.bool))
-    c = model.condition(kv, segments)
-    rope = torch.cat([model.rope.table(1.0, h, w, "cpu") for h, w in scales], dim=1)
+    model = pipe.transformer
+    c, inputs, _, _, rope, mask = teacher_forcing(pipe, captions, images)
     x = T.teacher_inputs(model, c, inputs)
     for block in model.blocks:
-        x = block(x, c.gss, c.text, Attn(None, rope, mask=T.block_causal_mask(scales)))
+        x = block(x, c.gss, c.text, Attn(None, rope, mask=mask))
     t = x[:, 1:5]  # the 2x2 tokens, row-major: top-left, top-right, bottom-left, bottom-right
     cos = lambda a, b: F.cosine_similarity(a, b, dim=-1).mean().item()  # noqa: E731
     return (cos(t[:, 0], t[:, 1]) + cos(t[:, 2], t[:, 3])) / 2, (cos(t[:, 0], t[:, 2]) + cos(t[:, 1], t[:, 3])) / 2
