@@ -6,7 +6,8 @@ the eval's prompts and seeds) and the transformer FLOP ratio of `toy.geneval.eva
 The toy's schedule at its budget is 1 2 4 6 8 12 16 (scale indices 0..6), depth 6. The candidates
 A-F skip no scale, as FastVAR prunes HART; "skipping" is the toy's preset before v4 (FastVAR's Infinity
 recipe by token share: 6x6 caches, 8x8 -40 %, 12x12 and 16x16 skipped), and prune=True is the preset
-of today (docs/toy/experiments.md, "Pruning the toy").
+of today (docs/toy/experiments.md, "Pruning the toy"). K to O take stagevar apart: J with the projection
+selector alone, the guidance stop alone, or the stop moved later (same file, "StageVAR's two parts apart").
 """
 import argparse
 import json
@@ -31,6 +32,15 @@ CANDIDATES = {
     "D cache 12x12, 16x16 -75 %, layers 1-5": PruneSchedule(drop={6: 0.75}, layers=(1, 5), cache_scale=5),
     "E cache 12x12, 16x16 -85 %, layers 0-5": PruneSchedule(drop={6: 0.85}, layers=(0, 5), cache_scale=5),
     "F cache 8x8, 16x16 -75 %, layers 1-5": PruneSchedule(drop={6: 0.75}, layers=(1, 5), cache_scale=4),
+    # stagevar on J with the guidance stop moved later than StageVAR's share rule puts it (8x8)
+    "K J, projection scores, no guidance at 16x16": PruneSchedule(drop={6: 0.9}, layers=(0, 5), cache_scale=5,
+                                                                  selector="projection", cfg_stop=6),
+    "L J, projection scores, no guidance from 12x12": PruneSchedule(drop={6: 0.9}, layers=(0, 5), cache_scale=5,
+                                                                    selector="projection", cfg_stop=5),
+    # stagevar's two parts apart
+    "M J, projection scores": PruneSchedule(drop={6: 0.9}, layers=(0, 5), cache_scale=5, selector="projection"),
+    "N J, no guidance from 8x8": PruneSchedule(drop={6: 0.9}, layers=(0, 5), cache_scale=5, cfg_stop=4),
+    "O J, no guidance at 16x16": PruneSchedule(drop={6: 0.9}, layers=(0, 5), cache_scale=5, cfg_stop=6),
 }
 
 if __name__ == "__main__":
