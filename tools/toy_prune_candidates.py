@@ -11,21 +11,25 @@ selector alone, the guidance stop alone, or the stop moved later (same file, "St
 """
 import argparse
 import json
+from dataclasses import replace
 
 import minivar
 from minivar import PruneSchedule
+from minivar.model.config import scale_schedule
 from minivar.model.pruning import proportional
 from minivar.toy.geneval import evaluate
+
+J = PruneSchedule(drop={6: 0.9}, layers=(0, 5), cache_scale=5)  # prune=True on the toy since session 13
 
 CANDIDATES = {
     "unpruned": False,
     "preset (prune=True)": True,
     "stagevar": "stagevar",
-    "skipping (the preset before v4)": proportional([(1, 1), (2, 2), (4, 4), (6, 6), (8, 8), (12, 12), (16, 16)], 6, 256),
+    "skipping (the preset before v4)": proportional(scale_schedule("0.06M"), 6, 256),
     "G cache 8x8, 12x12 -60 %, 16x16 -75 %, layers 0-5": PruneSchedule(drop={5: 0.6, 6: 0.75}, layers=(0, 5), cache_scale=4),
     "H cache 8x8, 12x12 -50 %, 16x16 -80 %, layers 0-5": PruneSchedule(drop={5: 0.5, 6: 0.8}, layers=(0, 5), cache_scale=4),
     "I cache 8x8, 12x12 -25 %, 16x16 -85 %, layers 0-5": PruneSchedule(drop={5: 0.25, 6: 0.85}, layers=(0, 5), cache_scale=4),
-    "J cache 12x12, 16x16 -90 %, layers 0-5": PruneSchedule(drop={6: 0.9}, layers=(0, 5), cache_scale=5),
+    "J cache 12x12, 16x16 -90 %, layers 0-5": J,
     "A cache 8x8, 12x12 -50 %, 16x16 -75 %, layers 1-5": PruneSchedule(drop={5: 0.5, 6: 0.75}, layers=(1, 5), cache_scale=4),
     "B cache 8x8, 12x12 -50 %, 16x16 -50 %, layers 1-5": PruneSchedule(drop={5: 0.5, 6: 0.5}, layers=(1, 5), cache_scale=4),
     "C cache 8x8, 12x12 -60 %, 16x16 -80 %, layers 0-5": PruneSchedule(drop={5: 0.6, 6: 0.8}, layers=(0, 5), cache_scale=4),
@@ -33,14 +37,12 @@ CANDIDATES = {
     "E cache 12x12, 16x16 -85 %, layers 0-5": PruneSchedule(drop={6: 0.85}, layers=(0, 5), cache_scale=5),
     "F cache 8x8, 16x16 -75 %, layers 1-5": PruneSchedule(drop={6: 0.75}, layers=(1, 5), cache_scale=4),
     # stagevar on J with the guidance stop moved later than StageVAR's share rule puts it (8x8)
-    "K J, projection scores, no guidance at 16x16": PruneSchedule(drop={6: 0.9}, layers=(0, 5), cache_scale=5,
-                                                                  selector="projection", cfg_stop=6),
-    "L J, projection scores, no guidance from 12x12": PruneSchedule(drop={6: 0.9}, layers=(0, 5), cache_scale=5,
-                                                                    selector="projection", cfg_stop=5),
+    "K J, projection scores, no guidance at 16x16": replace(J, selector="projection", cfg_stop=6),
+    "L J, projection scores, no guidance from 12x12": replace(J, selector="projection", cfg_stop=5),
     # stagevar's two parts apart
-    "M J, projection scores": PruneSchedule(drop={6: 0.9}, layers=(0, 5), cache_scale=5, selector="projection"),
-    "N J, no guidance from 8x8": PruneSchedule(drop={6: 0.9}, layers=(0, 5), cache_scale=5, cfg_stop=4),
-    "O J, no guidance at 16x16": PruneSchedule(drop={6: 0.9}, layers=(0, 5), cache_scale=5, cfg_stop=6),
+    "M J, projection scores": replace(J, selector="projection"),
+    "N J, no guidance from 8x8": replace(J, cfg_stop=4),
+    "O J, no guidance at 16x16": replace(J, cfg_stop=6),
 }
 
 if __name__ == "__main__":
