@@ -8,6 +8,8 @@ A-F skip no scale, as FastVAR prunes HART; "skipping" is the toy's preset before
 recipe by token share: 6x6 caches, 8x8 -40 %, 12x12 and 16x16 skipped), and prune=True is the preset
 of today (docs/toy/experiments.md, "Pruning the toy"). K to O take stagevar apart: J with the projection
 selector alone, the guidance stop alone, or the stop moved later (same file, "StageVAR's two parts apart").
+P to S measure how J's cost grows with its drop ratio and cache scale (same file, "Where the 16x16
+pruning loses its score"); tools/toy_restore_variants.py swaps J's selector and restoration.
 """
 import argparse
 import json
@@ -43,7 +45,22 @@ CANDIDATES = {
     "M J, projection scores": replace(J, selector="projection"),
     "N J, no guidance from 8x8": replace(J, cfg_stop=4),
     "O J, no guidance at 16x16": replace(J, cfg_stop=6),
+    # how J's cost grows with its drop ratio, its cache scale, and 16x16 skipped outright
+    "P1 J at 16x16 -1 %": replace(J, drop={6: 0.01}),
+    "P10 J at 16x16 -10 %": replace(J, drop={6: 0.1}),
+    "P25 J at 16x16 -25 %": replace(J, drop={6: 0.25}),
+    "P50 J at 16x16 -50 %": replace(J, drop={6: 0.5}),
+    "Q J from 8x8": replace(J, cache_scale=4),
+    "S 16x16 skipped": PruneSchedule(skip=frozenset({6})),
 }
+
+def score(pipe, name: str, prune, n: int) -> dict:
+    """mini-GenEval of one schedule, printed as a line: its categories, numerics and FLOP ratio."""
+    r = evaluate(pipe, n=n, prune=prune)
+    ratio = r["cost_unpruned"]["transformer_gflops"] / r["cost"]["transformer_gflops"]
+    print(f"{name:55s} overall {r['categories']['overall']:.3f}  {ratio:.2f}x fewer FLOPs  {r['categories']}", flush=True)
+    return {"numerics": pipe.numerics, "flop_ratio": ratio, **r["categories"]}
+
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -56,10 +73,7 @@ if __name__ == "__main__":
     for name, prune in CANDIDATES.items():
         if args.only is not None and name.split()[0] not in args.only:
             continue
-        r = evaluate(pipe, n=args.n, prune=prune)
-        ratio = r["cost_unpruned"]["transformer_gflops"] / r["cost"]["transformer_gflops"]
-        out[name] = {"numerics": pipe.numerics, "flop_ratio": ratio, **r["categories"]}
-        print(f"{name:55s} overall {r['categories']['overall']:.3f}  {ratio:.2f}x fewer FLOPs  {r['categories']}", flush=True)
+        out[name] = score(pipe, name, prune, args.n)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

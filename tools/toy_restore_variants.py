@@ -1,0 +1,122 @@
+"""Does the toy preset lose its score in *which* tokens it computes, or in how the others are restored?
+
+    python tools/toy_restore_variants.py [MODEL] [--n 1000] [--only NAME ...] [--json out.json]
+
+Every arm is the toy preset's schedule (16x16 computes 10 % of its tokens in all six layers, restored
+from 12x12; `J` in tools/toy_prune_candidates.py) with one part of FastVAR's step swapped for another:
+
+    selectors   which tokens are computed
+      pivotal     FastVAR's: farthest from the scale's mean token (the preset)
+      local       farthest from the mean of their 3x3 neighbourhood (a high-pass: edges and corners)
+      residual    farthest from the cache scale's input to the same sub-layer at the same place
+                  (area-resized): where the cache is likely to restore worst
+      random      any (the ablation `PruneSchedule(selector="random")`)
+    restoration how the others are filled
+      area        FastVAR's area resize of the cache (the preset)
+      nearest, bilinear   other resizes of the same cache
+      shifted     the area resize plus the mean gap between the computed rows and the cache at them
+
+The variants are patched into `minivar.model.pruning` for the length of one arm (`variant`), so the rest
+of the scale loop, the prompts, seeds and the FLOP count are the preset's. Results and the commands that
+produced them: docs/toy/experiments.md, "Where the 16x16 pruning loses its score".
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+
+import minivar
+from minivar.model import pruning
+from toy_prune_candidates import J, score  # the script's own folder is on sys.path
+
+ARMS = {  # name: (selector, restoration)
+    "pivotal": ("pivotal", "area"),
+    "local": ("local", "area"),
+    "residual": ("residual", "area"),
+    "random": ("random", "area"),
+    "nearest": ("pivotal", "nearest-exact"),
+    "bilinear": ("pivotal", "bilinear"),
+    "shifted": ("pivotal", "shifted"),
+}
+
+
+def resized(t: torch.Tensor, src: tuple[int, int], dst: tuple[int, int], mode: str = "area") -> torch.Tensor:
+    """(B, hs*ws, C) on grid src -> (B, hd*wd, C) on grid dst."""
+    B, _, C = t.shape
+    grid = t.view(B, *src, C).permute(0, 3, 1, 2)
+    extra = {"align_corners": False} if mode == "bilinear" else {}
+    out = F.interpolate(grid, size=dst, mode=mode, **extra)
+    return out.permute(0, 2, 3, 1).reshape(B, dst[0] * dst[1], C)
+
+
+def local_scores(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Squared distance of every token of x (B, h*w, C) to its 3x3 neighbourhood mean -> (B, h*w)."""
+    B, L, C = x.shape
+    grid = x.float().view(B, h, w, C).permute(0, 3, 1, 2)
+    mean = F.avg_pool2d(grid, 3, stride=1, padding=1, count_include_pad=False)
+    return (grid - mean).pow(2).sum(1).reshape(B, L)
+
+
+@contextlib.contextmanager
+def variant(selector: str, restoration: str):
+    """Patch `pruning`'s token choice and restoration for one arm; the preset's own ones come back after."""
+    plain_pick, plain_restore = pruning.LayerRun.pick, pruning.restore
+
+    def pick(self, x, name):
+        p = self.pruner
+        if p is not None and self.k is None and selector == "residual":
+            p.cache["input", self.layer, name] = x  # the cache scale's input to this sub-layer
+        if self.k is None or selector not in ("local", "residual"):
+            return plain_pick(self, x, name)
+        hw = p.scales[self.si]
+        if selector == "local":
+            scores = local_scores(x, *hw)
+        else:
+            cached = resized(p.cache["input", self.layer, name], p.scales[p.s.cache_scale], hw)
+            scores = (x - cached).float().pow(2).sum(-1)
+        keep = pruning.select(scores, self.k)
+        return keep, x[torch.arange(x.shape[0], device=x.device)[:, None], keep]
+
+    def restore(out_kept, keep, cached, cache_hw, hw):
+        if restoration == "area":
+            return plain_restore(out_kept, keep, cached, cache_hw, hw)
+        base = resized(cached, cache_hw, hw, "area" if restoration == "shifted" else restoration)
+        rows = torch.arange(out_kept.shape[0], device=keep.device)[:, None]
+        if restoration == "shifted":
+            base = base + (out_kept - base[rows, keep]).mean(1, keepdim=True)
+        base[rows, keep] = out_kept
+        return base
+
+    pruning.LayerRun.pick, pruning.restore = pick, restore
+    try:
+        yield
+    finally:
+        pruning.LayerRun.pick, pruning.restore = plain_pick, plain_restore
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("model", nargs="?", default="toy")
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--only", nargs="*", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    pipe, out = minivar.load(a.model), {}
+    for name in a.only:
+        selector, restoration = ARMS[name]
+        # "random" is the library's own selector; the two new ones ride on "pivotal" and are swapped in by `variant`
+        schedule = replace(J, selector="random" if selector == "random" else "pivotal")
+        with variant(selector, restoration):
+            out[name] = score(pipe, name, schedule, a.n)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
