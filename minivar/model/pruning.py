@@ -342,7 +342,10 @@ DENSE = LayerRun()
 # and so does pruning 12x12 at any ratio (0.02 to 0.03). The preset prunes only the scales of share
 # r >= SMALL_GRID_FROM, the native final grid and any larger one, by SMALL_GRID_DROP in every layer,
 # restored from the scale before them: on the toy, 16x16 computes 10 % of its tokens from 12x12's
-# cache, 2.03x fewer transformer FLOPs (docs/toy/experiments.md, "The toy's own pruning preset").
+# cache, 2.03x fewer transformer FLOPs (docs/toy/experiments.md, "The toy's own pruning preset"). It
+# costs the toy v4 0.039 of mini-GenEval, and restoring only half of 16x16 already costs 0.037: the
+# toy's last scale draws its objects' corners, and a restored token replays 12x12's correction there
+# (same file, "Where the 16x16 pruning loses its score").
 # Infinity's native grid is 64x64, so Infinity-2B and 8B keep the recipe above, at every budget.
 #
 # `stages` splits any schedule into StageVAR's three stages by the same share r (`model_stages`: on the
