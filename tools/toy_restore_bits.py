@@ -14,17 +14,10 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
 
 import minivar
+from minivar.model.pruning import resize_tokens
 from minivar.toy.scenes import eval_specs
-
-
-def upsampled(bits: torch.Tensor, src: tuple[int, int], dst: tuple[int, int]) -> torch.Tensor:
-    """(B, hs*ws, d) bits on grid src -> (B, hd*wd, d) on grid dst, each cell taking its nearest source cell."""
-    B, _, d = bits.shape
-    grid = bits.view(B, *src, d).permute(0, 3, 1, 2).float()
-    return F.interpolate(grid, size=dst, mode="nearest").permute(0, 2, 3, 1).reshape(B, -1, d).long()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,7 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     for i in range(0, a.n, a.batch):
         runs = [pipe.generate(captions[i:i + a.batch], seed=i, trace=True, prune=p).trace for p in (False, True)]
         dense, pruned = (t.logits[-1].argmax(-1) for t in runs)        # (B, 256, d) each, after CFG
-        coarse = upsampled(runs[1].logits[-2].argmax(-1), runs[1].scales[-2], runs[1].scales[-1])
+        coarse = resize_tokens(runs[1].logits[-2].argmax(-1).float(), runs[1].scales[-2], runs[1].scales[-1],
+                               "nearest").long()                     # 12x12's bits at each 16x16 cell
         share = len(dense) / a.n
         hits["pruned = unpruned"] += (pruned == dense).float().mean().item() * share
         hits["unpruned = 12x12"] += (dense == coarse).float().mean().item() * share

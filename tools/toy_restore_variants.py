@@ -16,8 +16,8 @@ from 12x12; `J` in tools/toy_prune_candidates.py) with one part of FastVAR's ste
       nearest, bilinear   other resizes of the same cache
       shifted     the area resize plus the mean gap between the computed rows and the cache at them
 
-The variants are patched into `minivar.model.pruning` for the length of one arm (`variant`), so the rest
-of the scale loop, the prompts, seeds and the FLOP count are the preset's. Results and the commands that
+The variants are patched into `minivar.model.pruning` for the length of one arm (`variant`: the selector's
+`LayerRun.scores` and `restore`), so the rest of the scale loop (token gather, records), the prompts, seeds and the FLOP count are the preset's. Results and the commands that
 produced them: docs/toy/experiments.md, "Where the 16x16 pruning loses its score".
 """
 from __future__ import annotations
@@ -45,15 +45,6 @@ ARMS = {  # name: (selector, restoration)
 }
 
 
-def resized(t: torch.Tensor, src: tuple[int, int], dst: tuple[int, int], mode: str = "area") -> torch.Tensor:
-    """(B, hs*ws, C) on grid src -> (B, hd*wd, C) on grid dst."""
-    B, _, C = t.shape
-    grid = t.view(B, *src, C).permute(0, 3, 1, 2)
-    extra = {"align_corners": False} if mode == "bilinear" else {}
-    out = F.interpolate(grid, size=dst, mode=mode, **extra)
-    return out.permute(0, 2, 3, 1).reshape(B, dst[0] * dst[1], C)
-
-
 def local_scores(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """Squared distance of every token of x (B, h*w, C) to its 3x3 neighbourhood mean -> (B, h*w)."""
     B, L, C = x.shape
@@ -65,38 +56,37 @@ def local_scores(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
 @contextlib.contextmanager
 def variant(selector: str, restoration: str):
     """Patch `pruning`'s token choice and restoration for one arm; the preset's own ones come back after."""
-    plain_pick, plain_restore = pruning.LayerRun.pick, pruning.restore
+    plain_pick, plain_scores, plain_restore = pruning.LayerRun.pick, pruning.LayerRun.scores, pruning.restore
 
     def pick(self, x, name):
-        p = self.pruner
-        if p is not None and self.k is None and selector == "residual":
-            p.cache["input", self.layer, name] = x  # the cache scale's input to this sub-layer
-        if self.k is None or selector not in ("local", "residual"):
-            return plain_pick(self, x, name)
-        hw = p.scales[self.si]
+        if self.k is None and self.pruner is not None and selector == "residual":
+            self.pruner.cache["input", self.layer, name] = x  # the cache scale's input to this sub-layer
+        return plain_pick(self, x, name)
+
+    def scores(self, x, name):
+        p, hw = self.pruner, self.pruner.scales[self.si]
         if selector == "local":
-            scores = local_scores(x, *hw)
-        else:
-            cached = resized(p.cache["input", self.layer, name], p.scales[p.s.cache_scale], hw)
-            scores = (x - cached).float().pow(2).sum(-1)
-        keep = pruning.select(scores, self.k)
-        return keep, x[torch.arange(x.shape[0], device=x.device)[:, None], keep]
+            return local_scores(x, *hw)
+        if selector == "residual":
+            cached = pruning.resize_tokens(p.cache["input", self.layer, name], p.scales[p.s.cache_scale], hw)
+            return (x - cached).float().pow(2).sum(-1)
+        return plain_scores(self, x, name)
 
     def restore(out_kept, keep, cached, cache_hw, hw):
         if restoration == "area":
             return plain_restore(out_kept, keep, cached, cache_hw, hw)
-        base = resized(cached, cache_hw, hw, "area" if restoration == "shifted" else restoration)
+        base = pruning.resize_tokens(cached, cache_hw, hw, "area" if restoration == "shifted" else restoration)
         rows = torch.arange(out_kept.shape[0], device=keep.device)[:, None]
         if restoration == "shifted":
             base = base + (out_kept - base[rows, keep]).mean(1, keepdim=True)
         base[rows, keep] = out_kept
         return base
 
-    pruning.LayerRun.pick, pruning.restore = pick, restore
+    pruning.LayerRun.pick, pruning.LayerRun.scores, pruning.restore = pick, scores, restore
     try:
         yield
     finally:
-        pruning.LayerRun.pick, pruning.restore = plain_pick, plain_restore
+        pruning.LayerRun.pick, pruning.LayerRun.scores, pruning.restore = plain_pick, plain_scores, plain_restore
 
 
 def main(argv: list[str] | None = None) -> None:

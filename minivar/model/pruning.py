@@ -208,17 +208,21 @@ def select(scores: torch.Tensor, k: int) -> torch.Tensor:
     return scores.topk(k, dim=1, largest=True, sorted=True).indices
 
 
+def resize_tokens(x: torch.Tensor, src: tuple[int, int], dst: tuple[int, int], mode: str = "area") -> torch.Tensor:
+    """Tokens of one grid resized to another: x (B, hs*ws, C) -> (B, hd*wd, C), by F.interpolate's `mode`."""
+    B, _, C = x.shape
+    grid = x.view(B, *src, C).permute(0, 3, 1, 2)                        # (B, C, hs, ws)
+    return F.interpolate(grid, size=dst, mode=mode).permute(0, 2, 3, 1).reshape(B, dst[0] * dst[1], C)
+
+
 def restore(out_kept: torch.Tensor, keep: torch.Tensor, cached: torch.Tensor, cache_hw: tuple[int, int],
             hw: tuple[int, int]) -> torch.Tensor:
     """Full-length output: the cached output area-resized to (h, w), with the computed rows scattered in.
 
     out_kept (B, K, C), keep (B, K), cached (B, hc*wc, C) -> (B, h*w, C).
     """
-    B, K, C = out_kept.shape
-    (hc, wc), (h, w) = cache_hw, hw
-    base = cached.view(B, hc, wc, C).permute(0, 3, 1, 2)                 # (B, C, hc, wc)
-    base = F.interpolate(base, size=(h, w), mode="area").permute(0, 2, 3, 1).reshape(B, h * w, C)
-    rows = torch.arange(B, device=keep.device)[:, None]                 # (B, 1): pairs with keep (B, K)
+    base = resize_tokens(cached, cache_hw, hw)
+    rows = torch.arange(out_kept.shape[0], device=keep.device)[:, None]  # (B, 1): pairs with keep (B, K)
     base[rows, keep] = out_kept  # index_put_: twice as fast as scatter_ with a (B, K, C) index
     return base
 
@@ -272,20 +276,23 @@ class LayerRun:
         """x (B, L, C) -> keep (B, K) grid indices and their rows (B, K, C), or (None, x) for all tokens."""
         if self.k is None:
             return None, x
-        p, (h, w) = self.pruner, self.pruner.scales[self.si]
-        if p.s.selector == "random":
-            scores = torch.rand(x.shape[:2], generator=p.rng, device="cpu").to(x.device)  # the same on any device
-        elif p.s.selector == "projection":
-            if p.proj is None:  # one matrix for every layer and scale of the generation
-                p.proj = projection_matrix(x.shape[-1], p.s.rank, p.seed)
-            scores = projection_scores(x, h, w, p.proj)
-        else:
-            scores = pivotal_scores(x, h, w)
+        p, scores = self.pruner, self.scores(x, name)
         keep = select(scores, self.k)                                     # (B, K)
         if p.record:
             rec = p.records.setdefault(self.si, ScaleRecord())
             rec.keep[self.layer, name], rec.scores[self.layer, name] = keep.cpu(), scores.float().cpu()
         return keep, x[torch.arange(x.shape[0], device=x.device)[:, None], keep]  # (B, K, C)
+
+    def scores(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """The selector's score of every token of x (B, L, C) before sub-layer `name` -> (B, L); the highest are kept."""
+        p, (h, w) = self.pruner, self.pruner.scales[self.si]
+        if p.s.selector == "random":
+            return torch.rand(x.shape[:2], generator=p.rng, device="cpu").to(x.device)  # the same on any device
+        if p.s.selector == "projection":
+            if p.proj is None:  # one matrix for every layer and scale of the generation
+                p.proj = projection_matrix(x.shape[-1], p.s.rank, p.seed)
+            return projection_scores(x, h, w, p.proj)
+        return pivotal_scores(x, h, w)
 
     def fill(self, out: torch.Tensor, keep: torch.Tensor | None, name: str) -> torch.Tensor:
         """The sub-layer's output `out` on the picked tokens -> its output on every token, (B, L, C)."""
