@@ -54,6 +54,7 @@ CANDIDATES = {
     "S 16x16 skipped": PruneSchedule(skip=frozenset({6})),
 }
 
+
 def score(pipe, name: str, prune, n: int) -> dict:
     """mini-GenEval of one schedule, printed as a line: its categories, numerics and FLOP ratio."""
     r = evaluate(pipe, n=n, prune=prune)
