@@ -8,6 +8,7 @@ import hashlib
 import http.server
 import json
 import os
+import re
 import shutil
 import socket
 import threading
@@ -239,6 +240,9 @@ def test_incomplete_directory_and_unknown_name_are_one_line_errors(tmp_path, tin
         resolve_files(tmp_path)
     with pytest.raises(ValueError, match="unknown model 'infinity-3b': it is not a preset"):
         resolve_files("infinity-3b")
+    missing = tmp_path / "gone"  # an absolute path is looked for in one place, and named once
+    with pytest.raises(ValueError, match=f"no model directory {re.escape(str(missing))}$"):
+        resolve_files(missing)
 
 
 # --------------------------------------------------------------------------------------------------

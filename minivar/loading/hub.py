@@ -130,13 +130,14 @@ def resolve_files(name: str | os.PathLike | None, *, transformer=None, vae=None,
 
 def find_directory(name: str | os.PathLike) -> Path:
     """A model directory: shipped (toy), given as a path, or by its name under the weights home."""
-    for path in (SHIPPED.get(str(name)), Path(name).expanduser(), weights_home() / str(name)):
+    places = list(dict.fromkeys([Path(name).expanduser(), weights_home() / str(name)]))  # one, for an absolute path
+    for path in (SHIPPED.get(str(name)), *places):
         if path is not None and path.is_dir():
             return path
     hint = ("; build the toy model with `python -m minivar.toy.train --out minivar/toy/weights`"
             if str(name) == "toy" else "")
     raise ValueError(f"unknown model {str(name)!r}: it is not a preset ({', '.join(sorted(SPECS))}) and there is "
-                     f"no model directory {Path(name).expanduser()} or {weights_home() / str(name)}{hint}")
+                     f"no model directory {' or '.join(map(str, places))}{hint}")
 
 
 def preset_files(spec: ModelSpec, explicit: dict) -> Files:
