@@ -154,3 +154,31 @@ def test_banded_decoder_does_the_counted_work(monkeypatch, band_elems):
         assert fc.get_total_flops() == counted
     else:
         assert counted < fc.get_total_flops() < 1.1 * counted
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--res", "333"], "unsupported res=333"),
+    (["--text-tokens", "0"], "--text-tokens 0"),
+    (["--text-tokens", "513"], "--text-tokens 513"),
+    (["--prune", "bogus"], "invalid choice: 'bogus'"),
+])
+def test_command_line_bad_input_is_one_line(capsys, args, says):
+    from minivar.bench.flops import main
+
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert says in err.splitlines()[-1] and err.splitlines()[-1].startswith("python -m minivar.flops: error:")
+
+
+def test_command_line_counts_the_2b_preset(capsys):
+    from minivar.bench.flops import main
+
+    main(["--res", "1024"])
+    out = capsys.readouterr().out
+    assert out.startswith("infinity-2b at 1024^2, CFG on, 32 text tokens, prune=preset")
+    row = next(line for line in out.splitlines() if line.startswith("| **transformer**"))
+    unpruned, pruned = (float(v) for v in row.split("|")[2:4])
+    ratio = float(row.split("|")[4].strip().rstrip("x"))
+    assert ratio == pytest.approx(unpruned / pruned, abs=0.01) and unpruned > pruned  # the TFLOP shown to 2 places

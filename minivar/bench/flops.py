@@ -243,14 +243,20 @@ def format_table(result: dict[str, dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m minivar.flops", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="infinity-2b", choices=sorted(PRESETS))
     ap.add_argument("--res", type=int, default=1024)
     ap.add_argument("--no-cfg", action="store_true", help="count without classifier-free guidance")
-    ap.add_argument("--text-tokens", type=int, default=32)
-    ap.add_argument("--prune", default="preset", help="'preset' (prune=True), 'fastvar' or 'stagevar'")
+    ap.add_argument("--text-tokens", type=int, default=32, help="prompt tokens, EOS included (T5 reads 1..512)")
+    ap.add_argument("--prune", default="preset", choices=["preset", "fastvar", "stagevar"],
+                    help="'preset' (prune=True), 'fastvar' or 'stagevar'")
     a = ap.parse_args(argv)
-    r = compare(a.model, a.res, not a.no_cfg, a.text_tokens, a.prune)
+    if not 1 <= a.text_tokens <= 512:
+        ap.error(f"--text-tokens {a.text_tokens}: give 1..512 (T5 reads at most 512 tokens)")
+    try:
+        r = compare(a.model, a.res, not a.no_cfg, a.text_tokens, a.prune)
+    except ValueError as e:  # a resolution with no scale schedule; 'fastvar' on a grid it is not keyed on
+        ap.error(f"--res {a.res} --prune {a.prune}: {e}")
     print(f"{a.model} at {a.res}^2, CFG {'off' if a.no_cfg else 'on'}, {a.text_tokens} text tokens, prune={a.prune}")
     print(format_table(r))
 
