@@ -232,3 +232,22 @@ def test_reports_never_write_through_a_symlink_in_the_output_folder(tmp_path):
     bench.write({"runs": [], "machine": machine}, out)
     assert victim.read_text() == "precious"
     assert json.loads((out / "direct.json").read_text())["runs"] == [] and not (out / "direct.json").is_symlink()
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--subjects", "tiny", "bogus"], "invalid choice: 'bogus'"),
+    (["--res", "1024", "333"], "--res 333: unsupported res=333"),
+    (["--repeats", "0"], "--repeats 0: use 1 or more"),
+    (["--warmup", "-1"], "--warmup -1: use 0 or more"),
+    (["--threads", "0"], "--threads 0: use 1 or more"),
+    (["--depth", "0"], "--depth 0: use 1 or more"),
+    (["--text-tokens", "0"], "--text-tokens 0"),
+    (["--device", "tpu"], "--device: device='tpu' is invalid"),
+    (["--out", "{file}"], "is a file: give a folder"),
+])
+def test_bad_arguments_are_one_line_errors_before_any_model(tmp_path, capsys, args, says):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args([a.format(file=tmp_path / "file") for a in args])
+    err = capsys.readouterr().err.splitlines()
+    assert e.value.code == 2 and err[-1].startswith("python -m minivar.bench: error:") and says in err[-1]

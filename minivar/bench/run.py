@@ -1023,6 +1023,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m minivar.bench", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--subjects", nargs="+", default=["toy", "infinity-2b-shape"],
+                    choices=["tiny", "toy", *SHAPE_MODELS, SYNTHETIC], metavar="SUBJECT",
                     help="tiny, toy, infinity-2b-shape, infinity-8b-shape, or infinity-2b-synthetic alone")
     ap.add_argument("--res", nargs="+", type=int, default=[1024], help="256 512 1024 2048 ...")
     ap.add_argument("--prune", type=arms(PRUNE_ARMS), default=[False, True],
@@ -1056,7 +1057,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.subjects, args.res, args.repeats, args.warmup = ["tiny"], [512], 1, 0
     args.prune, args.cfg_stop = list(args.prune), list(args.cfg_stop)
+    if problem := bad_arguments(args):
+        ap.error(problem)
     return args
+
+
+def bad_arguments(args: argparse.Namespace) -> str | None:
+    """What is wrong with the parsed arguments, in one line, before any model is built (None: nothing)."""
+    from ..pipeline import check_device
+
+    for name, least in (("repeats", 1), ("warmup", 0), ("threads", 1), ("depth", 1)):
+        if (value := getattr(args, name)) < least:
+            return f"--{name} {value}: use {least} or more"
+    if not 1 <= args.text_tokens <= 512:
+        return f"--text-tokens {args.text_tokens}: give 1..512 (T5 reads at most 512 tokens)"
+    for r in args.res:
+        try:
+            scale_schedule(r)
+        except ValueError as e:
+            return f"--res {r}: {e}"
+    try:
+        check_device(args.device)
+    except ValueError as e:
+        return f"--device: {e}"
+    if args.out.exists() and not args.out.is_dir():
+        return f"--out {args.out} is a file: give a folder for bench.json, bench.md and bench.png"
+    return None
 
 
 def main(argv: list[str] | None = None) -> dict:
