@@ -15,6 +15,8 @@ from 12x12; `J` in tools/toy_prune_candidates.py) with one part of FastVAR's ste
       area        FastVAR's area resize of the cache (the preset)
       nearest, bilinear   other resizes of the same cache
       shifted     the area resize plus the mean gap between the computed rows and the cache at them
+      zero        no restoration: a pruned token skips the sub-layer (its residual stream passes unchanged,
+                  as in token dropping)
 
 The variants are patched into `minivar.model.pruning` for the length of one arm (`variant`: the selector's
 `LayerRun.scores` and `restore`), so the rest of the scale loop (token gather, records), the prompts, seeds and the FLOP count are the preset's. Results and the commands that
@@ -42,6 +44,7 @@ ARMS = {  # name: (selector, restoration)
     "nearest": ("pivotal", "nearest-exact"),
     "bilinear": ("pivotal", "bilinear"),
     "shifted": ("pivotal", "shifted"),
+    "zero": ("pivotal", "zero"),
 }
 
 
@@ -75,7 +78,10 @@ def variant(selector: str, restoration: str):
     def restore(out_kept, keep, cached, cache_hw, hw):
         if restoration == "area":
             return plain_restore(out_kept, keep, cached, cache_hw, hw)
-        base = pruning.resize_tokens(cached, cache_hw, hw, "area" if restoration == "shifted" else restoration)
+        if restoration == "zero":
+            base = out_kept.new_zeros(out_kept.shape[0], hw[0] * hw[1], out_kept.shape[-1])
+        else:
+            base = pruning.resize_tokens(cached, cache_hw, hw, "area" if restoration == "shifted" else restoration)
         rows = torch.arange(out_kept.shape[0], device=keep.device)[:, None]
         if restoration == "shifted":
             base = base + (out_kept - base[rows, keep]).mean(1, keepdim=True)
