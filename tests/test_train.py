@@ -291,6 +291,8 @@ def test_bad_out_and_reuse_vae_are_one_line_before_anything_is_written(tmp_path,
         (["--out", str(tmp_path / "file" / "sub")], "file is a file, not a directory"),
         (["--out", str(tmp_path / "out"), "--reuse-vae", str(tmp_path / "nowhere")],
          "nowhere has no t5/spiece.model, vae.pth, vae_config.json; point it at a model directory"),
+        (["--out", str(tmp_path / "out"), "--init", str(tmp_path / "nowhere")],  # the flag the user gave
+         f"--init {tmp_path / 'nowhere'}: {tmp_path / 'nowhere'} has no t5/spiece.model"),
         (["--out", str(tmp_path / "out"), "--reuse-vae", str(broken)], "broken/vae.pth"),
         (["tiny", "--out", str(tmp_path / "out"), "--reuse-vae", str(model)],
          "its VAE has 32 bits per token and 4-pixel patches, the recipe 8 and 2"),

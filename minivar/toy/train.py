@@ -940,7 +940,8 @@ def run(recipe: Recipe, out: Path, dtype: torch.dtype = torch.bfloat16, reuse: P
     if begin != "tokenizer":                                  # resumed: the finished stages' files are in `out`
         tok, vae = read_finished(out, recipe, "--resume", AFRESH, with_vae=begin == "infinity")
     elif reuse is not None:
-        tok, vae = read_finished(reuse, recipe, f"--reuse-vae {reuse}",
+        given = "--init" if recipe.init is not None and Path(recipe.init) == Path(reuse) else "--reuse-vae"
+        tok, vae = read_finished(reuse, recipe, f"{given} {reuse}",
                                  "point it at a model directory the toy training wrote, or drop it")
     start_from = read_init(Path(recipe.init), recipe) if recipe.init else None
     if start_from and tok is not None and start_from["t5"]["shared.weight"].shape[0] != tok.vocab_size:
