@@ -17,9 +17,12 @@ from 12x12; `J` in tools/toy_prune_candidates.py) with one part of FastVAR's ste
       shifted     the area resize plus the mean gap between the computed rows and the cache at them
       zero        no restoration: a pruned token skips the sub-layer (its residual stream passes unchanged,
                   as in token dropping)
+      oracle      a diagnostic, not a method: the unpruned run's own 16x16 outputs at the pruned tokens
+                  (each generate call runs twice, first on every token, recording). What is left of the
+                  cost is that of computing the kept tokens without the others
 
 The variants are patched into `minivar.model.pruning` for the length of one arm (`variant`: the selector's
-`LayerRun.scores` and `restore`), so the rest of the scale loop (token gather, records), the prompts, seeds and the FLOP count are the preset's. Results and the commands that
+`LayerRun.scores`, `restore`, and for the oracle `LayerRun.fill` and the pipeline's `generate`), so the rest of the scale loop (token gather, records), the prompts, seeds and the FLOP count are the preset's. Results and the commands that
 produced them: docs/toy/experiments.md, "Where the 16x16 pruning loses its score".
 """
 from __future__ import annotations
@@ -45,6 +48,7 @@ ARMS = {  # name: (selector, restoration)
     "bilinear": ("pivotal", "bilinear"),
     "shifted": ("pivotal", "shifted"),
     "zero": ("pivotal", "zero"),
+    "oracle": ("pivotal", "oracle"),
 }
 
 
@@ -57,14 +61,37 @@ def local_scores(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def variant(selector: str, restoration: str):
+def variant(selector: str, restoration: str, pipe):
     """Patch `pruning`'s token choice and restoration for one arm; the preset's own ones come back after."""
     plain_pick, plain_scores, plain_restore = pruning.LayerRun.pick, pruning.LayerRun.scores, pruning.restore
+    plain_fill, plain_generate = pruning.LayerRun.fill, pipe.generate
+    recorded, recording = {}, [False]  # the oracle's unpruned outputs of the pruned scale, by (layer, sub-layer)
 
     def pick(self, x, name):
         if self.k is None and self.pruner is not None and selector == "residual":
             self.pruner.cache["input", self.layer, name] = x  # the cache scale's input to this sub-layer
+        if self.k is not None and recording[0]:
+            return None, x  # the oracle's first run: the pruned scale computes every token
         return plain_pick(self, x, name)
+
+    def fill(self, out, keep, name):
+        if restoration != "oracle" or self.k is None:
+            return plain_fill(self, out, keep, name)
+        if recording[0]:
+            recorded[self.layer, name] = out
+            return out
+        base = recorded[self.layer, name].clone()
+        base[torch.arange(out.shape[0], device=keep.device)[:, None], keep] = out
+        return base
+
+    def generate(*args, **kwargs):
+        """The oracle's generate: the same call on every token first (recorded), then pruned."""
+        recording[0] = True
+        try:
+            plain_generate(*args, **kwargs)
+        finally:
+            recording[0] = False
+        return plain_generate(*args, **kwargs)
 
     def scores(self, x, name):
         p, hw = self.pruner, self.pruner.scales[self.si]
@@ -88,11 +115,15 @@ def variant(selector: str, restoration: str):
         base[rows, keep] = out_kept
         return base
 
-    pruning.LayerRun.pick, pruning.LayerRun.scores, pruning.restore = pick, scores, restore
+    pruning.LayerRun.pick, pruning.LayerRun.scores, pruning.restore, pruning.LayerRun.fill = pick, scores, restore, fill
+    if restoration == "oracle":
+        pipe.generate = generate
     try:
         yield
     finally:
         pruning.LayerRun.pick, pruning.LayerRun.scores, pruning.restore = plain_pick, plain_scores, plain_restore
+        pruning.LayerRun.fill = plain_fill
+        vars(pipe).pop("generate", None)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -107,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         selector, restoration = ARMS[name]
         # "random" is the library's own selector; the two new ones ride on "pivotal" and are swapped in by `variant`
         schedule = replace(J, selector="random" if selector == "random" else "pivotal")
-        with variant(selector, restoration):
+        with variant(selector, restoration, pipe):
             out[name] = score(pipe, name, schedule, a.n)
     if a.json:
         with open(a.json, "w") as f:
