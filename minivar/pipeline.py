@@ -374,7 +374,8 @@ BUDGET_NAMES = [*BUDGETS, *HIGH_RES]
 ARGUMENTS: dict[str, tuple[Callable[[object], bool], str]] = {
     "prompt": (lambda v: isinstance(v, str) or (isinstance(v, (list, tuple)) and len(v) > 0),
                "use a string or a non-empty list of strings"),
-    "negative_prompt": (lambda v: v is None or isinstance(v, str), "use a string"),
+    "negative_prompt": (lambda v: v is None or isinstance(v, str),
+                        "use one string (the negative prompt of every image in the batch) or None"),
     "res": (lambda v: v is None or is_index(v) or v in BUDGET_NAMES,
             f"use a side in pixels ({sorted(RES_TO_BUDGET)} for 16-pixel tokens), a pixel budget {BUDGET_NAMES}, "
             "or None"),

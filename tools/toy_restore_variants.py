@@ -22,8 +22,9 @@ from 12x12; `J` in tools/toy_prune_candidates.py) with one part of FastVAR's ste
                   cost is that of computing the kept tokens without the others
 
 The variants are patched into `minivar.model.pruning` for the length of one arm (`variant`: the selector's
-`LayerRun.scores`, `restore`, and for the oracle `LayerRun.fill` and the pipeline's `generate`), so the rest of the scale loop (token gather, records), the prompts, seeds and the FLOP count are the preset's. Results and the commands that
-produced them: docs/toy/experiments.md, "Where the 16x16 pruning loses its score".
+`LayerRun.scores`, `restore`, and for the oracle `LayerRun.fill` and the pipeline's `generate`), so the rest
+of the scale loop (token gather, records), the prompts, seeds and the FLOP count are the preset's. Results
+and the commands that produced them: docs/toy/experiments.md, "Where the 16x16 pruning loses its score".
 """
 from __future__ import annotations
 
