@@ -242,6 +242,16 @@ def format_table(result: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+MAX_TEXT_TOKENS = 512  # T5 reads at most this many tokens of a prompt
+
+
+def text_tokens_problem(n: int) -> str | None:
+    """Why `--text-tokens n` cannot be counted, in one line (None: it can)."""
+    if not 1 <= n <= MAX_TEXT_TOKENS:
+        return f"--text-tokens {n}: give 1..{MAX_TEXT_TOKENS} (T5 reads at most {MAX_TEXT_TOKENS} tokens)"
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m minivar.flops", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="infinity-2b", choices=sorted(PRESETS))
@@ -251,8 +261,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prune", default="preset", choices=["preset", "fastvar", "stagevar"],
                     help="'preset' (prune=True), 'fastvar' or 'stagevar'")
     a = ap.parse_args(argv)
-    if not 1 <= a.text_tokens <= 512:
-        ap.error(f"--text-tokens {a.text_tokens}: give 1..512 (T5 reads at most 512 tokens)")
+    if problem := text_tokens_problem(a.text_tokens):
+        ap.error(problem)
     try:
         r = compare(a.model, a.res, not a.no_cfg, a.text_tokens, a.prune)
     except ValueError as e:  # a resolution with no scale schedule; 'fastvar' on a grid it is not keyed on

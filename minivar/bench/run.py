@@ -74,7 +74,7 @@ from torch import nn
 
 from ..loading.files import atomic_write, write_text
 from ..model.config import PRESETS, InfinityConfig, budget_for_res, scale_schedule
-from .flops import block_count, plan_count, vae_decode_count
+from .flops import block_count, plan_count, text_tokens_problem, vae_decode_count
 from .flops import summary as flop_summary
 from ..pipeline import GiB, kv_cache_bytes, restore_cache_bytes
 from ..numerics import BF16_UNITS, NUMERICS, prepare as prepare_numerics, cpu_flags, resolve as resolve_numerics
@@ -1069,8 +1069,8 @@ def bad_arguments(args: argparse.Namespace) -> str | None:
     for name, least in (("repeats", 1), ("warmup", 0), ("threads", 1), ("depth", 1)):
         if (value := getattr(args, name)) < least:
             return f"--{name} {value}: use {least} or more"
-    if not 1 <= args.text_tokens <= 512:
-        return f"--text-tokens {args.text_tokens}: give 1..512 (T5 reads at most 512 tokens)"
+    if problem := text_tokens_problem(args.text_tokens):
+        return problem
     for r in args.res:
         try:
             scale_schedule(r)

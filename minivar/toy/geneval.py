@@ -319,7 +319,8 @@ def evaluate(pipe, n: int = 200, prune=False, batch: int = 8, seed: int = 0, cfg
     scales, text_tokens = info["scales"], round(np.mean([len(pipe.tokenizer.encode(s.caption)) + 1 for s in specs]))
     dense = resolve_prune(False, pipe.transformer.cfg, scales)
     res = images[0].size[0]
-    return {"overall": accuracy(specs, verdicts)["overall"], "categories": accuracy(specs, verdicts),
+    scores = accuracy(specs, verdicts)
+    return {"overall": scores["overall"], "categories": scores,
             "n": n, "prune": info["prune"] != dense, "preset": prune_label(prune), "settings": {"cfg": cfg, "tau": tau, "batch": batch, "seed": seed},
             "numerics": pipe.numerics, "numerics_reason": pipe.numerics_reason,
             "passed": [v.ok for v in verdicts],  # per prompt, in eval_specs(n)'s order: what `paired_gap` pairs
@@ -373,15 +374,15 @@ def format_gap(gap: dict[str, tuple[float, float]], r: dict, base: dict, base_na
 
 def check_command_line(a: argparse.Namespace) -> None:
     """The eval command's own arguments (the model checks cfg and tau against its schedule when it samples)."""
-    from ..pipeline import check_arguments
+    from ..pipeline import MAX_SEED, check_arguments
 
     if a.n < 1:
         raise ValueError(f"--n {a.n}: give 1 or more prompts (1000 for issue-grade scores: 200 a category)")
     if a.batch < 1:
         raise ValueError(f"--batch {a.batch}: give 1 or more images per generate call")
     last = (a.n - 1) // a.batch  # batch i is seeded seed + i
-    if not 0 <= a.seed <= 2**64 - 1 - last:
-        raise ValueError(f"--seed {a.seed}: batch i is seeded seed + i, so use 0..{2**64 - 1 - last}")
+    if not 0 <= a.seed <= MAX_SEED - last:
+        raise ValueError(f"--seed {a.seed}: batch i is seeded seed + i, so use 0..{MAX_SEED - last}")
     check_arguments(cfg=a.cfg, tau=a.tau)
     if a.json is not None:
         if a.json.is_dir():
